@@ -1,0 +1,99 @@
+"""Loading fairseq HuBERT-family checkpoints (teachers, students) with clear errors."""
+
+import logging
+import os
+import zipfile
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from . import _compat  # noqa: F401  (allow-list fairseq globals for torch.load)
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+#: fairseq model names whose checkpoints we can run as teachers / feature extractors.
+HUBERT_FAMILY = ("hubert", "dicehubert_student")
+
+
+def load_state(path: str) -> Dict[str, Any]:
+    """Load a fairseq checkpoint on CPU (``weights_only``, fairseq's globals allow-listed).
+
+    Raises:
+        InputError: missing, truncated/corrupt, or not a fairseq checkpoint.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError([f"{path}: checkpoint not found"])
+    from fairseq import checkpoint_utils
+
+    try:
+        # fairseq's loader also upgrades old (argparse) checkpoints to a config
+        state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise InputError([f"{path}: not a readable torch checkpoint (truncated or corrupt?): {msg}"]) from None
+    except Exception as e:  # pickle.UnpicklingError and friends
+        msg = str(e).splitlines()[0][:200]
+        raise InputError([f"{path}: cannot be loaded safely as a fairseq checkpoint: {msg}"]) from None
+    if not isinstance(state, dict) or "model" not in state:
+        found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+        raise InputError([f"{path}: not a fairseq checkpoint (expected a dict with 'model' and 'cfg', found {found})"])
+    return state
+
+
+def model_name(state: Dict[str, Any]) -> Optional[str]:
+    """The registered fairseq model name stored in a checkpoint, if any."""
+    cfg = state.get("cfg")
+    if cfg is not None:
+        model_cfg = cfg.get("model") if hasattr(cfg, "get") else None
+        if model_cfg is not None:
+            name = model_cfg.get("_name") if hasattr(model_cfg, "get") else getattr(model_cfg, "_name", None)
+            if name is None and hasattr(model_cfg, "arch"):
+                name = model_cfg.arch
+            return name
+    args = state.get("args")
+    if args is not None:
+        return getattr(args, "arch", None)
+    return None
+
+
+def require_hubert_family(state: Dict[str, Any], path: str) -> str:
+    name = model_name(state)
+    if name not in HUBERT_FAMILY:
+        raise InputError([f"{path}: model '{name}' is not a HuBERT-family model (expected one of {list(HUBERT_FAMILY)})"])
+    return name
+
+
+def num_layers(state: Dict[str, Any]) -> int:
+    """Transformer layers of a checkpoint's model, counted from its weights."""
+    layers = set()
+    for key in state["model"]:
+        if key.startswith("encoder.layers."):
+            layers.add(int(key.split(".")[2]))
+    return len(layers)
+
+
+def load_model(path: str, device: str = "cpu", layer: Optional[int] = None) -> Tuple[torch.nn.Module, Any]:
+    """Build a HuBERT-family model from a checkpoint, in eval mode, on ``device``.
+
+    Args:
+        path: a fairseq ``hubert`` or ``dicehubert_student`` checkpoint.
+        device: where to put the model.
+        layer: if given, check that the model has transformer layer ``layer`` (1-based).
+
+    Returns:
+        ``(model, cfg)`` where ``cfg`` is the checkpoint's full fairseq config.
+    """
+    from fairseq import checkpoint_utils
+
+    state = load_state(path)
+    require_hubert_family(state, path)
+    n = num_layers(state)
+    if layer is not None and not 1 <= layer <= n:
+        raise InputError([f"{path}: layer {layer} out of range (the model has transformer layers 1..{n})"])
+    models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
+    model = models[0].eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, cfg

@@ -1,0 +1,3 @@
+"""Criteria. fairseq never scans a user dir's criterions/: the package imports them explicitly."""
+
+from . import dicehubert  # noqa: F401

@@ -1,0 +1,134 @@
+"""Criterion ``dicehubert``: HuBERT masked prediction on hard and/or soft teacher labels."""
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import FairseqDataclass
+from fairseq.logging import metrics
+
+from ..losses import count_correct, hard_cross_entropy, soft_cross_entropy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DiceHubertCriterionConfig(FairseqDataclass):
+    pred_masked_weight: float = field(default=1.0, metadata={"help": "weight of the loss on masked frames"})
+    pred_nomask_weight: float = field(default=0.0, metadata={"help": "weight of the loss on unmasked frames"})
+    loss_weights: List[float] = field(
+        default_factory=lambda: [10.0],
+        metadata={"help": "weights of the model's extra losses (HuBERT: the feature penalty)"},
+    )
+    label_weights: List[float] = field(
+        default_factory=list,
+        metadata={"help": "one weight per label stream (task.labels order); empty means 1 each"},
+    )
+
+
+def check_finite(loss: torch.Tensor, sample) -> None:
+    """Raise ``FloatingPointError`` naming the batch's utterance ids if ``loss`` is not finite."""
+    if not torch.isfinite(loss).all():
+        ids = sample["id"].tolist() if "id" in sample else []
+        raise FloatingPointError(f"non-finite loss ({loss.item()}) on the batch of dataset indices {ids}")
+
+
+@register_criterion("dicehubert", dataclass=DiceHubertCriterionConfig)
+class DiceHubertCriterion(FairseqCriterion):
+    """Cross-entropy of the student's cosine logits against teacher cluster ids.
+
+    Hard streams: cross-entropy with the cluster id (exactly HuBERT's loss).  Soft streams:
+    cross-entropy with the temperature-scaled distribution over clusters.  Loss on masked
+    frames weighs ``pred_masked_weight``, on unmasked ones ``pred_nomask_weight``; each stream
+    weighs ``label_weights[i]``; the feature penalty weighs ``loss_weights[0]``.
+    """
+
+    def __init__(self, cfg: DiceHubertCriterionConfig, task):
+        super().__init__(task)
+        self.cfg = cfg
+        n = len(task.cfg.labels)
+        if cfg.label_weights and len(cfg.label_weights) != n:
+            raise ValueError(
+                f"criterion.label_weights has {len(cfg.label_weights)} entries but task.labels has {n} streams"
+            )
+        self.label_weights = list(cfg.label_weights) if cfg.label_weights else [1.0] * n
+
+    def stream_loss(self, net_output, tag: str, logging_output: dict) -> torch.Tensor:
+        total = 0.0
+        logits_list = net_output[f"logit_{tag}_list"]
+        for i, (logits, target, soft) in enumerate(
+            zip(logits_list, net_output[f"target_{tag}_list"], net_output[f"soft_{tag}_list"])
+        ):
+            if logits is None:
+                continue
+            if soft is None:
+                loss = hard_cross_entropy(logits, target)
+            else:
+                loss = soft_cross_entropy(logits, soft[0], soft[1])
+            total = total + self.label_weights[i] * loss
+            logging_output[f"loss_{tag}_{i}"] = loss.detach().item()
+            with torch.no_grad():
+                logging_output[f"correct_{tag}_{i}"] = count_correct(logits, target)
+                logging_output[f"count_{tag}_{i}"] = int(target.numel())
+        return total
+
+    def forward(self, model, sample, reduce=True):
+        net_output = model(
+            target_list=sample["target_list"],
+            soft_target_list=sample.get("soft_target_list"),
+            **sample["net_input"],
+        )
+        logging_output = {}
+        loss = 0.0
+        sample_size = 0
+        if self.cfg.pred_masked_weight > 0:
+            loss = loss + self.cfg.pred_masked_weight * self.stream_loss(net_output, "m", logging_output)
+            sample_size += int(net_output["target_m_list"][0].numel()) if net_output["target_m_list"][0] is not None else 0
+        if self.cfg.pred_nomask_weight > 0:
+            loss = loss + self.cfg.pred_nomask_weight * self.stream_loss(net_output, "u", logging_output)
+            sample_size += int(net_output["target_u_list"][0].numel()) if net_output["target_u_list"][0] is not None else 0
+        if not torch.is_tensor(loss):
+            loss = net_output["features_pen"].new_zeros(())
+        extra, names = model.get_extra_losses(net_output)
+        weights = list(self.cfg.loss_weights)
+        if len(weights) == 1 and len(extra) > 1:
+            weights = weights * len(extra)
+        for p, name, coef in zip(extra, names, weights):
+            if coef != 0 and p is not None:
+                p = coef * p.float() * sample_size
+                loss = loss + p
+                logging_output[f"loss_{name}"] = p.item()
+        check_finite(loss, sample)
+        logging_output.update(
+            loss=loss.item(),
+            ntokens=sample_size,
+            nsentences=sample["id"].numel(),
+            sample_size=sample_size,
+        )
+        return loss, sample_size, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
+        loss_sum = sum(log.get("loss", 0) for log in logging_outputs)
+        denom = max(sample_size, 1)
+        metrics.log_scalar("loss", loss_sum / denom / math.log(2), sample_size, round=3)
+        keys = set().union(*(log.keys() for log in logging_outputs)) if logging_outputs else set()
+        for key in sorted(keys):
+            if key.startswith("loss_"):
+                val = sum(log.get(key, 0) for log in logging_outputs)
+                metrics.log_scalar(key, val / denom / math.log(2), sample_size, round=3)
+            elif key.startswith("correct_"):
+                count_key = "count_" + key[len("correct_"):]
+                count = sum(log.get(count_key, 0) for log in logging_outputs)
+                if count > 0:
+                    val = sum(log.get(key, 0) for log in logging_outputs)
+                    metrics.log_scalar("acc_" + key[len("correct_"):], val / count, count, round=4)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return False

@@ -1,0 +1,97 @@
+"""fairseq's ``HubertDataset`` plus soft-label streams.
+
+A soft stream's "label" for an utterance is the range of its global frame indices in the
+memory-mapped soft-label arrays.  ``HubertDataset`` crops and pads those indices exactly as it
+crops and pads hard labels (padding with -1), and :meth:`DiceHubertDataset.collater` turns
+them into
+
+* ``target_list[j]``: ``(B, T)`` hard targets (the most likely cluster, as dictionary index),
+* ``soft_target_list[j]``: ``((B, T, k) dictionary indices, (B, T, k) probabilities)``,
+
+so the model and criterion see hard and soft streams side by side.
+"""
+
+import logging
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from fairseq.data import HubertDataset
+from fairseq.data.audio.hubert_dataset import load_audio
+
+from .files import SoftLabels
+
+logger = logging.getLogger(__name__)
+
+#: Padding value of soft streams' frame indices (any negative number is free).
+SOFT_PAD = -1
+
+
+class DiceHubertDataset(HubertDataset):
+    """``HubertDataset`` whose streams may be soft.
+
+    Args:
+        soft_labels: one entry per label stream, a :class:`SoftLabels` or ``None`` (hard).
+        soft_luts: one entry per stream, ``(K,)`` int64 array mapping cluster id to dictionary
+            index (``None`` for hard streams).
+        hard_pads: dictionary pad index per stream (soft streams' ``pad_list`` entry must be
+            :data:`SOFT_PAD`).
+        **kwargs: everything ``HubertDataset`` takes.
+    """
+
+    def __init__(
+        self,
+        manifest_path: str,
+        *args,
+        soft_labels: Sequence[Optional[SoftLabels]] = (),
+        soft_luts: Sequence[Optional[np.ndarray]] = (),
+        hard_pads: Sequence[int] = (),
+        **kwargs,
+    ):
+        self.soft_labels = list(soft_labels)
+        self.soft_luts = [None if lut is None else torch.as_tensor(lut, dtype=torch.long) for lut in soft_luts]
+        self.hard_pads = list(hard_pads)
+        if any(s is not None for s in self.soft_labels):
+            _, _, self._rows, _, _ = load_audio(
+                manifest_path, kwargs.get("max_keep_sample_size"), kwargs.get("min_keep_sample_size")
+            )
+        super().__init__(manifest_path, *args, **kwargs)
+
+    def get_label(self, index, label_idx):
+        soft = self.soft_labels[label_idx] if self.soft_labels else None
+        if soft is None:
+            return super().get_label(index, label_idx)
+        start, end = soft.frame_range(self._rows[index])
+        return torch.arange(start, end, dtype=torch.long)
+
+    def collater(self, samples):
+        batch = super().collater(samples)
+        if not batch or not any(s is not None for s in self.soft_labels):
+            return batch
+        targets = batch["target"] if self.single_target else batch["target_list"]
+        targets = [targets] if self.single_target else targets
+        soft_list: List[Optional[tuple]] = []
+        for j, soft in enumerate(self.soft_labels):
+            if soft is None:
+                soft_list.append(None)
+                continue
+            frames = targets[j]
+            valid = frames >= 0
+            flat = frames[valid].numpy()
+            ids = torch.from_numpy(np.asarray(soft.ids[flat], dtype=np.int64))
+            probs = torch.from_numpy(np.asarray(soft.probs[flat], dtype=np.float32))
+            k = ids.shape[1]
+            lut = self.soft_luts[j]
+            full_ids = frames.new_full(frames.shape + (k,), self.hard_pads[j])
+            full_probs = torch.zeros(frames.shape + (k,), dtype=torch.float32)
+            full_ids[valid] = lut[ids]
+            full_probs[valid] = probs
+            hard = frames.new_full(frames.shape, self.hard_pads[j])
+            hard[valid] = full_ids[valid][:, 0]
+            targets[j] = hard
+            soft_list.append((full_ids, full_probs))
+        if self.single_target:
+            batch["target"] = targets[0]
+        batch["soft_target_list"] = soft_list
+        return batch

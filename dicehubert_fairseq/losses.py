@@ -1,0 +1,90 @@
+"""Loss maths of DiceHuBERT as pure functions (no fairseq, no module state).
+
+Shapes: ``N`` selected frames, ``C`` classes (dictionary size), ``D`` projection dim,
+``k`` kept soft-label classes per frame, ``B`` batch, ``T`` frames.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def cosine_logits(x: torch.Tensor, embeddings: torch.Tensor, temperature: float) -> torch.Tensor:
+    """HuBERT's prediction logits: cosine similarity to every label embedding over a temperature.
+
+    Equivalent to fairseq's ``HubertModel.compute_nce`` (whose cross-entropy with the positive
+    in column 0 equals cross-entropy over all classes) but one matmul instead of a ``(C, N, D)``
+    expansion.  Computed in float32 so it stays finite under fp16/bf16 autocast.
+
+    Args:
+        x: ``(N, D)`` projected encoder outputs.
+        embeddings: ``(C, D)`` label embeddings.
+        temperature: HuBERT's ``logit_temp`` (0.1).
+
+    Returns:
+        ``(N, C)`` float32 logits.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = F.normalize(x.float(), dim=-1, eps=1e-8)
+        e = F.normalize(embeddings.float(), dim=-1, eps=1e-8)
+        return (x @ e.t()) / temperature
+
+
+def hard_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of ``(N, C)`` logits against ``(N,)`` class indices (0 if N == 0)."""
+    if logits.numel() == 0:
+        return logits.new_zeros(())
+    return F.cross_entropy(logits.float(), target.long(), reduction="sum")
+
+
+def soft_cross_entropy(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of ``(N, C)`` logits against sparse target distributions.
+
+    Args:
+        logits: ``(N, C)``.
+        ids: ``(N, k)`` class indices of each frame's kept classes.
+        probs: ``(N, k)`` their probabilities (rows sum to 1; zeros allowed).
+
+    Returns:
+        ``-sum_n sum_j probs[n, j] * log_softmax(logits[n])[ids[n, j]]`` (a scalar, 0 if N == 0).
+    """
+    if logits.numel() == 0:
+        return logits.new_zeros(())
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(1, ids.long())
+    probs = probs.float()
+    # 0 * -inf would be nan: classes with zero probability contribute nothing
+    return -(torch.where(probs > 0, probs * picked, torch.zeros_like(picked))).sum()
+
+
+def count_correct(logits: torch.Tensor, target: torch.Tensor) -> int:
+    """Frames whose arg-max logit is the target class."""
+    if logits.numel() == 0:
+        return 0
+    return int((logits.argmax(-1) == target).sum().item())
+
+
+def feature_distillation_loss(
+    pred: torch.Tensor, target: torch.Tensor, padding_mask: torch.Tensor, cos_weight: float = 1.0
+):
+    """DistilHuBERT's per-layer loss, L1 + lambda * (-log sigmoid(cos)), averaged over real frames.
+
+    Args:
+        pred: ``(B, T, D)`` student predictions.
+        target: ``(B, T, D)`` teacher features (no gradient needed).
+        padding_mask: ``(B, T)`` bool, True on padded frames (or None).
+        cos_weight: lambda.
+
+    Returns:
+        ``(loss, l1, cos_term)`` scalars, each a mean over non-padded frames (and dims for L1).
+    """
+    pred = pred.float()
+    target = target.float()
+    if padding_mask is None:
+        keep = torch.ones(pred.shape[:2], dtype=torch.bool, device=pred.device)
+    else:
+        keep = ~padding_mask
+    n = keep.sum().clamp(min=1)
+    l1 = ((pred - target).abs().mean(-1) * keep).sum() / n
+    cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-8)
+    cos_term = (-F.logsigmoid(cos) * keep).sum() / n
+    return l1 + cos_weight * cos_term, l1, cos_term

@@ -1,0 +1,119 @@
+"""Task ``dicehubert``: fairseq's ``hubert_pretraining`` with preflight checks and soft labels."""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import List
+
+import numpy as np
+
+from fairseq.tasks import register_task
+from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig, HubertPretrainingTask, LabelEncoder
+
+from ..data.dataset import SOFT_PAD, DiceHubertDataset
+from ..data.files import SoftLabels, read_dictionary_symbols
+from ..data.preflight import check_split, require_valid
+from ..errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DiceHubertConfig(HubertPretrainingConfig):
+    soft_labels: List[str] = field(
+        default_factory=list,
+        metadata={"help": "label streams (names from `labels`) trained on soft targets read from "
+                          "{split}.{label}.soft_*.npy (see dicehubert-labels dump --soft)"},
+    )
+    preflight: bool = field(
+        default=True,
+        metadata={"help": "check manifest, audio files and labels of a split before loading it"},
+    )
+    preflight_audio_headers: bool = field(
+        default=False,
+        metadata={"help": "also open every audio header in the preflight (rate, channels, length)"},
+    )
+    label_length_tolerance: float = field(
+        default=0.1,
+        metadata={"help": "seconds a label sequence may differ from its audio's duration"},
+    )
+
+
+@register_task("dicehubert", dataclass=DiceHubertConfig)
+class DiceHubertTask(HubertPretrainingTask):
+    """HuBERT masked prediction on teacher k-means labels (hard or soft), with preflight checks."""
+
+    cfg: DiceHubertConfig
+
+    def __init__(self, cfg: DiceHubertConfig) -> None:
+        unknown = [s for s in cfg.soft_labels if s not in cfg.labels]
+        if unknown:
+            raise InputError([f"task.soft_labels names {unknown}, which are not in task.labels {list(cfg.labels)}"])
+        super().__init__(cfg)
+
+    def load_dictionaries(self):
+        label_dir = self.get_label_dir()
+        for label in self.cfg.labels:  # clear errors for missing/empty/duplicated dictionaries
+            read_dictionary_symbols(os.path.join(label_dir, f"dict.{label}.txt"))
+        return super().load_dictionaries()
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        teacher = getattr(cfg, "init_from_teacher", None)
+        if teacher and not from_checkpoint:  # a reloaded student already has its own weights
+            model.init_from_teacher(teacher)
+        return model
+
+    def _check_dirs(self) -> None:
+        problems = []
+        if not os.path.isdir(self.cfg.data):
+            problems.append(f"task.data={self.cfg.data}: directory not found (expected {{split}}.tsv manifests)")
+        if self.cfg.label_dir is not None and not os.path.isdir(self.cfg.label_dir):
+            problems.append(f"task.label_dir={self.cfg.label_dir}: directory not found (expected label files)")
+        if problems:
+            raise InputError(problems)
+
+    def load_dataset(self, split: str, **kwargs) -> None:
+        self._check_dirs()
+        if self.cfg.preflight:
+            problems = check_split(
+                self.cfg.data, split, self.get_label_dir(), self.cfg.labels, self.cfg.label_rate,
+                sample_rate=self.cfg.sample_rate, soft_labels=self.cfg.soft_labels,
+                audio_headers=self.cfg.preflight_audio_headers, tolerance=self.cfg.label_length_tolerance,
+            )
+            require_valid(problems, f"split '{split}'")
+        dicts = self.dictionaries
+        soft, luts, pads = [], [], []
+        for label, d in zip(self.cfg.labels, dicts):
+            pads.append(d.pad())
+            if label in self.cfg.soft_labels:
+                sl = SoftLabels(self.get_label_dir(), split, label)
+                lut = np.array([d.index(str(c)) for c in range(sl.n_clusters)], dtype=np.int64)
+                if (lut == d.unk()).any():
+                    raise InputError([f"{sl.paths['meta']}: cluster ids 0..{sl.n_clusters - 1} are not all in "
+                                      f"dict.{label}.txt"])
+                soft.append(sl)
+                luts.append(lut)
+            else:
+                soft.append(None)
+                luts.append(None)
+        self.datasets[split] = DiceHubertDataset(
+            f"{self.cfg.data}/{split}.tsv",
+            sample_rate=self.cfg.sample_rate,
+            label_paths=[f"{self.get_label_dir()}/{split}.{lab}" for lab in self.cfg.labels],
+            label_rates=self.cfg.label_rate,
+            pad_list=[SOFT_PAD if s is not None else p for s, p in zip(soft, pads)],
+            eos_list=[d.eos() for d in dicts],
+            label_processors=[None if s is not None else LabelEncoder(d) for s, d in zip(soft, dicts)],
+            max_keep_sample_size=self.cfg.max_keep_size,
+            min_keep_sample_size=self.cfg.min_sample_size,
+            max_sample_size=self.cfg.max_sample_size,
+            pad_audio=self.cfg.pad_audio,
+            normalize=self.cfg.normalize,
+            store_labels=False,
+            random_crop=self.cfg.random_crop,
+            single_target=self.cfg.single_target,
+            soft_labels=soft,
+            soft_luts=luts,
+            hard_pads=pads,
+        )
