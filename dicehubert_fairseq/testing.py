@@ -80,18 +80,18 @@ def write_random_labels(
 
 
 def tiny_model_overrides(layers: int = 2, dim: int = 32, conv_dim: int = 32) -> List[str]:
-    """Command-line overrides that make any model config tiny (for CPU tests)."""
+    """Hydra overrides (``++key=value``: set or add) that make any model config tiny (CPU tests)."""
     conv = f"'[({conv_dim},10,5)] + [({conv_dim},3,2)] * 4 + [({conv_dim},2,2)] * 2'"
     return [
-        f"model.encoder_layers={layers}",
-        f"model.encoder_embed_dim={dim}",
-        f"model.encoder_ffn_embed_dim={dim * 2}",
-        "model.encoder_attention_heads=2",
-        f"model.conv_feature_layers={conv}",
-        "model.final_dim=16",
-        "model.conv_pos=16",
-        "model.conv_pos_groups=4",
-        "model.encoder_layerdrop=0.0",
+        f"++model.encoder_layers={layers}",
+        f"++model.encoder_embed_dim={dim}",
+        f"++model.encoder_ffn_embed_dim={dim * 2}",
+        "++model.encoder_attention_heads=2",
+        f"++model.conv_feature_layers={conv}",
+        "++model.final_dim=16",
+        "++model.conv_pos=16",
+        "++model.conv_pos_groups=4",
+        "++model.encoder_layerdrop=0.0",
     ]
 
 
@@ -142,7 +142,8 @@ def write_checkpoint(
         "cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         "model": net.state_dict(),
         "task_state": t.state_dict(),
-        "optimizer_history": [],
+        "optimizer_history": [{"criterion_name": "HubertCriterion", "optimizer_name": "FairseqAdam",
+                               "lr_scheduler_state": {"best": None}, "num_updates": 0}],
         "extra_state": {"epoch": 1, "val_loss": None},
         "last_optimizer_state": None,
     }

@@ -53,6 +53,9 @@ class DiceHubertTask(HubertPretrainingTask):
 
     def load_dictionaries(self):
         label_dir = self.get_label_dir()
+        if not os.path.isdir(label_dir):
+            which = "task.label_dir" if self.cfg.label_dir is not None else "task.data"
+            raise InputError([f"{which}={label_dir}: directory not found (expected dict.{{label}}.txt and label files)"])
         for label in self.cfg.labels:  # clear errors for missing/empty/duplicated dictionaries
             read_dictionary_symbols(os.path.join(label_dir, f"dict.{label}.txt"))
         return super().load_dictionaries()

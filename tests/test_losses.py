@@ -1,0 +1,109 @@
+"""Loss maths against hand-computed values and against fairseq's own formulation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dicehubert_fairseq.losses import (
+    count_correct,
+    cosine_logits,
+    feature_distillation_loss,
+    hard_cross_entropy,
+    soft_cross_entropy,
+)
+
+X = torch.tensor([[1.0, 0.0]])
+E = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+# cosines 1, 0, 1/sqrt(2) over temperature 0.1
+LOGITS = [10.0, 0.0, 10.0 / math.sqrt(2.0)]
+LSE = 10.0 + math.log(1.0 + math.exp(-10.0) + math.exp(10.0 / math.sqrt(2.0) - 10.0))
+
+
+def test_cosine_logits_hand_values():
+    got = cosine_logits(X, E, 0.1)
+    assert got.shape == (1, 3) and got.dtype == torch.float32
+    np.testing.assert_allclose(got[0].numpy(), LOGITS, rtol=1e-6)
+
+
+def test_hard_cross_entropy_hand_value():
+    logits = torch.tensor([LOGITS])
+    assert hard_cross_entropy(logits, torch.tensor([0])).item() == pytest.approx(LSE - 10.0, rel=1e-6)
+    assert hard_cross_entropy(logits, torch.tensor([1])).item() == pytest.approx(LSE, rel=1e-6)
+
+
+def test_soft_cross_entropy_hand_value():
+    logits = torch.tensor([LOGITS])
+    ids = torch.tensor([[0, 2]])
+    probs = torch.tensor([[0.75, 0.25]])
+    expected = 0.75 * (LSE - LOGITS[0]) + 0.25 * (LSE - LOGITS[2])
+    assert soft_cross_entropy(logits, ids, probs).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_soft_cross_entropy_one_hot_equals_hard():
+    torch.manual_seed(0)
+    logits = torch.randn(7, 11)
+    target = torch.randint(0, 11, (7,))
+    ids = torch.stack([target, (target + 1) % 11], dim=1)
+    probs = torch.tensor([[1.0, 0.0]]).expand(7, 2)
+    assert soft_cross_entropy(logits, ids, probs).item() == pytest.approx(
+        hard_cross_entropy(logits, target).item(), rel=1e-6
+    )
+
+
+def test_zero_probability_on_minus_inf_logit_is_finite():
+    logits = torch.tensor([[0.0, float("-inf"), 1.0]])
+    loss = soft_cross_entropy(logits, torch.tensor([[0, 1]]), torch.tensor([[1.0, 0.0]]))
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(math.log(1 + math.e), rel=1e-6)
+
+
+def test_empty_selection_gives_zero():
+    empty = torch.zeros(0, 5)
+    assert hard_cross_entropy(empty, torch.zeros(0, dtype=torch.long)).item() == 0.0
+    assert soft_cross_entropy(empty, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2)).item() == 0.0
+    assert count_correct(empty, torch.zeros(0, dtype=torch.long)) == 0
+
+
+def test_matches_fairseq_compute_nce():
+    """CE over all classes == fairseq HubertModel.compute_nce's CE with the positive in column 0."""
+    from fairseq.models.hubert.hubert import HubertModel
+
+    torch.manual_seed(1)
+    x, embs = torch.randn(13, 8), torch.randn(6, 8)
+    target = torch.randint(0, 6, (13,))
+    fake = type("M", (), {"logit_temp": 0.1})()
+    negs = embs.unsqueeze(1).expand(-1, 13, -1)
+    nce = HubertModel.compute_nce(fake, x, embs[target], negs)
+    fairseq_loss = F.cross_entropy(nce, torch.zeros(13, dtype=torch.long), reduction="sum")
+    ours = hard_cross_entropy(cosine_logits(x, embs, 0.1), target)
+    assert ours.item() == pytest.approx(fairseq_loss.item(), rel=1e-5)
+    assert count_correct(cosine_logits(x, embs, 0.1), target) == int(
+        (nce.argmax(-1) == 0).sum()
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cosine_logits_finite_under_cpu_autocast(dtype):
+    x = torch.randn(4, 8) * 1e4
+    with torch.autocast("cpu", dtype=dtype):
+        out = cosine_logits(x, torch.randn(5, 8), 0.1)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert out.abs().max() <= 10.0 + 1e-4
+
+
+def test_feature_distillation_hand_value_and_padding():
+    pred = torch.tensor([[[1.0, 0.0], [5.0, 5.0]]])
+    target = torch.tensor([[[0.0, 1.0], [-7.0, 3.0]]])
+    pad = torch.tensor([[False, True]])
+    loss, l1, cos = feature_distillation_loss(pred, target, pad, cos_weight=1.0)
+    # only frame 0 counts: L1 = mean(|1|, |-1|) = 1; cos = 0 -> -log sigmoid(0) = log 2
+    assert l1.item() == pytest.approx(1.0)
+    assert cos.item() == pytest.approx(math.log(2.0), rel=1e-6)
+    assert loss.item() == pytest.approx(1.0 + math.log(2.0), rel=1e-6)
+    # changing a padded frame changes nothing
+    target2 = target.clone()
+    target2[0, 1] = 1e6
+    assert feature_distillation_loss(pred, target2, pad)[0].item() == pytest.approx(loss.item())
