@@ -37,7 +37,10 @@ setup(
         "omegaconf>=2.3,<2.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
+        # run/slurm.yaml launches through hydra's submitit launcher (what fairseq's recipes use);
+        # the tests compose that overlay, so they need it too.
+        "slurm": ["hydra-submitit-launcher>=1.2"],
+        "test": ["pytest>=7", "hypothesis>=6", "hydra-submitit-launcher>=1.2"],
         # results.png of examples/tiny; everything else works without it.
         "plot": ["matplotlib>=3.7"],
     },

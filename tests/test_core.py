@@ -74,7 +74,6 @@ def test_run_overlays_compose(k500):
     assert gpu.common.fp16 and gpu.optimization.update_freq == [32]
     cpu = compose("dicehubert_narrow", [f"task.data={data}", f"task.label_dir={labels}", "run=cpu"])
     assert cpu.common.cpu and not cpu.common.fp16
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     slurm = compose("dicehubert_narrow", [f"task.data={data}", f"task.label_dir={labels}", "run=slurm"])
     assert slurm.distributed_training.distributed_world_size == 32
 
