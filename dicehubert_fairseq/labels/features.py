@@ -1,0 +1,480 @@
+"""Frame features for k-means labels: a teacher's transformer layer, or Kaldi-style MFCC.
+
+Two readers with one interface (:class:`FeatureReader`):
+
+* :class:`TeacherFeatureReader` -- output of transformer layer ``L`` (1-based) of any fairseq
+  ``hubert`` or ``dicehubert_student`` checkpoint, exactly what fairseq's
+  ``dump_hubert_feature.py`` computes (``extract_features(..., output_layer=L)``, waveform
+  ``layer_norm`` when the task normalises, utterances longer than ``max_chunk`` samples cut into
+  independent chunks), but batched over length-sorted utterances, under
+  ``torch.inference_mode``, forward stopped at layer ``L``, optionally in fp16/bf16.
+  Batching does not change the features: the conv front end runs per utterance when it has a
+  GroupNorm over time (``extractor_mode=default``, HuBERT Base) and the transformer sees a
+  frame-exact padding mask, so a batched frame equals the unbatched one up to float rounding.
+* :class:`MfccFeatureReader` -- 13 MFCC + delta + delta-delta (39 dims) at 100 Hz, the recipe
+  of fairseq's ``dump_mfcc_feature.py`` (``torchaudio.compliance.kaldi.mfcc`` with
+  ``use_energy=False`` then ``torchaudio.functional.compute_deltas`` twice), re-implemented with
+  plain torch because torchaudio does not load beside torch 2.13 (see :func:`kaldi_mfcc`).
+
+Audio is read with soundfile as float32 in [-1, 1] (as fairseq's readers do).
+"""
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import InputError, where
+from ..data.files import Manifest
+
+logger = logging.getLogger(__name__)
+
+#: fairseq dump_hubert_feature's default ``max_chunk`` (100 s at 16 kHz).
+MAX_CHUNK = 1_600_000
+
+
+# ----------------------------------------------------------------------------------- audio
+
+
+def read_audio(manifest: Manifest, i: int, sample_rate: int = 16000) -> np.ndarray:
+    """Read row ``i`` of ``manifest`` as float32 mono samples in [-1, 1].
+
+    Args:
+        manifest: a parsed ``{split}.tsv``.
+        i: 0-based row index.
+        sample_rate: the rate the audio must have.
+
+    Returns:
+        ``(S,)`` float32 waveform.
+
+    Raises:
+        InputError: unreadable/corrupt file, wrong sample rate, more than one channel (message
+            names the manifest line and the file).
+    """
+    import soundfile as sf
+
+    path = manifest.audio_path(i)
+    loc = where(manifest.path, i + 2)
+    try:
+        wav, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises RuntimeError / LibsndfileError / TypeError
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise InputError([f"{loc}: cannot read audio {path} ({msg})"]) from None
+    if sr != sample_rate:
+        raise InputError([f"{loc}: {path} has sample rate {sr} Hz, expected {sample_rate} Hz"])
+    if wav.shape[1] != 1:
+        raise InputError([f"{loc}: {path} has {wav.shape[1]} channels, expected mono"])
+    if abs(len(wav) - manifest.sizes[i]) > 160:
+        logger.warning(f"{loc}: {path} has {len(wav)} samples, the manifest says {manifest.sizes[i]}")
+    return np.ascontiguousarray(wav[:, 0])
+
+
+def conv_num_frames(num_samples: int, layers: Sequence[Tuple[int, int]]) -> int:
+    """Output frames of a stack of un-padded 1-d convolutions.
+
+    Args:
+        num_samples: input length.
+        layers: ``(kernel, stride)`` of each layer.
+
+    Returns:
+        ``floor((n - k) / s) + 1`` applied layer by layer (0 if the input is too short).
+    """
+    n = int(num_samples)
+    for k, s in layers:
+        if n < k:
+            return 0
+        n = (n - k) // s + 1
+    return n
+
+
+class FeatureReader:
+    """Interface of the feature readers.
+
+    Attributes:
+        dim: feature dimension ``D``.
+        frame_rate: frames per second (50 for HuBERT layers, 100 for MFCC).
+        sample_rate: audio sample rate expected.
+        description: a dict describing the features (stored with the k-means model).
+    """
+
+    dim: int
+    frame_rate: float
+    sample_rate: int
+    description: Dict[str, object]
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames produced for an utterance of ``num_samples`` samples."""
+        raise NotImplementedError
+
+    def features(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """Features of a batch of waveforms.
+
+        Args:
+            wavs: ``B`` float32 waveforms ``(S_b,)``.
+
+        Returns:
+            ``B`` float32 arrays ``(T_b, D)`` with ``T_b == num_frames(S_b)``.
+        """
+        raise NotImplementedError
+
+    def features_torch(self, wavs: Sequence[np.ndarray]) -> List[torch.Tensor]:
+        """As :meth:`features`, as float32 tensors on the reader's device."""
+        return [torch.from_numpy(f) for f in self.features(wavs)]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------- teacher
+
+
+def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name in (None, "float32", "fp32"):
+        return None
+    return {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
+
+
+class TeacherFeatureReader(FeatureReader):
+    """Output of transformer layer ``layer`` (1-based) of a HuBERT-family checkpoint.
+
+    Args:
+        checkpoint: fairseq ``hubert`` or ``dicehubert_student`` checkpoint.
+        layer: 1-based transformer layer (as fairseq's ``dump_hubert_feature.py``).
+        device: ``cpu`` or ``cuda``.
+        dtype: ``float32`` (default), ``float16`` (CUDA only) or ``bfloat16`` (autocast; on CPU
+            only where the CPU supports it well).  Features are returned as float32.
+        max_chunk: utterances longer than this many samples are cut into independent chunks
+            (fairseq's default, 100 s) and their features concatenated.
+
+    Raises:
+        InputError: checkpoint missing/corrupt/not HuBERT-family, layer out of range, fp16 on CPU.
+    """
+
+    def __init__(self, checkpoint: str, layer: int, device: str = "cpu", dtype: Optional[str] = None,
+                 max_chunk: int = MAX_CHUNK):
+        from ..checkpoint import load_model
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError([f"--device {device}: CUDA is not available on this machine"])
+        self.autocast_dtype = _dtype(dtype)
+        if self.autocast_dtype is torch.float16 and not device.startswith("cuda"):
+            raise InputError(["--dtype float16 needs --device cuda (use bfloat16 on CPU)"])
+        self.model, cfg = load_model(checkpoint, device=device, layer=layer)
+        self.layer = int(layer)
+        self._device = torch.device(device)
+        self.max_chunk = int(max_chunk)
+        task_cfg = cfg["task"] if hasattr(cfg, "__getitem__") else cfg.task
+        self.sample_rate = int(task_cfg.get("sample_rate", 16000))
+        self.normalize_wav = bool(task_cfg.get("normalize", False))
+        model_cfg = cfg["model"]
+        self.extractor_mode = str(model_cfg.get("extractor_mode", "default"))
+        self._conv = [(int(block[0].kernel_size[0]), int(block[0].stride[0]))
+                      for block in self.model.feature_extractor.conv_layers]
+        stride = int(np.prod([s for _, s in self._conv]))
+        self.frame_rate = self.sample_rate / stride
+        self.dim = int(self.model.encoder.embedding_dim if hasattr(self.model.encoder, "embedding_dim")
+                       else model_cfg["encoder_embed_dim"])
+        # fp16 weights on CUDA halve memory; bf16 on CPU stays under autocast with fp32 weights
+        if self.autocast_dtype is torch.float16:
+            self.model.half()
+            self.autocast_dtype = None
+            self._input_dtype = torch.float16
+        else:
+            self._input_dtype = torch.float32
+        # the encoder keeps every layer's output in `layer_results`; they die with the batch
+        self.description = {
+            "type": "hubert", "checkpoint": os.path.abspath(checkpoint), "layer": self.layer,
+            "dim": self.dim, "frame_rate": self.frame_rate, "sample_rate": self.sample_rate,
+            "normalize_wav": self.normalize_wav, "extractor_mode": self.extractor_mode,
+            "max_chunk": self.max_chunk, "dtype": dtype or "float32",
+        }
+        logger.info(f"teacher {checkpoint}: layer {layer} of {len(self.model.encoder.layers)}, "
+                    f"dim {self.dim}, {self.frame_rate:g} Hz, device {device}, dtype {dtype or 'float32'}")
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _chunks(self, num_samples: int) -> List[Tuple[int, int]]:
+        return [(s, min(s + self.max_chunk, num_samples)) for s in range(0, num_samples, self.max_chunk)]
+
+    def num_frames(self, num_samples: int) -> int:
+        return sum(conv_num_frames(b - a, self._conv) for a, b in self._chunks(num_samples))
+
+    def _prepare(self, wav: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(wav, dtype=np.float32)).to(self._device)
+        if self.normalize_wav:
+            x = torch.nn.functional.layer_norm(x, x.shape)
+        return x
+
+    def _front_end(self, items: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Conv features ``(B, T, C)`` (zeros beyond each item's frames) and lengths ``(B,)``."""
+        fe = self.model.feature_extractor
+        lengths = [conv_num_frames(len(x), self._conv) for x in items]
+        T = max(lengths)
+        if self.extractor_mode == "default" and len(items) > 1:
+            # GroupNorm over time in the first conv layer: batching would change the statistics
+            outs = [fe(x[None].to(self._input_dtype)) for x in items]  # (1, C, T_b)
+            feats = outs[0].new_zeros(len(items), outs[0].shape[1], T)
+            for b, o in enumerate(outs):
+                feats[b, :, : o.shape[2]] = o[0]
+        else:
+            S = max(len(x) for x in items)
+            src = items[0].new_zeros(len(items), S, dtype=self._input_dtype)
+            for b, x in enumerate(items):
+                src[b, : len(x)] = x
+            feats = fe(src)[:, :, :T]
+            for b, n in enumerate(lengths):
+                feats[b, :, n:] = 0
+        return feats.transpose(1, 2), torch.tensor(lengths, device=feats.device)
+
+    def _forward(self, items: List[torch.Tensor]) -> List[torch.Tensor]:
+        model = self.model
+        feats, lengths = self._front_end(items)
+        x = model.layer_norm(feats)
+        padding_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]
+        if model.post_extract_proj is not None:
+            x = model.post_extract_proj(x)
+        # same call as HubertModel.forward(features_only=True, mask=False, output_layer=L)
+        x, _ = model.encoder(x, padding_mask=padding_mask if padding_mask.any() else None, layer=self.layer - 1)
+        return [x[b, : int(n)].float() for b, n in enumerate(lengths)]
+
+    def features_torch(self, wavs: Sequence[np.ndarray]) -> List[torch.Tensor]:
+        items, owner = [], []
+        for u, wav in enumerate(wavs):
+            x = self._prepare(wav)  # fairseq normalises the whole waveform, then chunks
+            for a, b in self._chunks(len(x)):
+                items.append(x[a:b])
+                owner.append(u)
+        with torch.inference_mode():
+            ctx = (torch.autocast(self._device.type, dtype=self.autocast_dtype)
+                   if self.autocast_dtype is not None else _nullcontext())
+            with ctx:
+                outs = self._forward(items)
+        per_utt: List[List[torch.Tensor]] = [[] for _ in wavs]
+        for u, o in zip(owner, outs):
+            per_utt[u].append(o)
+        return [p[0] if len(p) == 1 else torch.cat(p, 0) for p in per_utt]
+
+    def features(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
+        return [f.cpu().numpy() for f in self.features_torch(wavs)]
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ------------------------------------------------------------------------------------ MFCC
+
+
+def _mel_scale(freq):
+    return 1127.0 * torch.log(1.0 + freq / 700.0)
+
+
+def kaldi_mel_banks(num_bins: int, padded_window: int, sample_rate: float, low_freq: float = 20.0,
+                    high_freq: float = 0.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Kaldi's triangular mel filter bank (no VTLN warping).
+
+    Args:
+        num_bins: number of mel bins.
+        padded_window: FFT size.
+        sample_rate: Hz.
+        low_freq / high_freq: band edges in Hz (``high_freq <= 0`` is an offset from Nyquist).
+
+    Returns:
+        ``(num_bins, padded_window // 2 + 1)`` weights (the Nyquist column is zero, as Kaldi).
+    """
+    nyquist = 0.5 * sample_rate
+    if high_freq <= 0.0:
+        high_freq += nyquist
+    fft_bin_width = sample_rate / padded_window
+    mel_low = 1127.0 * math.log(1.0 + low_freq / 700.0)
+    mel_high = 1127.0 * math.log(1.0 + high_freq / 700.0)
+    delta = (mel_high - mel_low) / (num_bins + 1)
+    b = torch.arange(num_bins, dtype=torch.float32).unsqueeze(1)
+    left, center, right = mel_low + b * delta, mel_low + (b + 1.0) * delta, mel_low + (b + 2.0) * delta
+    mel = _mel_scale(fft_bin_width * torch.arange(padded_window // 2, dtype=torch.float32)).unsqueeze(0)
+    up = (mel - left) / (center - left)
+    down = (right - mel) / (right - center)
+    banks = torch.clamp(torch.minimum(up, down), min=0.0)
+    return torch.nn.functional.pad(banks, (0, 1)).to(dtype)
+
+
+def kaldi_dct(num_ceps: int, num_bins: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Kaldi's DCT-II matrix ``(num_bins, num_ceps)`` (orthonormal, first column sqrt(1/N))."""
+    n = torch.arange(float(num_bins))
+    k = torch.arange(float(num_bins)).unsqueeze(1)
+    dct = torch.cos(math.pi / float(num_bins) * (n + 0.5) * k)
+    dct[0] *= 1.0 / math.sqrt(2.0)
+    dct *= math.sqrt(2.0 / float(num_bins))
+    dct = dct.t().contiguous()
+    dct[:, 0] = math.sqrt(1 / float(num_bins))
+    return dct[:, :num_ceps].to(dtype)
+
+
+def kaldi_mfcc(wav: torch.Tensor, sample_rate: int = 16000, num_ceps: int = 13, num_mel_bins: int = 23,
+               frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0, preemphasis: float = 0.97,
+               cepstral_lifter: float = 22.0, low_freq: float = 20.0, high_freq: float = 0.0) -> torch.Tensor:
+    """Kaldi ``compute-mfcc-feats`` with torchaudio's defaults and ``use_energy=False``.
+
+    Povey window, DC removal per frame, pre-emphasis 0.97 (first sample against itself), FFT
+    rounded up to a power of two, power spectrum, 23 mel bins from 20 Hz to Nyquist, log floored
+    at float32 epsilon, DCT keeping 13 cepstra, lifter 22, ``snip_edges`` (only whole frames),
+    no dither.  Same operations in the same order as ``torchaudio.compliance.kaldi.mfcc``.
+
+    Args:
+        wav: ``(S,)`` waveform (float32 in [-1, 1], as fairseq passes it).
+
+    Returns:
+        ``(T, num_ceps)`` with ``T = 1 + (S - 400) // 160`` at 16 kHz (0 frames if ``S < 400``).
+    """
+    dtype, device = wav.dtype, wav.device
+    eps = torch.tensor(torch.finfo(torch.float).eps, dtype=dtype, device=device)
+    shift = int(sample_rate * frame_shift_ms * 0.001)
+    size = int(sample_rate * frame_length_ms * 0.001)
+    padded = 1 if size == 0 else 2 ** (size - 1).bit_length()
+    if wav.numel() < size:
+        return wav.new_zeros(0, num_ceps)
+    m = 1 + (wav.numel() - size) // shift
+    frames = wav.contiguous().as_strided((m, size), (shift * wav.stride(0), wav.stride(0)))
+    frames = frames - frames.mean(dim=1, keepdim=True)
+    prev = torch.nn.functional.pad(frames.unsqueeze(0), (1, 0), mode="replicate").squeeze(0)[:, :-1]
+    frames = frames - preemphasis * prev
+    window = torch.hann_window(size, periodic=False, dtype=dtype, device=device).pow(0.85)
+    frames = torch.nn.functional.pad(frames * window, (0, padded - size))
+    power = torch.fft.rfft(frames).abs().pow(2.0)
+    banks = kaldi_mel_banks(num_mel_bins, padded, sample_rate, low_freq, high_freq, dtype).to(device)
+    fbank = torch.maximum(torch.mm(power, banks.T), eps).log()
+    ceps = fbank.matmul(kaldi_dct(num_ceps, num_mel_bins, dtype).to(device))
+    lifter = 1.0 + 0.5 * cepstral_lifter * torch.sin(math.pi * torch.arange(num_ceps) / cepstral_lifter)
+    return ceps * lifter.unsqueeze(0).to(device=device, dtype=dtype)
+
+
+def compute_deltas(feats: torch.Tensor, win_length: int = 5) -> torch.Tensor:
+    """Regression deltas along time (torchaudio's ``compute_deltas``, replicate padding).
+
+    Args:
+        feats: ``(C, T)``.
+
+    Returns:
+        ``(C, T)``: ``sum_{n=1..N} n (x[t+n] - x[t-n]) / (2 sum n^2)`` with ``N = (win - 1) // 2``.
+    """
+    n = (win_length - 1) // 2
+    denom = n * (n + 1) * (2 * n + 1) / 3
+    x = torch.nn.functional.pad(feats.unsqueeze(0), (n, n), mode="replicate")
+    kernel = torch.arange(-n, n + 1, 1, device=feats.device, dtype=feats.dtype).repeat(feats.shape[0], 1, 1)
+    return (torch.nn.functional.conv1d(x, kernel, groups=feats.shape[0]) / denom).squeeze(0)
+
+
+def mfcc_39(wav: torch.Tensor, sample_rate: int = 16000) -> torch.Tensor:
+    """fairseq ``dump_mfcc_feature``'s features: MFCC + delta + delta-delta.
+
+    Args:
+        wav: ``(S,)`` float32 waveform.
+
+    Returns:
+        ``(T, 39)`` float32 at 100 Hz.
+    """
+    mfccs = kaldi_mfcc(wav, sample_rate).transpose(0, 1)  # (13, T)
+    if mfccs.shape[1] == 0:
+        return mfccs.new_zeros(0, 39)
+    deltas = compute_deltas(mfccs)
+    ddeltas = compute_deltas(deltas)
+    return torch.cat([mfccs, deltas, ddeltas], dim=0).transpose(0, 1).contiguous()
+
+
+class MfccFeatureReader(FeatureReader):
+    """39-dim MFCC at 100 Hz (fairseq ``dump_mfcc_feature.py``), one utterance at a time on CPU.
+
+    Args:
+        sample_rate: audio sample rate (fairseq's default 16000).
+    """
+
+    def __init__(self, sample_rate: int = 16000):
+        self.sample_rate = int(sample_rate)
+        self.dim = 39
+        self.frame_rate = 100.0
+        self.description = {"type": "mfcc", "dim": 39, "frame_rate": 100.0, "sample_rate": self.sample_rate}
+
+    def num_frames(self, num_samples: int) -> int:
+        size, shift = int(self.sample_rate * 0.025), int(self.sample_rate * 0.010)
+        return 0 if num_samples < size else 1 + (num_samples - size) // shift
+
+    def features(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
+        with torch.inference_mode():
+            return [mfcc_39(torch.from_numpy(np.asarray(w, dtype=np.float32)), self.sample_rate).numpy()
+                    for w in wavs]
+
+
+def make_reader(checkpoint: Optional[str] = None, layer: Optional[int] = None, mfcc: bool = False,
+                device: str = "cpu", dtype: Optional[str] = None, sample_rate: int = 16000,
+                max_chunk: int = MAX_CHUNK) -> FeatureReader:
+    """A :class:`TeacherFeatureReader` (``checkpoint`` + ``layer``) or :class:`MfccFeatureReader`."""
+    if mfcc:
+        return MfccFeatureReader(sample_rate)
+    if checkpoint is None or layer is None:
+        raise InputError(["give --checkpoint CKPT --layer L (teacher features) or --mfcc"])
+    return TeacherFeatureReader(checkpoint, layer, device=device, dtype=dtype, max_chunk=max_chunk)
+
+
+# --------------------------------------------------------------------------------- batching
+
+
+def length_sorted_batches(lengths: Sequence[int], max_batch_samples: int, max_batch_size: int = 64) -> List[List[int]]:
+    """Group positions into batches of similar length (longest first), bounded padded size.
+
+    Args:
+        lengths: samples per item.
+        max_batch_samples: bound on ``len(batch) * max(length in batch)`` (an item longer than the
+            bound gets a batch of its own).
+        max_batch_size: bound on items per batch.
+
+    Returns:
+        lists of positions into ``lengths``; every position appears once.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, cur = [], []
+    for i in order:
+        longest = lengths[cur[0]] if cur else lengths[i]
+        if cur and ((len(cur) + 1) * longest > max_batch_samples or len(cur) >= max_batch_size):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def iter_features(reader: FeatureReader, manifest: Manifest, indices: Sequence[int], max_batch_samples: int,
+                  as_torch: bool = False) -> Iterator[Tuple[int, object]]:
+    """Features of ``manifest`` rows ``indices``, computed in length-sorted batches.
+
+    Args:
+        reader: the feature reader.
+        manifest: the manifest.
+        indices: rows to read (a block; results come batch by batch, not in this order).
+        max_batch_samples: padded samples per batch (see :func:`length_sorted_batches`).
+        as_torch: yield tensors on the reader's device instead of numpy arrays.
+
+    Yields:
+        ``(row, (T, D) features)`` for every row in ``indices``.
+    """
+    sizes = [manifest.sizes[i] for i in indices]
+    for batch in length_sorted_batches(sizes, max_batch_samples):
+        rows = [indices[j] for j in batch]
+        wavs = [read_audio(manifest, r, reader.sample_rate) for r in rows]
+        feats = reader.features_torch(wavs) if as_torch else reader.features(wavs)
+        for r, w, f in zip(rows, wavs, feats):
+            expected = reader.num_frames(len(w))
+            if f.shape[0] != expected:  # pragma: no cover - a bug, not bad input
+                raise RuntimeError(f"{manifest.audio_path(r)}: {f.shape[0]} frames, expected {expected}")
+            yield r, f
