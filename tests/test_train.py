@@ -132,3 +132,4 @@ def test_bad_input_stops_before_training(tiny_corpus, tmp_path):
     assert not cmd_ok
     assert f"{labels}/train.km: 6 lines, but" in msg and "8 utterances" in msg
     assert "begin training epoch" not in msg
+    assert "Traceback" not in msg and "nothing was trained" in msg

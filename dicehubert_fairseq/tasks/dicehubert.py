@@ -1,7 +1,9 @@
 """Task ``dicehubert``: fairseq's ``hubert_pretraining`` with preflight checks and soft labels."""
 
+import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import List
 
@@ -16,6 +18,29 @@ from ..data.preflight import check_split, require_valid
 from ..errors import InputError
 
 logger = logging.getLogger(__name__)
+
+
+def _under_fairseq_cli() -> bool:
+    """True inside ``fairseq-hydra-train`` / ``fairseq-train`` (not when used as a library)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return os.path.basename(sys.argv[0] or "").startswith("fairseq-")
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """Under fairseq's CLIs, bad input ends the run with its message and status 1, no traceback."""
+    try:
+        yield
+    except InputError as e:
+        if not _under_fairseq_cli():
+            raise
+        raise SystemExit(f"dicehubert: bad input, nothing was trained:\n{e}") from None
 
 
 @dataclass
@@ -52,6 +77,10 @@ class DiceHubertTask(HubertPretrainingTask):
         super().__init__(cfg)
 
     def load_dictionaries(self):
+        with _user_errors():
+            return self._load_dictionaries()
+
+    def _load_dictionaries(self):
         label_dir = self.get_label_dir()
         if not os.path.isdir(label_dir):
             which = "task.label_dir" if self.cfg.label_dir is not None else "task.data"
@@ -77,6 +106,10 @@ class DiceHubertTask(HubertPretrainingTask):
             raise InputError(problems)
 
     def load_dataset(self, split: str, **kwargs) -> None:
+        with _user_errors():
+            self._load_dataset(split)
+
+    def _load_dataset(self, split: str) -> None:
         self._check_dirs()
         if self.cfg.preflight:
             problems = check_split(
