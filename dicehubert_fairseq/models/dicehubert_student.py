@@ -7,24 +7,32 @@ It *is* fairseq's ``HubertModel`` (same modules, same state-dict names, same mas
   returned with the matching hard targets and soft targets, so the ``dicehubert`` criterion
   can mix hard and soft label streams,
 * optional initialisation from a teacher checkpoint (every tensor whose name and shape match,
-  conv front end included; pretraining heads excluded).
+  conv front end included; pretraining heads excluded),
+* optional feature-distillation heads (``feat_target_layers``) and the hidden state of every
+  transformer layer (:func:`layer_states`, ``forward(..., return_layer_states=True)``) for the
+  ``dicehubert_feat`` criterion (L_feat, DistilHuBERT / FitHuBERT style). With
+  ``feat_target_layers`` empty (the default) the model and its state dict are exactly the
+  L_SSL student's.
 """
 
 import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
+from torch import nn
 
 from fairseq.models import register_model
 from fairseq.models.hubert.hubert import HubertConfig, HubertModel
 
+from ..errors import InputError
 from ..losses import cosine_logits
 
 logger = logging.getLogger(__name__)
 
 #: Parameters that belong to a teacher's own label set, never copied into a student.
-PRETRAINING_HEADS = ("label_embs_concat", "final_proj.", "target_glu.")
+PRETRAINING_HEADS = ("label_embs_concat", "final_proj.", "target_glu.", "feat_heads.")
 
 
 @dataclass
@@ -33,6 +41,20 @@ class DiceHubertStudentConfig(HubertConfig):
         default=None,
         metadata={"help": "teacher checkpoint to initialise from: the conv front end and every "
                           "tensor whose name and shape match (pretraining heads excluded)"},
+    )
+    feat_target_layers: List[int] = field(
+        default_factory=list,
+        metadata={"help": "teacher transformer layers (1-based) the student predicts for L_feat "
+                          "(criterion dicehubert_feat), one linear head each; empty: no heads"},
+    )
+    feat_student_layers: List[int] = field(
+        default_factory=list,
+        metadata={"help": "student layer (1-based) each head reads, one per feat_target_layers entry "
+                          "(FitHuBERT layer-to-layer); empty: the last layer for every head (DistilHuBERT)"},
+    )
+    feat_teacher_dim: int = field(
+        default=768,
+        metadata={"help": "hidden size of the teacher the heads predict (HuBERT Base: 768)"},
     )
 
 
@@ -55,13 +77,223 @@ def init_from_state_dict(model: torch.nn.Module, teacher_state: Dict[str, torch.
     return copied, skipped
 
 
+def frame_stride(conv_feature_layers: str) -> int:
+    """Samples per frame of a fairseq conv front end (``"[(dim, kernel, stride), ...]"``)."""
+    return int(np.prod([s for _, _, s in eval(conv_feature_layers)]))  # noqa: S307 (fairseq's format)
+
+
+def check_label_rate(label_rate: float, sample_rate: int, conv_feature_layers: str) -> None:
+    """Labels at ``label_rate`` must map to the model's frames by an integer ratio, either way.
+
+    fairseq's ``forward_targets`` picks label ``floor(t * ratio)`` for frame ``t`` with
+    ``ratio = label_rate / frame_rate``: 2 (HuBERT iteration 1: 100 Hz MFCC labels, 50 Hz frames)
+    subsamples every other label and 1/2 repeats every label twice, but e.g. 1.5 silently drops
+    every third label and skews the alignment.  ``label_rate <= 0`` (sequence labels) is not checked.
+
+    Raises:
+        InputError: the ratio is neither an integer nor the inverse of one.
+    """
+    if label_rate <= 0:
+        return
+    stride = frame_stride(conv_feature_layers)
+    frame_rate = sample_rate / stride
+    ratio = label_rate / frame_rate
+    ok = any(r >= 1 and abs(r - round(r)) < 1e-6 for r in (ratio, 1.0 / ratio))
+    if not ok:
+        raise InputError([
+            f"task.label_rate={label_rate:g} Hz does not fit the student's frame rate {frame_rate:g} Hz "
+            f"(model.conv_feature_layers strides multiply to {stride} samples at task.sample_rate="
+            f"{sample_rate}): label_rate / frame_rate = {ratio:.4g}, expected an integer or 1/integer "
+            f"(e.g. 50 Hz k-means labels or 100 Hz MFCC labels with a 50 Hz student)"
+        ])
+
+
+def encoder_layer_states(
+    encoder: nn.Module, x: torch.Tensor, padding_mask: Optional[torch.Tensor], max_layer: Optional[int] = None
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Run fairseq's ``TransformerEncoder`` and keep every layer's output.
+
+    A layer skipped by LayerDrop passes its input on, so its "output" is the previous one.
+    The outputs are taken by forward hooks on the layers, so fairseq's encoder (transformer,
+    conformer, checkpointed or not) runs unchanged.
+
+    Args:
+        encoder: the model's ``encoder``.
+        x: ``(B, T, D)`` encoder input.
+        padding_mask: ``(B, T)`` bool, True on padding (or None).
+        max_layer: stop after this layer (1-based); None: all layers.
+
+    Returns:
+        ``(x, states)``: the encoder output ``(B, T, D)`` (layer ``max_layer``'s output if given)
+        and a list of ``max_layer`` (or all) ``(B, T, D)`` layer outputs, layer 1 first.
+    """
+    n = len(encoder.layers) if max_layer is None else max_layer
+    T = x.size(1)
+    outputs: Dict[int, torch.Tensor] = {}
+    first_input: List[torch.Tensor] = []
+
+    def pre_hook(_module, args):
+        if not first_input:
+            first_input.append(args[0])
+
+    def make_hook(k):
+        def hook(_module, _args, out):
+            outputs[k] = out[0]
+        return hook
+
+    handles = []
+    for k, layer in enumerate(encoder.layers[:n]):
+        handles.append(layer.register_forward_pre_hook(pre_hook))
+        handles.append(layer.register_forward_hook(make_hook(k)))
+    try:
+        x, _ = encoder(x, padding_mask=padding_mask, layer=None if max_layer is None else max_layer - 1)
+    finally:
+        for h in handles:
+            h.remove()
+    # layer outputs are (T', B, D), T' possibly padded to required_seq_len_multiple
+    prev = first_input[0] if first_input else x.transpose(0, 1)
+    states = []
+    for k in range(n):
+        prev = outputs.get(k, prev)
+        states.append(prev.transpose(0, 1)[:, :T])
+    return x, states
+
+
+def layer_states(
+    model: HubertModel,
+    source: torch.Tensor,
+    padding_mask: Optional[torch.Tensor] = None,
+    mask: bool = False,
+    max_layer: Optional[int] = None,
+) -> Dict[str, object]:
+    """Hidden states of every transformer layer of a fairseq HuBERT-family model.
+
+    Works for teachers (fairseq's ``hubert``) and students alike: HubertModel's own front end
+    (conv features, layer norm, projection, optional span masking), then the encoder.
+
+    Args:
+        model: a ``HubertModel`` (or subclass).
+        source: ``(B, S)`` waveforms.
+        padding_mask: ``(B, S)`` bool, True on padding (or None).
+        mask: apply the model's span masking (students under L_SSL + L_feat).
+        max_layer: compute layers 1..max_layer only (1-based); None: all.
+
+    Returns:
+        dict with ``layer_states`` (list of ``(B, T, D)``, layer 1 first), ``x`` ``(B, T, D)``,
+        ``padding_mask`` ``(B, T)`` bool, ``mask_indices`` ``(B, T)`` bool, ``features_pen``.
+    """
+    enc = encode(model, source, padding_mask, mask=mask, return_layer_states=True, max_layer=max_layer)
+    return {k: enc[k] for k in ("layer_states", "x", "padding_mask", "mask_indices", "features_pen")}
+
+
+def encode(
+    model: HubertModel,
+    source: torch.Tensor,
+    padding_mask: Optional[torch.Tensor] = None,
+    mask: bool = True,
+    target_list: Optional[List[torch.Tensor]] = None,
+    n_masking_targets: Optional[int] = None,
+    return_layer_states: bool = False,
+    max_layer: Optional[int] = None,
+) -> Dict[str, object]:
+    """HubertModel's forward up to the encoder output (the part every objective shares).
+
+    Args:
+        model: a ``HubertModel`` (or subclass).
+        source: ``(B, S)`` waveforms.
+        padding_mask: ``(B, S)`` bool (or None).
+        mask: apply span masking.
+        target_list: tensors ``(B, T_label, ...)`` aligned to the frames by fairseq's
+            ``forward_targets`` (None: no alignment, e.g. for L_feat alone).
+        n_masking_targets: how many leading entries of ``target_list`` are label streams
+            (passed to ``apply_mask``); None: all.
+        return_layer_states: also return every layer's output (see :func:`encoder_layer_states`).
+        max_layer: with ``return_layer_states``, stop after this layer.
+
+    Returns:
+        dict with ``x`` ``(B, T, D)``, ``padding_mask`` ``(B, T)``, ``mask_indices`` ``(B, T)``,
+        ``features_pen``, ``target_list`` (aligned) and ``layer_states`` (or None).
+    """
+    features = model.forward_features(source)
+    if target_list is not None:
+        # HubertModel.forward_targets subsamples every tensor along dim 1
+        features, target_list = model.forward_targets(features, target_list)
+    features_pen = features.float().pow(2).mean()
+    features = model.layer_norm(features.transpose(1, 2))
+    if padding_mask is not None:
+        padding_mask = model.forward_padding_mask(features, padding_mask)
+    else:
+        padding_mask = features.new_zeros(features.shape[:2], dtype=torch.bool)
+    if model.post_extract_proj is not None:
+        features = model.post_extract_proj(features)
+    features = model.dropout_input(features)
+    if mask:
+        streams = None if target_list is None else list(target_list[:n_masking_targets])
+        x, mask_indices = model.apply_mask(features, padding_mask, streams)
+    else:
+        x, mask_indices = features, None
+    if mask_indices is None:
+        mask_indices = torch.zeros_like(padding_mask)
+    states = None
+    if return_layer_states:
+        x, states = encoder_layer_states(model.encoder, x, padding_mask, max_layer)
+    else:
+        x, _ = model.encoder(x, padding_mask=padding_mask, layer=None)
+    return {"x": x, "padding_mask": padding_mask, "mask_indices": mask_indices, "features_pen": features_pen,
+            "target_list": target_list, "layer_states": states}
+
+
 @register_model("dicehubert_student", dataclass=DiceHubertStudentConfig)
 class DiceHubertStudent(HubertModel):
     """HuBERT student (narrow, shallow, or any size) for DiceHuBERT."""
 
+    def __init__(self, cfg: DiceHubertStudentConfig, task_cfg, dictionaries) -> None:
+        super().__init__(cfg, task_cfg, dictionaries)
+        targets = list(getattr(cfg, "feat_target_layers", None) or [])
+        sources = list(getattr(cfg, "feat_student_layers", None) or [])
+        n = cfg.encoder_layers
+        if sources and len(sources) != len(targets):
+            raise InputError([f"model.feat_student_layers has {len(sources)} entries but "
+                              f"model.feat_target_layers has {len(targets)} (one student layer per target layer)"])
+        bad = [k for k in sources if not 1 <= k <= n]
+        if bad:
+            raise InputError([f"model.feat_student_layers={sources}: layer(s) {bad} out of range "
+                              f"(the student has transformer layers 1..{n})"])
+        bad = [k for k in targets if k < 1]
+        if bad:
+            raise InputError([f"model.feat_target_layers={targets}: layers are 1-based, found {bad}"])
+        self.feat_target_layers = targets
+        self.feat_student_layers = sources or [n] * len(targets)
+        self.feat_heads = (
+            nn.ModuleList([nn.Linear(cfg.encoder_embed_dim, cfg.feat_teacher_dim) for _ in targets])
+            if targets else None
+        )
+
     @classmethod
     def build_model(cls, cfg: DiceHubertStudentConfig, task):
+        if task.cfg.labels:
+            check_label_rate(cfg.label_rate, task.cfg.sample_rate, cfg.conv_feature_layers)
         return cls(cfg, task.cfg, task.dictionaries)
+
+    def extract_layer_states(
+        self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, mask: bool = False
+    ) -> Dict[str, object]:
+        """Every transformer layer's output (see :func:`layer_states`); L_feat's student forward."""
+        return layer_states(self, source, padding_mask, mask=mask)
+
+    def predict_teacher_layers(self, states: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Apply the feature-distillation heads.
+
+        Args:
+            states: the student's layer outputs, ``(B, T, D)`` each, layer 1 first.
+
+        Returns:
+            one ``(B, T, feat_teacher_dim)`` prediction per ``feat_target_layers`` entry.
+        """
+        if self.feat_heads is None:
+            raise InputError(["model.feat_target_layers is empty: the student has no feature-distillation "
+                              "heads (set it, e.g. [4,8,12], to train with criterion dicehubert_feat)"])
+        return [head(states[k - 1]) for head, k in zip(self.feat_heads, self.feat_student_layers)]
 
     def init_from_teacher(self, path: str) -> List[str]:
         """Initialise from a teacher checkpoint; returns the names of the copied tensors."""
@@ -82,6 +314,7 @@ class DiceHubertStudent(HubertModel):
         features_only: bool = False,
         output_layer: Optional[int] = None,
         soft_target_list: Optional[List[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None,
+        return_layer_states: bool = False,
     ) -> Dict[str, object]:
         """Masked prediction over all classes of every label stream.
 
@@ -92,6 +325,8 @@ class DiceHubertStudent(HubertModel):
             mask: apply span masking.
             features_only / output_layer: as ``HubertModel`` (delegated to it).
             soft_target_list: per stream ``None`` or ``((B, T_label, k) ids, (B, T_label, k) probs)``.
+            return_layer_states: also return ``layer_states``, every transformer layer's
+                ``(B, T, D)`` output (for L_SSL + L_feat).
 
         Returns:
             dict with, per stream ``i``, ``logit_m_list[i]`` ``(N_m, C_i)`` and
@@ -112,34 +347,20 @@ class DiceHubertStudent(HubertModel):
             else:
                 soft_slots.append(len(packed))
                 packed.extend(s)
-        features = self.forward_features(source)
-        # HubertModel.forward_targets subsamples every tensor along dim 1: soft ones ride along
-        features, packed = self.forward_targets(features, packed)
+        enc = encode(self, source, padding_mask, mask=mask, target_list=packed, n_masking_targets=n,
+                     return_layer_states=return_layer_states)
+        x, padding_mask, mask_indices = enc["x"], enc["padding_mask"], enc["mask_indices"]
+        packed = enc["target_list"]
         target_list = packed[:n]
         soft = [None if j is None else (packed[j], packed[j + 1]) for j in soft_slots]
-
-        features_pen = features.float().pow(2).mean()
-        features = self.layer_norm(features.transpose(1, 2))
-        if padding_mask is not None:
-            padding_mask = self.forward_padding_mask(features, padding_mask)
-        else:
-            padding_mask = features.new_zeros(features.shape[:2], dtype=torch.bool)
-        if self.post_extract_proj is not None:
-            features = self.post_extract_proj(features)
-        features = self.dropout_input(features)
-        if mask:
-            x, mask_indices = self.apply_mask(features, padding_mask, target_list)
-        else:
-            x, mask_indices = features, None
-        if mask_indices is None:
-            mask_indices = torch.zeros_like(padding_mask)
-        x, _ = self.encoder(x, padding_mask=padding_mask, layer=None)
 
         label_embs_list = self.label_embs_concat.split(self.num_classes, 0)
         if self.target_glu is not None:
             label_embs_list = [self.target_glu(e) for e in label_embs_list]
 
-        out = {"padding_mask": padding_mask, "mask_indices": mask_indices, "features_pen": features_pen}
+        out = {"padding_mask": padding_mask, "mask_indices": mask_indices, "features_pen": enc["features_pen"]}
+        if return_layer_states:
+            out["layer_states"] = enc["layer_states"]
         for tag, selected, skip in (("m", ~padding_mask & mask_indices, self.skip_masked),
                                     ("u", ~padding_mask & ~mask_indices, self.skip_nomask)):
             if skip:

@@ -1,0 +1,233 @@
+"""Criterion ``dicehubert_feat``: feature distillation (L_feat) from a frozen HuBERT teacher.
+
+The paper's baseline and its combination with DiceHuBERT's objective:
+
+* ``ssl_weight: 0`` -- L_feat alone (DistilHuBERT / FitHuBERT): the student sees the unmasked
+  waveform; each of its prediction heads (``model.feat_target_layers``) regresses one teacher
+  layer with L1 + lambda * (-log sigmoid(cos)) (:func:`~dicehubert_fairseq.losses.feature_distillation_loss`),
+  averaged over non-padded frames.  No labels are needed (``task.labels: []``).
+* ``ssl_weight > 0`` -- L_SSL + ``feat_weight`` * L_feat: one student forward with span
+  masking gives both the ``dicehubert`` criterion's masked prediction loss (computed by that
+  criterion's own code) and the layer states the heads read, so on masked frames the student
+  predicts the teacher's features of the *unmasked* input.
+
+The teacher is loaded once (``teacher_checkpoint``), in eval mode with every parameter
+frozen, and moved to the student's device and dtype at the first batch.  It is held in a
+plain Python object, not as a submodule: it is not in ``criterion.state_dict()`` (fairseq
+saves a criterion's state into every checkpoint when it has parameters), not in the model's,
+and fairseq's ``criterion.half()`` / ``.to(device)`` never touch it.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+
+from fairseq.criterions import register_criterion
+from fairseq.logging import metrics
+from omegaconf import II, MISSING
+
+from ..errors import InputError
+from ..losses import feature_distillation_loss
+from ..models.dicehubert_student import frame_stride, layer_states
+from .dicehubert import DiceHubertCriterion, DiceHubertCriterionConfig, check_finite
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DiceHubertFeatCriterionConfig(DiceHubertCriterionConfig):
+    teacher_checkpoint: str = field(
+        default=MISSING,
+        metadata={"help": "frozen fairseq HuBERT-family checkpoint (e.g. hubert_base_ls960.pt) run on the fly"},
+    )
+    ssl_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of L_SSL (the dicehubert criterion's loss); 0: L_feat alone, unmasked "
+                          "input, no labels needed"},
+    )
+    feat_weight: float = field(default=1.0, metadata={"help": "weight of L_feat"})
+    cos_weight: float = field(
+        default=1.0, metadata={"help": "lambda of L1 + lambda * (-log sigmoid(cos)) (DistilHuBERT: 1)"}
+    )
+    target_layers: List[int] = field(
+        default=II("model.feat_target_layers"),
+        metadata={"help": "teacher layers predicted (linked to model.feat_target_layers)"},
+    )
+    teacher_dim: int = field(
+        default=II("model.feat_teacher_dim"),
+        metadata={"help": "teacher hidden size the heads predict (linked to model.feat_teacher_dim)"},
+    )
+    student_conv_feature_layers: str = field(
+        default=II("model.conv_feature_layers"),
+        metadata={"help": "the student's conv front end (linked), to check the frame rates match"},
+    )
+    normalize: bool = field(
+        default=II("task.normalize"),
+        metadata={"help": "whether the task normalises waveforms (linked to task.normalize)"},
+    )
+
+
+class _Frozen:
+    """Holds a module outside any ``nn.Module`` tree (never registered, saved or cast)."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+
+class _LayerStateTap:
+    """Stands in for the model in :meth:`DiceHubertCriterion.forward`: calls the model with
+    ``return_layer_states=True`` and keeps its output, so L_SSL is computed by that criterion's
+    own code and L_feat reuses the same forward pass."""
+
+    def __init__(self, model):
+        self.model = model
+        self.net_output = None
+
+    def __call__(self, **kwargs):
+        self.net_output = self.model(return_layer_states=True, **kwargs)
+        return self.net_output
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def check_teacher(path: str, n_layers: int, dim: int, conv_feature_layers: str, normalize: bool,
+                  target_layers: List[int], teacher_dim: int, student_conv_feature_layers: str,
+                  task_normalize: bool) -> None:
+    """Everything that keeps a teacher from serving the requested targets, as one error.
+
+    Args:
+        path: the teacher checkpoint (named in the messages).
+        n_layers, dim, conv_feature_layers, normalize: the teacher's depth, hidden size, conv
+            front end and whether it was trained on normalised waveforms.
+        target_layers, teacher_dim, student_conv_feature_layers, task_normalize: what the
+            student's config asks for.
+
+    Raises:
+        InputError: one line per problem.
+    """
+    problems = []
+    bad = [k for k in target_layers if not 1 <= k <= n_layers]
+    if not target_layers:
+        problems.append(f"{path}: model.feat_target_layers is empty: nothing to distil (e.g. [4,8,12] for "
+                        f"DistilHuBERT-style heads, [1,...,12] for layer-to-layer)")
+    elif bad:
+        problems.append(f"{path}: the teacher has transformer layers 1..{n_layers}, it cannot serve target "
+                        f"layer(s) {bad} of model.feat_target_layers={list(target_layers)}")
+    if int(dim) != int(teacher_dim):
+        problems.append(f"{path}: the teacher's hidden size is {dim}, but model.feat_teacher_dim={teacher_dim} "
+                        f"(set model.feat_teacher_dim={dim})")
+    t_stride, s_stride = frame_stride(conv_feature_layers), frame_stride(student_conv_feature_layers)
+    if t_stride != s_stride:
+        problems.append(f"{path}: the teacher's frames are {t_stride} samples apart, the student's {s_stride} "
+                        f"(model.conv_feature_layers): L_feat needs frame-aligned student and teacher")
+    if bool(normalize) != bool(task_normalize):
+        problems.append(f"{path}: the teacher was trained with task.normalize={bool(normalize)}, this task has "
+                        f"task.normalize={bool(task_normalize)}: student and teacher read the same waveform, "
+                        f"set task.normalize={bool(normalize)}")
+    if problems:
+        raise InputError(problems)
+
+
+@register_criterion("dicehubert_feat", dataclass=DiceHubertFeatCriterionConfig)
+class DiceHubertFeatCriterion(DiceHubertCriterion):
+    """L_feat (feature distillation from a frozen teacher), alone or added to L_SSL.
+
+    Logged per target layer ``k``: ``feat_loss_L{k}``, ``feat_l1_L{k}``, ``feat_cos_L{k}``
+    (the -log sigmoid(cos) term), each averaged over non-padded frames; ``feat_loss`` is the
+    mean over target layers (L_feat).
+    """
+
+    def __init__(self, cfg: DiceHubertFeatCriterionConfig, task):
+        super().__init__(cfg, task)
+        if cfg.ssl_weight > 0 and not task.cfg.labels:
+            raise InputError(["criterion.ssl_weight > 0 needs label streams, but task.labels is empty"])
+        from ..checkpoint import load_model
+
+        path = cfg.teacher_checkpoint
+        teacher, tcfg = load_model(path)  # eval mode, every parameter frozen
+        check_teacher(path, len(teacher.encoder.layers), teacher.encoder.embedding_dim,
+                      tcfg.model.conv_feature_layers, tcfg.task.get("normalize", False),
+                      list(cfg.target_layers), cfg.teacher_dim, cfg.student_conv_feature_layers, cfg.normalize)
+        self.target_layers = list(cfg.target_layers)
+        self._teacher = _Frozen(teacher)
+        logger.info(f"teacher {path}: layers {self.target_layers} -> L_feat "
+                    f"(ssl_weight={cfg.ssl_weight}, feat_weight={cfg.feat_weight}); kept out of checkpoints")
+
+    @property
+    def teacher(self) -> torch.nn.Module:
+        """The frozen teacher (not a submodule of this criterion)."""
+        return self._teacher.module
+
+    def _place_teacher(self, model) -> torch.nn.Module:
+        """The teacher on the student's device and dtype (moved once, at the first batch)."""
+        ref = next(model.parameters())
+        teacher = self._teacher.module
+        p = next(teacher.parameters())
+        if p.device != ref.device or p.dtype != ref.dtype:
+            self._teacher.module = teacher = teacher.to(device=ref.device, dtype=ref.dtype)
+        return teacher
+
+    @torch.no_grad()
+    def teacher_states(self, model, source, padding_mask) -> List[torch.Tensor]:
+        """``(B, T, D_teacher)`` teacher outputs of every ``target_layers`` entry (no gradient)."""
+        teacher = self._place_teacher(model)
+        teacher.eval()
+        out = layer_states(teacher, source, padding_mask, mask=False, max_layer=max(self.target_layers))
+        return [out["layer_states"][k - 1] for k in self.target_layers]
+
+    def feat_loss(self, model, student_states, padding_mask, sample, logging_output):
+        """Mean over target layers of the per-layer distillation loss; logs every layer's terms."""
+        net_input = sample["net_input"]
+        targets = self.teacher_states(model, net_input["source"], net_input.get("padding_mask"))
+        preds = model.predict_teacher_layers(student_states)
+        T = min(preds[0].size(1), targets[0].size(1))  # the SSL path trims frames to the labels
+        padding_mask = padding_mask[:, :T]
+        n_frames = int((~padding_mask).sum().item())
+        total = 0.0
+        for k, pred, target in zip(self.target_layers, preds, targets):
+            loss, l1, cos = feature_distillation_loss(pred[:, :T], target[:, :T], padding_mask, self.cfg.cos_weight)
+            total = total + loss
+            logging_output[f"feat_loss_L{k}"] = loss.item() * n_frames
+            logging_output[f"feat_l1_L{k}"] = l1.item() * n_frames
+            logging_output[f"feat_cos_L{k}"] = cos.item() * n_frames
+        total = total / len(self.target_layers)
+        logging_output["feat_loss"] = total.item() * n_frames
+        logging_output["feat_frames"] = n_frames
+        return total, n_frames
+
+    def forward(self, model, sample, reduce=True):
+        if self.cfg.ssl_weight > 0:
+            tap = _LayerStateTap(model)
+            ssl_loss, sample_size, logging_output = super().forward(tap, sample, reduce)
+            out = tap.net_output
+            feat, _ = self.feat_loss(model, out["layer_states"], out["padding_mask"], sample, logging_output)
+            # L_SSL is summed over sample_size frames: scale the frame-averaged L_feat alike
+            loss = self.cfg.ssl_weight * ssl_loss + self.cfg.feat_weight * feat * sample_size
+        else:
+            net_input = sample["net_input"]
+            out = model.extract_layer_states(net_input["source"], net_input.get("padding_mask"), mask=False)
+            logging_output = {}
+            feat, n_frames = self.feat_loss(model, out["layer_states"], out["padding_mask"], sample, logging_output)
+            sample_size = n_frames  # summed over frames, as fairseq's other criteria: sum / sample_size
+            loss = self.cfg.feat_weight * feat * n_frames
+            logging_output.update(ntokens=n_frames, nsentences=sample["id"].numel(), sample_size=sample_size)
+        check_finite(loss, sample)
+        logging_output["loss"] = loss.item()
+        return loss, sample_size, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        DiceHubertCriterion.reduce_metrics(logging_outputs)
+        frames = sum(log.get("feat_frames", 0) for log in logging_outputs)
+        if frames == 0:
+            return
+        keys = set().union(*(log.keys() for log in logging_outputs))
+        for key in sorted(keys):
+            if key.startswith("feat_") and key != "feat_frames":
+                val = sum(log.get(key, 0) for log in logging_outputs)
+                metrics.log_scalar(key, val / frames, frames, round=4)
