@@ -1,0 +1,142 @@
+"""Streaming k-means of dicehubert-labels: fairseq learn_kmeans' estimator, fed in bounded memory."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from dicehubert_fairseq.errors import InputError
+from dicehubert_fairseq.labels.kmeans import (
+    LEARN_KMEANS_SETTINGS, Assigner, StreamingKMeans, load_kmeans, new_kmeans, objective_of, sample_rows,
+    save_kmeans,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_openmp_thread():
+    """sklearn's OpenMP loops spin badly on 2 shared cores; one thread is 10x faster here."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        yield
+
+
+def mixture(n, dim=16, k=20, seed=0):
+    rng = np.random.default_rng(seed)
+    means = np.random.default_rng(123).normal(0, 4, size=(k, dim))
+    return (means[rng.integers(0, k, n)] + rng.normal(0, 1, size=(n, dim))).astype(np.float32)
+
+
+def test_settings_are_fairseq_learn_kmeans():
+    km = new_kmeans(7, seed=3)
+    for key, value in dict(init="k-means++", max_iter=100, batch_size=10000, tol=0.0, max_no_improvement=100,
+                           n_init=20, reassignment_ratio=0.0).items():
+        assert getattr(km, key) == value == LEARN_KMEANS_SETTINGS[key]
+    assert km.init_size is None and km.compute_labels is False and km.random_state == 3
+
+
+def test_sample_that_fits_the_pool_is_fairseqs_fit_exactly():
+    X = mixture(2500)
+    skm = StreamingKMeans(20, 16, seed=5, batch_size=1000)
+    for s in range(0, len(X), 333):
+        skm.add(X[s : s + 333])
+    ours = skm.finish()
+    ref = new_kmeans(20, seed=5, batch_size=1000).fit(X)
+    np.testing.assert_array_equal(ours.cluster_centers_, ref.cluster_centers_)
+    assert skm.steps == 0 and skm.frames_seen == 2500
+
+
+def test_stream_objective_close_to_in_memory_fit():
+    X = mixture(40000, seed=1)
+    skm = StreamingKMeans(20, 16, seed=0, batch_size=1000, pool_size=3000)
+    for s in range(0, len(X), 777):
+        skm.add(X[s : s + 777])
+    ours = skm.finish()
+    assert skm.steps > 30  # most of the stream went through partial_fit
+    full = new_kmeans(20, seed=0, batch_size=1000).fit(X)
+    o_ours, o_full = objective_of(ours.cluster_centers_, X), objective_of(full.cluster_centers_, X)
+    assert o_ours <= 1.05 * o_full, (o_ours, o_full)
+
+
+def _peak_bytes(n_frames, chunk=500):
+    skm = StreamingKMeans(20, 16, seed=0, batch_size=1000, pool_size=3000)
+    tracemalloc.start()
+    rng = np.random.default_rng(0)
+    for _ in range(n_frames // chunk):
+        skm.add(rng.normal(size=(chunk, 16)).astype(np.float32))
+    skm.finish()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def test_peak_memory_flat_in_stream_length():
+    one, four = _peak_bytes(15000), _peak_bytes(60000)
+    assert four < 1.25 * one, (one, four)
+
+
+def test_same_seed_same_model_other_seed_other_model():
+    X = mixture(12000, seed=2)
+
+    def fit(seed):
+        skm = StreamingKMeans(20, 16, seed=seed, batch_size=1000, pool_size=3000, n_init=3)
+        for s in range(0, len(X), 1000):
+            skm.add(X[s : s + 1000])
+        return skm.finish().cluster_centers_
+
+    np.testing.assert_array_equal(fit(0), fit(0))
+    assert not np.array_equal(fit(0), fit(1))
+
+
+def test_too_few_frames_for_k():
+    skm = StreamingKMeans(50, 4, batch_size=100)
+    skm.add(np.zeros((30, 4), np.float32))
+    with pytest.raises(InputError, match="K=50 clusters but only 30 frames"):
+        skm.finish()
+
+
+def test_sample_rows_fairseq_percent():
+    rows = sample_rows(10, 0.25, seed=0)
+    assert len(rows) == 3 and len(set(rows.tolist())) == 3  # ceil(10 * 0.25)
+    np.testing.assert_array_equal(rows, sample_rows(10, 0.25, seed=0))
+    assert sorted(sample_rows(10, -1, seed=0).tolist()) == list(range(10))
+    assert sorted(sample_rows(10, 1.0, seed=4).tolist()) == list(range(10))
+
+
+def test_assigner_hard_and_soft_by_hand():
+    centers = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 3.0]], np.float32)
+    x = torch.tensor([[1.0, 0.0], [0.1, 2.9]])
+    a = Assigner(centers)
+    assert a.hard(x).tolist() == [0, 2]  # (1,0) ties 0 and 1 at d^2 = 1: argmin keeps the first
+    ids, probs, kept = a.soft(x[:1], temperature=2.0, top_k=3)
+    d2 = np.array([1.0, 1.0, 10.0])
+    p = np.exp(-d2 / 2) / np.exp(-d2 / 2).sum()
+    np.testing.assert_allclose(np.sort(probs[0].numpy())[::-1], np.sort(p)[::-1], atol=1e-6)
+    assert ids[0, 2].item() == 2 and kept[0].item() == pytest.approx(1.0)
+    ids, probs, kept = a.soft(x[:1], temperature=2.0, top_k=2)  # renormalised over the kept two
+    np.testing.assert_allclose(probs[0].numpy(), [0.5, 0.5], atol=1e-6)
+    assert kept[0].item() == pytest.approx(p[0] + p[1], rel=1e-5)
+    # normalised: the distance is 2 - 2 cos, whatever the norms
+    an = Assigner(centers[1:], normalize=True)
+    ids, probs, _ = an.soft(torch.tensor([[10.0, 10.0]]), temperature=1.0, top_k=2)
+    np.testing.assert_allclose(probs[0].numpy(), [0.5, 0.5], atol=1e-6)
+
+
+def test_save_load_roundtrip_and_bad_files(tmp_path):
+    km = new_kmeans(3, seed=0, batch_size=100).fit(mixture(300, dim=4, k=3))
+    path = str(tmp_path / "km.joblib")
+    save_kmeans(km, path, {"features": {"type": "mfcc"}})
+    back, meta = load_kmeans(path)
+    np.testing.assert_array_equal(back.cluster_centers_, km.cluster_centers_)
+    assert meta["features"]["type"] == "mfcc"
+    with pytest.raises(InputError, match="k-means model not found"):
+        load_kmeans(str(tmp_path / "nope.joblib"))
+    (tmp_path / "junk.joblib").write_bytes(b"not a pickle")
+    with pytest.raises(InputError, match="not a readable joblib k-means model"):
+        load_kmeans(str(tmp_path / "junk.joblib"))
+    import joblib
+
+    joblib.dump({"a": 1}, tmp_path / "dict.joblib")
+    with pytest.raises(InputError, match="not a fitted k-means model"):
+        load_kmeans(str(tmp_path / "dict.joblib"))
