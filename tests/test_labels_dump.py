@@ -1,0 +1,251 @@
+"""dicehubert-labels fit/dump/merge: label values, soft labels, shards, resume, fairseq agreement."""
+
+import glob
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dicehubert_fairseq.data.files import SoftLabels, read_dictionary_symbols, read_manifest
+from dicehubert_fairseq.labels.cli import main
+from dicehubert_fairseq.labels.features import MfccFeatureReader, TeacherFeatureReader, read_audio
+from dicehubert_fairseq.labels.kmeans import load_kmeans
+
+SIMPLE_KMEANS = os.path.join(os.path.dirname(importlib.util.find_spec("fairseq").origin),
+                             "examples", "hubert", "simple_kmeans")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_openmp_thread():
+    """sklearn's OpenMP loops spin badly on 2 shared cores; one thread is much faster here."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def mfcc_km(tiny_corpus, tmp_path_factory):
+    """K=12 k-means fitted on the MFCC of the tiny train split."""
+    path = str(tmp_path_factory.mktemp("km") / "mfcc.joblib")
+    assert main(["fit", "--manifest-dir", tiny_corpus["data"], "--split", "train", "--mfcc", "--n-clusters", "12",
+                 "--out", path, "--n-init", "3", "--no-progress"]) == 0
+    return path
+
+
+def _lines(path):
+    with open(path) as f:
+        return [list(map(int, line.split())) for line in f]
+
+
+def _features(data, split, reader):
+    m = read_manifest(os.path.join(data, f"{split}.tsv"))
+    return [reader.features([read_audio(m, i)])[0] for i in range(len(m))]
+
+
+def _nearest(feats, centers, normalize=False):
+    """float64 brute force; also the gap between the best and second best squared distance."""
+    x, c = feats.astype(np.float64), centers.astype(np.float64)
+    if normalize:
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        c = c / np.linalg.norm(c, axis=1, keepdims=True)
+    d2 = ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+    srt = np.sort(d2, 1)
+    return d2.argmin(1), srt[:, 1] - srt[:, 0], d2
+
+
+def test_teacher_fit_dump_labels_are_nearest_centroids(tiny_corpus, tiny_teacher, tmp_path):
+    data = tiny_corpus["data"]
+    km_path, out = str(tmp_path / "km.joblib"), str(tmp_path / "labels")
+    common = ["--manifest-dir", data, "--checkpoint", tiny_teacher, "--layer", "2", "--no-progress"]
+    assert main(["fit", *common, "--split", "train", "--n-clusters", "8", "--out", km_path, "--n-init", "3"]) == 0
+    assert main(["dump", *common, "--split", "valid", "--km", km_path, "--label-dir", out]) == 0
+    km, meta = load_kmeans(km_path)
+    assert meta["features"]["layer"] == 2 and meta["n_clusters"] == 8 and meta["frames"] > 0
+    labels = _lines(os.path.join(out, "valid.km"))
+    assert read_dictionary_symbols(os.path.join(out, "dict.km.txt")) == [str(i) for i in range(8)]
+    # independent features: fairseq's own extract_features, one utterance at a time
+    model = TeacherFeatureReader(tiny_teacher, 2).model
+    m = read_manifest(os.path.join(data, "valid.tsv"))
+    assert len(labels) == len(m)
+    for i, got in enumerate(labels):
+        with torch.no_grad():
+            f, _ = model.extract_features(source=torch.from_numpy(read_audio(m, i))[None], padding_mask=None,
+                                          mask=False, output_layer=2)
+        ref, gap, _ = _nearest(f[0].numpy(), km.cluster_centers_)
+        assert len(got) == len(ref) == (m.sizes[i] - 400) // 320 + 1  # 50 Hz
+        clear = gap > 1e-3
+        assert clear.mean() > 0.95
+        np.testing.assert_array_equal(np.asarray(got)[clear], ref[clear])
+    assert not glob.glob(os.path.join(out, "*.parts")) and not glob.glob(os.path.join(out, "*.tmp"))
+
+
+def test_mfcc_dump_hard_labels_and_100hz(tiny_corpus, mfcc_km, tmp_path):
+    out = str(tmp_path / "labels")
+    assert main(["dump", "--manifest-dir", tiny_corpus["data"], "--split", "train", "--mfcc", "--km", mfcc_km,
+                 "--label-dir", out, "--name", "mfcc", "--no-progress", "--block-size", "3"]) == 0
+    km, _ = load_kmeans(mfcc_km)
+    feats = _features(tiny_corpus["data"], "train", MfccFeatureReader())
+    labels = _lines(os.path.join(out, "train.mfcc"))
+    for got, f, size in zip(labels, feats, tiny_corpus["sizes"]["train"]):
+        ref, gap, _ = _nearest(f, km.cluster_centers_)
+        assert len(got) == 1 + (size - 400) // 160
+        np.testing.assert_array_equal(np.asarray(got)[gap > 1e-3], ref[gap > 1e-3])
+    assert main(["check", "--manifest-dir", tiny_corpus["data"], "--label-dir", out, "--labels", "mfcc",
+                 "--label-rate", "100", "--split", "train"]) == 0
+
+
+@pytest.mark.parametrize("normalize,temperature", [(False, 5.0), (True, 1.0)])
+def test_soft_labels_are_softmax_of_negative_sq_distances(tiny_corpus, mfcc_km, tmp_path, normalize, temperature):
+    data, out = tiny_corpus["data"], str(tmp_path / "soft")
+    args = ["dump", "--manifest-dir", data, "--split", "valid", "--mfcc", "--km", mfcc_km, "--label-dir", out,
+            "--soft", "--temperature", str(temperature), "--top-k", "12", "--no-progress"]
+    assert main(args + (["--normalize"] if normalize else [])) == 0
+    soft = SoftLabels(out, "valid", "km")
+    assert soft.top_k == 12 and soft.n_clusters == 12 and soft.meta["temperature"] == temperature
+    assert soft.meta["normalize"] is normalize and soft.meta["mean_kept_mass"] == pytest.approx(1.0)
+    assert soft.validate(num_utterances=4) == []
+    probs = np.asarray(soft.probs, dtype=np.float64)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert (np.diff(probs, axis=1) <= 1e-7).all()  # most likely first
+    hard = _lines(os.path.join(out, "valid.km"))
+    assert np.concatenate(hard).tolist() == np.asarray(soft.ids[:, 0]).tolist()  # hard file = argmax
+    # one frame checked by hand: p = softmax(-d^2 / T) over all 12 centroids
+    km, _ = load_kmeans(mfcc_km)
+    feats = _features(data, "valid", MfccFeatureReader())
+    utt, frame = 2, 17
+    _, _, d2 = _nearest(feats[utt][frame : frame + 1], km.cluster_centers_, normalize)
+    logits = -d2[0] / temperature
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    a, _ = soft.frame_range(utt)
+    ids, got = np.asarray(soft.ids[a + frame]), probs[a + frame]
+    np.testing.assert_allclose(got, p[ids], atol=1e-5)
+    assert sorted(ids.tolist()) == list(range(12))
+    if normalize:
+        assert got[0] < 0.9  # normalised distances at T=1 give a real distribution
+    # check accepts it (soft files detected)
+    assert main(["check", "--manifest-dir", data, "--label-dir", out, "--labels", "km", "--label-rate", "100",
+                 "--split", "valid"]) == 0
+
+
+def test_soft_top_k_renormalised(tiny_corpus, mfcc_km, tmp_path):
+    out = str(tmp_path / "soft3")
+    assert main(["dump", "--manifest-dir", tiny_corpus["data"], "--split", "valid", "--mfcc", "--km", mfcc_km,
+                 "--label-dir", out, "--soft", "--normalize", "--temperature", "0.5", "--top-k", "3",
+                 "--no-progress"]) == 0
+    soft = SoftLabels(out, "valid", "km")
+    assert soft.ids.shape[1] == 3 and soft.ids.dtype == np.int16
+    np.testing.assert_allclose(np.asarray(soft.probs).sum(1), 1.0, atol=1e-5)
+    assert 0.0 < soft.meta["mean_kept_mass"] < 1.0
+
+
+def test_shards_merged_equal_unsharded(tiny_corpus, mfcc_km, tmp_path):
+    data = tiny_corpus["data"]
+    base = ["dump", "--manifest-dir", data, "--split", "train", "--mfcc", "--km", mfcc_km, "--soft", "--top-k", "4",
+            "--normalize", "--no-progress"]
+    whole, shards = str(tmp_path / "whole"), str(tmp_path / "shards")
+    assert main(base + ["--label-dir", whole]) == 0
+    for r in range(3):
+        assert main(base + ["--label-dir", shards, "--nshard", "3", "--rank", str(r)]) == 0
+    # fairseq's 0-based ranges over 8 rows: [0,3) [3,5) [5,8)
+    assert [len(_lines(os.path.join(shards, f"train_{r}_3.km"))) for r in range(3)] == [3, 2, 3]
+    assert main(["merge", "--label-dir", shards, "--split", "train", "--nshard", "3", "--manifest-dir", data]) == 0
+    with open(os.path.join(whole, "train.km"), "rb") as a, open(os.path.join(shards, "train.km"), "rb") as b:
+        assert a.read() == b.read()
+    sw, ss = SoftLabels(whole, "train", "km"), SoftLabels(shards, "train", "km")
+    np.testing.assert_array_equal(sw.offsets, ss.offsets)
+    np.testing.assert_array_equal(np.asarray(sw.ids), np.asarray(ss.ids))
+    np.testing.assert_array_equal(np.asarray(sw.probs), np.asarray(ss.probs))
+    assert main(["check", "--manifest-dir", data, "--label-dir", shards, "--labels", "km", "--label-rate", "100",
+                 "--split", "train"]) == 0
+
+
+def test_same_seed_same_labels(tiny_corpus, tmp_path):
+    data = tiny_corpus["data"]
+    outs = []
+    for run, seed in enumerate([7, 7, 8]):
+        km = str(tmp_path / f"km{run}.joblib")
+        assert main(["fit", "--manifest-dir", data, "--mfcc", "--n-clusters", "10", "--out", km, "--seed", str(seed),
+                     "--percent", "0.5", "--n-init", "2", "--no-progress"]) == 0
+        out = str(tmp_path / f"lab{run}")
+        assert main(["dump", "--manifest-dir", data, "--split", "valid", "--mfcc", "--km", km, "--label-dir", out,
+                     "--no-progress"]) == 0
+        outs.append((load_kmeans(km)[0].cluster_centers_, open(os.path.join(out, "valid.km"), "rb").read()))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    assert outs[0][1] == outs[1][1]
+    assert not np.array_equal(outs[0][0], outs[2][0])
+
+
+def test_killed_dump_resumes_to_identical_bytes(tiny_corpus, mfcc_km, tmp_path):
+    data = tiny_corpus["data"]
+    args = ["dump", "--manifest-dir", data, "--split", "train", "--mfcc", "--km", mfcc_km, "--soft", "--top-k", "3",
+            "--block-size", "1", "--no-progress"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    assert main(args + ["--label-dir", ref]) == 0
+    env = dict(os.environ, DICEHUBERT_LABELS_SLOW_BLOCK="0.7")
+    proc = subprocess.Popen([sys.executable, "-m", "dicehubert_fairseq.labels", *args, "--label-dir", out],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = os.path.join(out, "train.km.parts")
+    deadline = time.time() + 120
+    while len(glob.glob(os.path.join(parts, "block_*.npz"))) < 3:
+        assert proc.poll() is None and time.time() < deadline, "dump ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = len(glob.glob(os.path.join(parts, "block_*.npz")))
+    assert 3 <= done < 8
+    finals = ["train.km", "train.km.soft_ids.npy", "train.km.soft_probs.npy", "train.km.soft_offsets.npy",
+              "train.km.soft.json", "dict.km.txt"]
+    assert not any(os.path.exists(os.path.join(out, f)) for f in finals)  # nothing truncated under a final name
+    assert main(args + ["--label-dir", out]) == 0
+    for f in finals:
+        with open(os.path.join(ref, f), "rb") as a, open(os.path.join(out, f), "rb") as b:
+            assert a.read() == b.read(), f
+    assert sorted(os.listdir(out)) == sorted(finals)  # parts and temporaries cleaned up
+
+
+def test_changed_options_do_not_reuse_parts(tiny_corpus, mfcc_km, tmp_path, capsys):
+    data, out = tiny_corpus["data"], str(tmp_path / "out")
+    parts = os.path.join(out, "valid.km.parts")
+    os.makedirs(parts)
+    with open(os.path.join(parts, "state.json"), "w") as f:
+        f.write('{"version": 1, "normalize": true}')
+    np.savez(os.path.join(parts, "block_000000.npz"), lengths=np.array([1]), hard=np.array([0]),
+             kept_mass_sum=np.array(0.0))
+    assert main(["dump", "--manifest-dir", data, "--split", "valid", "--mfcc", "--km", mfcc_km, "--label-dir", out,
+                 "--block-size", "2", "--no-progress"]) == 0
+    assert "different inputs or options; starting over" in capsys.readouterr().err
+    assert len(_lines(os.path.join(out, "valid.km"))) == 4
+
+
+def test_fairseq_dump_km_label_agrees_on_our_model(tiny_corpus, mfcc_km, tmp_path):
+    """fairseq's own dump_km_label.py (subprocess) and its ApplyKmeans read our joblib model."""
+    data = tiny_corpus["data"]
+    feats = _features(data, "train", MfccFeatureReader())
+    feat_dir, lab_dir, ours = tmp_path / "feat", tmp_path / "fairseq_lab", str(tmp_path / "ours")
+    feat_dir.mkdir()
+    np.save(feat_dir / "train_0_1.npy", np.concatenate(feats))  # fairseq's feature layout
+    (feat_dir / "train_0_1.len").write_text("".join(f"{len(f)}\n" for f in feats))
+    subprocess.run([sys.executable, os.path.join(SIMPLE_KMEANS, "dump_km_label.py"), str(feat_dir), "train", mfcc_km,
+                    "1", "0", str(lab_dir)], check=True, capture_output=True)
+    assert main(["dump", "--manifest-dir", data, "--split", "train", "--mfcc", "--km", mfcc_km, "--label-dir", ours,
+                 "--no-progress"]) == 0
+    theirs = _lines(lab_dir / "train_0_1.km")
+    mine = _lines(os.path.join(ours, "train.km"))
+    assert [len(x) for x in theirs] == [len(x) for x in mine]
+    agree = np.mean(np.concatenate(theirs) == np.concatenate(mine))
+    assert agree == 1.0
+    spec = importlib.util.spec_from_file_location("fairseq_dump_km_label", os.path.join(SIMPLE_KMEANS, "dump_km_label.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    apply = mod.ApplyKmeans(mfcc_km)
+    assert apply(feats[0]).tolist() == mine[0]
+    assert apply(torch.from_numpy(feats[1])).tolist() == mine[1]
