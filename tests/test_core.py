@@ -264,3 +264,41 @@ def test_preflight_reports_every_problem(corpus):
     with pytest.raises(InputError) as e:
         _load(data, labels)
     assert "train_0001.wav" in str(e.value) and "train_0004.wav" in str(e.value)
+
+
+# --------------------------------------------------------------------------- torch.load allow-list
+
+
+def test_allow_list_covers_fairseq_checkpoint_contents(tmp_path):
+    import argparse
+
+    from fairseq.data import Dictionary
+
+    d = Dictionary()
+    d.add_symbol("0")
+    state = {"args": argparse.Namespace(arch="hubert", lr=[0.0005]), "task_state": {"dictionaries": [d]},
+             "extra_state": {"val_loss": np.float64(1.5), "best": np.float32(2.0), "arr": np.arange(3)}}
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["args"].arch == "hubert" and loaded["task_state"]["dictionaries"][0].index("0") == 4
+    assert float(loaded["extra_state"]["val_loss"]) == 1.5
+    assert loaded["extra_state"]["arr"].tolist() == [0, 1, 2]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_allow_list_still_refuses_arbitrary_code(tmp_path):
+    import pickle
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": _Evil()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    from dicehubert_fairseq.checkpoint import load_state
+
+    with pytest.raises(InputError, match="cannot be loaded safely"):
+        load_state(str(path))
