@@ -1,0 +1,83 @@
+"""A synthetic phone-recognition corpus where every "phone" is a tone (tests and benchmarks).
+
+Each utterance is a sequence of segments; a segment is a tone of the phone's frequency (with a
+second harmonic, a short fade in and out and a little noise).  Consecutive phones differ, so every
+segment is one phone.  Written in the probe's input format: ``{split}.tsv`` (fairseq manifest),
+``{split}.phn`` (one line of space-separated phones per manifest row) and 16 kHz mono wavs.
+"""
+
+import os
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+#: Default phone inventory: symbol -> frequency in Hz.
+TONES: Dict[str, float] = {
+    "aa": 220.0, "b": 330.0, "ch": 494.0, "d": 740.0, "eh": 1109.0, "f": 1661.0, "g": 2489.0, "hh": 3729.0,
+}
+
+
+def write_tone_corpus(
+    directory: str,
+    splits: Dict[str, int] = None,
+    tones: Dict[str, float] = None,
+    phones_per_utterance: Tuple[int, int] = (4, 10),
+    segment_seconds: Tuple[float, float] = (0.06, 0.16),
+    noise: float = 0.02,
+    sample_rate: int = 16000,
+    seed: int = 0,
+) -> Dict[str, List[List[str]]]:
+    """Write a tone corpus: ``{split}.tsv``, ``{split}.phn`` and wavs under ``directory/wav``.
+
+    Args:
+        directory: output directory.
+        splits: utterances per split, default ``{"train": 40, "valid": 10, "test": 10}``.
+        tones: phone symbol -> frequency (Hz), default :data:`TONES`.
+        phones_per_utterance: (min, max) segments of an utterance.
+        segment_seconds: (min, max) duration of a segment.
+        noise: standard deviation of the added white noise.
+        seed: seed of every random choice.
+
+    Returns:
+        the phone transcript of every utterance, per split.
+    """
+    import soundfile as sf
+
+    splits = splits or {"train": 40, "valid": 10, "test": 10}
+    tones = tones or TONES
+    symbols: Sequence[str] = list(tones)
+    rng = np.random.default_rng(seed)
+    wav_dir = os.path.join(directory, "wav")
+    os.makedirs(wav_dir, exist_ok=True)
+    out: Dict[str, List[List[str]]] = {}
+    for split, n in splits.items():
+        rows, transcripts = [], []
+        for i in range(n):
+            k = int(rng.integers(phones_per_utterance[0], phones_per_utterance[1] + 1))
+            phones: List[str] = []
+            while len(phones) < k:
+                p = symbols[int(rng.integers(len(symbols)))]
+                if not phones or p != phones[-1]:
+                    phones.append(p)
+            pieces = []
+            for p in phones:
+                size = int(rng.uniform(*segment_seconds) * sample_rate)
+                t = np.arange(size) / sample_rate
+                f = tones[p] * rng.uniform(0.97, 1.03)
+                seg = 0.5 * np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) + 0.15 * np.sin(4 * np.pi * f * t)
+                fade = min(80, size // 4)
+                env = np.ones(size)
+                env[:fade] = np.linspace(0, 1, fade)
+                env[size - fade:] = np.linspace(1, 0, fade)
+                pieces.append(seg * env * rng.uniform(0.5, 1.0))
+            wav = np.concatenate(pieces) + noise * rng.standard_normal(sum(len(x) for x in pieces))
+            name = f"{split}_{i:04d}.wav"
+            sf.write(os.path.join(wav_dir, name), wav.astype(np.float32), sample_rate, subtype="PCM_16")
+            rows.append(f"{name}\t{len(wav)}")
+            transcripts.append(phones)
+        with open(os.path.join(directory, f"{split}.tsv"), "w", encoding="utf-8") as f:
+            f.write(os.path.abspath(wav_dir) + "\n" + "\n".join(rows) + "\n")
+        with open(os.path.join(directory, f"{split}.phn"), "w", encoding="utf-8") as f:
+            f.write("".join(" ".join(t) + "\n" for t in transcripts))
+        out[split] = transcripts
+    return out
