@@ -99,6 +99,8 @@ def test_too_few_frames_for_k():
 def test_sample_rows_fairseq_percent():
     rows = sample_rows(10, 0.25, seed=0)
     assert len(rows) == 3 and len(set(rows.tolist())) == 3  # ceil(10 * 0.25)
+    np.random.seed(0)  # what fairseq's learn_kmeans does with --seed 0 --percent 0.25
+    np.testing.assert_array_equal(rows, np.random.choice(10, 3, replace=False))
     np.testing.assert_array_equal(rows, sample_rows(10, 0.25, seed=0))
     assert sorted(sample_rows(10, -1, seed=0).tolist()) == list(range(10))
     assert sorted(sample_rows(10, 1.0, seed=4).tolist()) == list(range(10))

@@ -312,9 +312,11 @@ def sample_rows(n: int, percent: float, seed: int) -> np.ndarray:
         seed: RNG seed.
 
     Returns:
-        ``ceil(n * percent)`` distinct row indices (all ``n`` when ``percent`` is out of (0, 1)).
+        ``ceil(n * percent)`` distinct row indices (all ``n`` when ``percent`` is out of (0, 1)):
+        the utterances fairseq's ``learn_kmeans.py --seed seed --percent percent`` samples from a
+        single shard (``np.random.seed(seed); np.random.choice(n, ceil(n * percent), replace=False)``).
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.RandomState(seed)
     if 0 < percent < 1:
         return rng.choice(n, int(math.ceil(n * percent)), replace=False)
     return rng.permutation(n)
