@@ -123,8 +123,9 @@ def check_teacher(path: str, n_layers: int, dim: int, conv_feature_layers: str, 
                         f"(set model.feat_teacher_dim={dim})")
     t_stride, s_stride = frame_stride(conv_feature_layers), frame_stride(student_conv_feature_layers)
     if t_stride != s_stride:
-        problems.append(f"{path}: the teacher's frames are {t_stride} samples apart, the student's {s_stride} "
-                        f"(model.conv_feature_layers): L_feat needs frame-aligned student and teacher")
+        problems.append(f"{path}: the teacher's frames are {t_stride} samples apart, the student's "
+                        f"{s_stride} samples apart (model.conv_feature_layers): L_feat needs frame-aligned "
+                        f"student and teacher")
     if bool(normalize) != bool(task_normalize):
         problems.append(f"{path}: the teacher was trained with task.normalize={bool(normalize)}, this task has "
                         f"task.normalize={bool(task_normalize)}: student and teacher read the same waveform, "
