@@ -100,6 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
         stream=sys.stderr,
         force=True,
     )
@@ -133,11 +134,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         for problem in e.problems:
             print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 1
-    except OSError as e:
+    except (OSError, MemoryError) as e:
         if args.debug:
             raise
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
     weights = " ".join(f"{w:.3f}" for w in result["layer_weights"])
     print(f"PER {result['per']:.4f} on {args.test_split} ({result['utterances']['test']} utterances, "
           f"{result['num_phones']} phones); valid PER {result['valid_per']:.4f} at epoch "
@@ -145,5 +149,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

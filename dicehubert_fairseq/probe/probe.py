@@ -375,6 +375,10 @@ class WeightedLayerCTCHead(nn.Module):
         self.layer_logits = nn.Parameter(torch.zeros(num_layers))
         self.layer_norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, num_classes)
+        # zero init (logistic-regression style): uniform outputs, decoded as all blank, so the
+        # probe starts at the empty hypothesis (PER 1) instead of at a random guess
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
 
     def layer_weights(self) -> torch.Tensor:
         """``(L + 1,)`` softmaxed layer weights (they sum to 1)."""
@@ -401,7 +405,8 @@ class ProbeConfig:
     lr: float = field(default=1e-2, metadata={"help": "Adam learning rate"})
     batch_size: int = field(default=8, metadata={"help": "utterances per update"})
     patience: int = field(default=10, metadata={"help": "stop after this many epochs without a better "
-                                                         "valid PER (0: never stop early)"})
+                                                         "valid PER, counted once the valid PER is below 1 "
+                                                         "(0: never stop early)"})
     seed: int = field(default=0, metadata={"help": "seed of the head's init and of the batch order"})
     device: str = field(default="cpu", metadata={"help": "device for extraction and training"})
     max_train_utterances: Optional[int] = field(default=None, metadata={"help": "use only the first N "
@@ -511,7 +516,7 @@ def train_probe(
         if valid_per < best_per:
             best_per, best_epoch, stale = valid_per, epoch, 0
             best_state = copy.deepcopy(head.state_dict())
-        else:
+        elif best_per < 1.0:  # patience runs once the probe beats the empty output (CTC's blank plateau)
             stale += 1
             if cfg.patience and stale >= cfg.patience:
                 logger.info(f"early stop after epoch {epoch}: no better valid PER for {stale} epochs")

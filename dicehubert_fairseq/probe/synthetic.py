@@ -11,10 +11,11 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-#: Default phone inventory: symbol -> frequency in Hz.
-TONES: Dict[str, float] = {
-    "aa": 220.0, "b": 330.0, "ch": 494.0, "d": 740.0, "eh": 1109.0, "f": 1661.0, "g": 2489.0, "hh": 3729.0,
-}
+#: Default phone inventory: symbol -> frequency in Hz.  Few and far apart: a randomly initialised
+#: HuBERT front end (10-sample first kernel, strided convs without anti-aliasing, per-channel
+#: GroupNorm over time) keeps only part of a tone's identity; with eight tones from 220 Hz to
+#: 3.7 kHz a linear classifier on its frames reached about 50% frame accuracy on held-out tones.
+TONES: Dict[str, float] = {"a": 250.0, "b": 800.0, "c": 2000.0, "d": 5000.0}
 
 
 def write_tone_corpus(
@@ -22,7 +23,8 @@ def write_tone_corpus(
     splits: Dict[str, int] = None,
     tones: Dict[str, float] = None,
     phones_per_utterance: Tuple[int, int] = (4, 10),
-    segment_seconds: Tuple[float, float] = (0.06, 0.16),
+    segment_seconds: Tuple[float, float] = (0.08, 0.2),
+    gap_seconds: Tuple[float, float] = (0.0, 0.0),
     noise: float = 0.02,
     sample_rate: int = 16000,
     seed: int = 0,
@@ -35,6 +37,7 @@ def write_tone_corpus(
         tones: phone symbol -> frequency (Hz), default :data:`TONES`.
         phones_per_utterance: (min, max) segments of an utterance.
         segment_seconds: (min, max) duration of a segment.
+        gap_seconds: (min, max) silence before each segment and at the end (default none).
         noise: standard deviation of the added white noise.
         seed: seed of every random choice.
 
@@ -60,7 +63,9 @@ def write_tone_corpus(
                 if not phones or p != phones[-1]:
                     phones.append(p)
             pieces = []
+            gap = lambda: np.zeros(int(rng.uniform(*gap_seconds) * sample_rate))  # noqa: E731
             for p in phones:
+                pieces.append(gap())
                 size = int(rng.uniform(*segment_seconds) * sample_rate)
                 t = np.arange(size) / sample_rate
                 f = tones[p] * rng.uniform(0.97, 1.03)
@@ -70,6 +75,7 @@ def write_tone_corpus(
                 env[:fade] = np.linspace(0, 1, fade)
                 env[size - fade:] = np.linspace(1, 0, fade)
                 pieces.append(seg * env * rng.uniform(0.5, 1.0))
+            pieces.append(gap())
             wav = np.concatenate(pieces) + noise * rng.standard_normal(sum(len(x) for x in pieces))
             name = f"{split}_{i:04d}.wav"
             sf.write(os.path.join(wav_dir, name), wav.astype(np.float32), sample_rate, subtype="PCM_16")
