@@ -317,6 +317,19 @@ def test_unseen_phone_scored_as_unk_by_default(tones, tmp_path, capsys):
     assert "zz" not in result["phones"]
 
 
+def test_transcript_too_long_for_ctc_is_warned_with_its_line(tones, tmp_path, capsys):
+    d = copy_data(tones, tmp_path)
+    path = os.path.join(d, "train.phn")
+    with open(path) as f:
+        lines = f.readlines()
+    lines[2] = " ".join(["a", "b"] * 300) + "\n"  # 600 phones for a second or two of audio (50 Hz)
+    with open(path, "w") as f:
+        f.writelines(lines)
+    code, _, err, _ = run(capsys, "--checkpoint", tones["ckpt"], "--data", d, *FAST)
+    assert code == 0, err
+    assert "train.phn:3: 600 phones for train_0002.wav, more than CTC can align" in err
+
+
 @pytest.mark.parametrize("write,expected", [
     (None, "checkpoint not found"),
     (lambda p: open(p, "wb").write(b"not a checkpoint"), "checkpoint"),
@@ -328,6 +341,15 @@ def test_bad_checkpoint_one_line_error(tones, tmp_path, capsys, write, expected)
     code, _, err, errors = run(capsys, "--checkpoint", ckpt, "--data", tones["data"], *FAST)
     assert code == 1
     assert any(ckpt in e and expected in e for e in errors), err
+    assert "Traceback" not in err
+
+
+def test_cache_too_large_refused_before_extraction(tones, capsys):
+    code, _, err, errors = run(capsys, "--checkpoint", tones["ckpt"], "--data", tones["data"],
+                               "--max-cache-gb", "0.0001", *FAST)
+    assert code == 1
+    assert any("caches the hidden states of every utterance in memory" in e and "--max-cache-gb" in e
+               for e in errors), err
     assert "Traceback" not in err
 
 

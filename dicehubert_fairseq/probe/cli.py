@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unseen-phones", choices=UNSEEN_CHOICES, default=d.unseen,
                    help=f"a valid/test phone that never occurs in train: 'unk' scores it as {UNK}, always "
                         f"an error, with a warning naming file and line; 'error' stops (default: %(default)s)")
+    p.add_argument("--max-cache-gb", type=_positive_float, default=None, metavar="GB",
+                   help="the hidden states of all utterances are cached in memory (float32, all layers); "
+                        "refuse to start if they would exceed this (default: half the physical memory)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result")
     p.add_argument("--debug", action="store_true", help="debug logging; tracebacks for errors")
     return p
@@ -116,7 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     cfg = ProbeConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
                       seed=args.seed, device=args.device, max_train_utterances=args.max_train_utterances,
-                      unseen=args.unseen_phones)
+                      unseen=args.unseen_phones, max_cache_gb=args.max_cache_gb)
     try:
         if args.json and os.path.isdir(args.json):
             raise InputError([f"--json {args.json}: is a directory (expected a file name)"])

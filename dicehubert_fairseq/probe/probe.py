@@ -328,6 +328,21 @@ class FeatureCache:
         return FeatureCache(self.feats.to(device), self.offsets)
 
 
+def num_conv_frames(model: nn.Module, num_samples: int) -> int:
+    """Frames the model's conv front end makes of ``num_samples`` samples (no padding)."""
+    n = num_samples
+    for block in model.feature_extractor.conv_layers:
+        conv = next(m for m in block.modules() if isinstance(m, nn.Conv1d))
+        n = (n - conv.kernel_size[0]) // conv.stride[0] + 1
+    return max(n, 0)
+
+
+def cache_bytes(model: nn.Module, manifests: Sequence[Manifest]) -> int:
+    """Bytes of float32 hidden states :func:`extract_split` would cache for ``manifests``."""
+    frames = sum(num_conv_frames(model, size) for m in manifests for size in m.sizes)
+    return frames * num_hidden_states(model) * model.encoder.embedding_dim * 4
+
+
 def extract_split(
     model: nn.Module,
     manifest: Manifest,
@@ -340,21 +355,34 @@ def extract_split(
 
     Args:
         model: frozen HuBERT-family model on ``device``.
-        manifest: the split (audio assumed checked).
+        manifest: the split (audio checked: readable, mono, as long as the manifest says).
+        device: where the model runs.
+        normalize_waveform: the task's ``normalize`` (see :func:`extract_hidden_states`).
         limit: only the first ``limit`` utterances.
+        desc: progress-bar label.
 
     Returns:
-        a :class:`FeatureCache` on the CPU.
+        a :class:`FeatureCache` on the CPU, ``feats`` ``(L + 1, N, D)`` allocated once.
     """
     n = len(manifest) if limit is None else min(limit, len(manifest))
-    chunks, offsets = [], [0]
+    lengths = [num_conv_frames(model, size) for size in manifest.sizes[:n]]
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    feats = torch.empty(num_hidden_states(model), int(offsets[-1]), model.encoder.embedding_dim)
     for i in tqdm(range(n), desc=f"features {desc}".strip(), unit="utt", leave=False, disable=None):
         h = extract_hidden_states(model, read_audio(manifest.audio_path(i)).to(device), normalize_waveform)
-        h = F.layer_norm(h.float(), h.shape[-1:]).cpu()
-        chunks.append(h)
-        offsets.append(offsets[-1] + h.shape[1])
-    feats = torch.cat(chunks, dim=1)
-    return FeatureCache(feats, torch.tensor(offsets, dtype=torch.long))
+        if h.shape[1] != lengths[i]:
+            raise InputError([f"{where(manifest.path, i + 2)}: {manifest.audio_path(i)} gave {h.shape[1]} frames, "
+                              f"expected {lengths[i]} for the {manifest.sizes[i]} samples the manifest lists"])
+        feats[:, offsets[i] : offsets[i + 1]] = F.layer_norm(h.float(), h.shape[-1:]).cpu()
+    return FeatureCache(feats, torch.from_numpy(offsets))
+
+
+def physical_memory_bytes() -> Optional[int]:
+    """Physical memory of this machine, if the OS says."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,6 +441,9 @@ class ProbeConfig:
                                                                                  "training utterances"})
     unseen: str = field(default="unk", metadata={"help": "valid/test phones unseen in train: 'unk' "
                                                           "(scored as errors, warned) or 'error'"})
+    max_cache_gb: Optional[float] = field(default=None, metadata={"help": "refuse to cache more hidden states "
+                                                                          "than this (default: half the "
+                                                                          "physical memory)"})
 
 
 def _frame_argmax(head: nn.Module, cache: FeatureCache, chunk: int = 16384) -> torch.Tensor:
@@ -457,6 +488,9 @@ def train_probe(
         cfg: training settings (``epochs``, ``lr``, ``batch_size``, ``patience``, ``seed``,
             ``device``).
 
+    An utterance with fewer frames than CTC needs for its transcript (:func:`ctc_feasible`)
+    adds no loss (``zero_infinity``).
+
     Returns:
         ``(head, info)``: the best head (eval mode, CPU) and ``{"valid_per", "best_epoch",
         "epochs", "history": [{"epoch", "loss", "valid_per"}...]}``.
@@ -465,11 +499,6 @@ def train_probe(
         raise ValueError("features and targets differ in the number of utterances")
     device = torch.device(cfg.device)
     lengths = train.lengths.tolist()
-    infeasible = [u for u, t in enumerate(train_targets) if not ctc_feasible(lengths[u], t)]
-    if infeasible:
-        logger.warning(f"{len(infeasible)} training utterance(s) have fewer frames than CTC needs for their "
-                       f"transcript (e.g. utterance {infeasible[0] + 1}: {lengths[infeasible[0]]} frames, "
-                       f"{len(train_targets[infeasible[0]])} phones); they add no loss")
     # Batches are runs of utterances of similar length (little CTC padding) and contiguous in
     # memory (a view, no gather); their order is shuffled every epoch.
     by_length = sorted(range(len(train)), key=lengths.__getitem__)
@@ -589,7 +618,8 @@ def run_probe(
     if n_train < 1:
         raise InputError([f"{train.manifest.path}: max_train_utterances must be at least 1, got {n_train}"])
     # the first n_train rows, shortest first: the probe's batches are then views of the cache
-    train = train.subset(sorted(range(n_train), key=train.manifest.sizes.__getitem__))
+    rows = sorted(range(n_train), key=train.manifest.sizes.__getitem__)
+    train = train.subset(rows)
     phones = phone_inventory(train.transcripts)
     train_ids, _ = encode_transcripts(train, phones)
     problems, unseen_counts, encoded = [], {}, {}
@@ -610,6 +640,21 @@ def run_probe(
         problems.extend(check_audio(split.manifest, sample_rate, headers=True))
     if problems:
         raise InputError(problems)
+    unique = {(s.name, *s.manifest.names): s.manifest for s in (train, valid, test)}
+    need = cache_bytes(model, list(unique.values()))
+    memory = physical_memory_bytes()
+    limit = cfg.max_cache_gb * 2**30 if cfg.max_cache_gb is not None else (memory / 2 if memory else None)
+    if limit is not None and need > limit:
+        raise InputError([f"{data}: the probe caches the hidden states of every utterance in memory: "
+                          f"{need / 2**30:.1f} GiB for these splits, over the limit of {limit / 2**30:.1f} GiB "
+                          f"(use --max-train-utterances, smaller splits, or raise --max-cache-gb)"])
+    frames = [num_conv_frames(model, size) for size in train.manifest.sizes]
+    infeasible = [i for i, (n, t) in enumerate(zip(frames, train_ids)) if not ctc_feasible(n, t)]
+    if infeasible:
+        i = infeasible[0]
+        logger.warning(f"{where(train.phn_path, rows[i] + 1)}: {len(train_ids[i])} phones for "
+                       f"{train.manifest.names[i]}, more than CTC can align to its {frames[i]} frames; "
+                       f"{len(infeasible)} such training utterance(s) add no loss")
     t_load = time.perf_counter()
 
     caches: Dict[Tuple[str, ...], FeatureCache] = {}

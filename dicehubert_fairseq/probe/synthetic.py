@@ -87,3 +87,36 @@ def write_tone_corpus(
             f.write("".join(" ".join(t) + "\n" for t in transcripts))
         out[split] = transcripts
     return out
+
+
+def main(argv=None) -> int:
+    """``python -m dicehubert_fairseq.probe.synthetic OUT``: a tone corpus and a random tiny checkpoint.
+
+    Writes ``OUT/{train,valid,test}.{tsv,phn}``, ``OUT/wav/`` and ``OUT/hubert.pt`` (a randomly
+    initialised 2 x 32 fairseq ``hubert``), ready for ``dicehubert-probe --checkpoint OUT/hubert.pt
+    --data OUT``.
+    """
+    import argparse
+
+    from ..data.files import read_manifest
+    from ..testing import write_checkpoint, write_random_labels
+
+    p = argparse.ArgumentParser(prog="python -m dicehubert_fairseq.probe.synthetic", description=main.__doc__)
+    p.add_argument("out", help="output directory")
+    p.add_argument("--train", type=int, default=60, help="training utterances (default: %(default)s)")
+    p.add_argument("--valid", type=int, default=15, help="valid utterances (default: %(default)s)")
+    p.add_argument("--test", type=int, default=15, help="test utterances (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpus and the checkpoint (default: %(default)s)")
+    args = p.parse_args(argv)
+    write_tone_corpus(args.out, {"train": args.train, "valid": args.valid, "test": args.test}, seed=args.seed)
+    sizes = {s: read_manifest(os.path.join(args.out, f"{s}.tsv")).sizes for s in ("train", "valid")}
+    labels = os.path.join(args.out, "labels")
+    write_random_labels(labels, sizes)
+    write_checkpoint(os.path.join(args.out, "hubert.pt"), args.out, labels, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    sys.exit(main())
