@@ -656,6 +656,9 @@ def run_probe(
                        f"{train.manifest.names[i]}, more than CTC can align to its {frames[i]} frames; "
                        f"{len(infeasible)} such training utterance(s) add no loss")
     t_load = time.perf_counter()
+    seconds = sum(sum(m.sizes) for m in unique.values()) / sample_rate
+    logger.info(f"extracting {num_hidden_states(model)} hidden states of {sum(len(m) for m in unique.values())} "
+                f"utterances ({seconds / 60:.1f} min of audio, {need / 2**20:.0f} MiB cached)")
 
     caches: Dict[Tuple[str, ...], FeatureCache] = {}
     key = lambda split: (split.name, *split.manifest.names)  # noqa: E731
@@ -675,6 +678,8 @@ def run_probe(
         per = phone_error_rate(encoded[test_split], decode(head, test_cache))
         weights = head.layer_weights().tolist()
     t_end = time.perf_counter()
+    logger.info(f"test PER {per:.4f}; valid PER {info['valid_per']:.4f} at epoch {info['best_epoch']} of "
+                f"{info['epochs']}; trained in {t_train - t_extract:.1f}s")
     return {
         "per": per,
         "valid_per": info["valid_per"],
