@@ -181,11 +181,15 @@ class DiceHubertFeatCriterion(DiceHubertCriterion):
         out = layer_states(teacher, source, padding_mask, mask=False, max_layer=max(self.target_layers))
         return [out["layer_states"][k - 1] for k in self.target_layers]
 
-    def feat_loss(self, model, student_states, padding_mask, sample, logging_output):
-        """Mean over target layers of the per-layer distillation loss; logs every layer's terms."""
+    def feat_loss(self, model, preds, padding_mask, sample, logging_output):
+        """Mean over target layers of the per-layer distillation loss; logs every layer's terms.
+
+        Args:
+            preds: the student's ``(B, T, D_teacher)`` predictions, one per target layer.
+            padding_mask: ``(B, T)`` the student's frame padding.
+        """
         net_input = sample["net_input"]
         targets = self.teacher_states(model, net_input["source"], net_input.get("padding_mask"))
-        preds = model.predict_teacher_layers(student_states)
         T = min(preds[0].size(1), targets[0].size(1))  # the SSL path trims frames to the labels
         padding_mask = padding_mask[:, :T]
         n_frames = int((~padding_mask).sum().item())
@@ -206,14 +210,16 @@ class DiceHubertFeatCriterion(DiceHubertCriterion):
             tap = _LayerStateTap(model)
             ssl_loss, sample_size, logging_output = super().forward(tap, sample, reduce)
             out = tap.net_output
-            feat, _ = self.feat_loss(model, out["layer_states"], out["padding_mask"], sample, logging_output)
+            feat, _ = self.feat_loss(model, out["feat_preds"], out["padding_mask"], sample, logging_output)
             # L_SSL is summed over sample_size frames: scale the frame-averaged L_feat alike
             loss = self.cfg.ssl_weight * ssl_loss + self.cfg.feat_weight * feat * sample_size
         else:
             net_input = sample["net_input"]
-            out = model.extract_layer_states(net_input["source"], net_input.get("padding_mask"), mask=False)
+            # through forward (not a helper method), so that a DDP wrapper sees the call
+            out = model(source=net_input["source"], padding_mask=net_input.get("padding_mask"), mask=False,
+                        return_layer_states=True)
             logging_output = {}
-            feat, n_frames = self.feat_loss(model, out["layer_states"], out["padding_mask"], sample, logging_output)
+            feat, n_frames = self.feat_loss(model, out["feat_preds"], out["padding_mask"], sample, logging_output)
             sample_size = n_frames  # summed over frames, as fairseq's other criteria: sum / sample_size
             loss = self.cfg.feat_weight * feat * n_frames
             logging_output.update(ntokens=n_frames, nsentences=sample["id"].numel(), sample_size=sample_size)

@@ -278,8 +278,12 @@ class DiceHubertStudent(HubertModel):
     def extract_layer_states(
         self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, mask: bool = False
     ) -> Dict[str, object]:
-        """Every transformer layer's output (see :func:`layer_states`); L_feat's student forward."""
-        return layer_states(self, source, padding_mask, mask=mask)
+        """Every transformer layer's output (and the heads' predictions): L_feat's student forward.
+
+        The same as ``forward(source, padding_mask=..., mask=..., return_layer_states=True)``,
+        which is what criteria call so that a DDP wrapper sees a forward.
+        """
+        return self.forward(source, padding_mask=padding_mask, mask=mask, return_layer_states=True)
 
     def predict_teacher_layers(self, states: List[torch.Tensor]) -> List[torch.Tensor]:
         """Apply the feature-distillation heads.
@@ -326,7 +330,10 @@ class DiceHubertStudent(HubertModel):
             features_only / output_layer: as ``HubertModel`` (delegated to it).
             soft_target_list: per stream ``None`` or ``((B, T_label, k) ids, (B, T_label, k) probs)``.
             return_layer_states: also return ``layer_states``, every transformer layer's
-                ``(B, T, D)`` output (for L_SSL + L_feat).
+                ``(B, T, D)`` output, and with feature-distillation heads their predictions
+                ``feat_preds`` (one ``(B, T, feat_teacher_dim)`` per target layer). Without
+                ``target_list``: only those, plus ``x``, ``padding_mask``, ``mask_indices``,
+                ``features_pen`` (L_feat alone).
 
         Returns:
             dict with, per stream ``i``, ``logit_m_list[i]`` ``(N_m, C_i)`` and
@@ -334,6 +341,11 @@ class DiceHubertStudent(HubertModel):
             ``soft_m_list[i]`` / ``soft_u_list[i]`` ``None`` or ``((N, k), (N, k))``, plus
             ``padding_mask`` ``(B, T)``, ``mask_indices`` ``(B, T)`` and ``features_pen``.
         """
+        if return_layer_states and target_list is None and not features_only:
+            out = layer_states(self, source, padding_mask, mask=mask)
+            if self.feat_heads is not None:
+                out["feat_preds"] = self.predict_teacher_layers(out["layer_states"])
+            return out
         if features_only or target_list is None:
             return super().forward(source, target_list, padding_mask, mask, True, output_layer)
 
@@ -361,6 +373,8 @@ class DiceHubertStudent(HubertModel):
         out = {"padding_mask": padding_mask, "mask_indices": mask_indices, "features_pen": enc["features_pen"]}
         if return_layer_states:
             out["layer_states"] = enc["layer_states"]
+            if self.feat_heads is not None:
+                out["feat_preds"] = self.predict_teacher_layers(enc["layer_states"])
         for tag, selected, skip in (("m", ~padding_mask & mask_indices, self.skip_masked),
                                     ("u", ~padding_mask & ~mask_indices, self.skip_nomask)):
             if skip:
