@@ -30,11 +30,34 @@ class DiceHubertCriterionConfig(FairseqDataclass):
     )
 
 
-def check_finite(loss: torch.Tensor, sample) -> None:
-    """Raise ``FloatingPointError`` naming the batch's utterance ids if ``loss`` is not finite."""
-    if not torch.isfinite(loss).all():
-        ids = sample["id"].tolist() if "id" in sample else []
-        raise FloatingPointError(f"non-finite loss ({loss.item()}) on the batch of dataset indices {ids}")
+def _loss_scaled(model) -> bool:
+    """True when fairseq trains with a dynamic loss scaler (``common.fp16`` or ``common.amp``)."""
+    p = next(model.parameters(), None)
+    if p is not None and p.dtype == torch.float16:
+        return True  # fp16: fairseq casts the model to half
+    try:
+        return torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.float16
+    except (TypeError, AttributeError):  # torch < 2.4
+        return torch.is_autocast_enabled()
+
+
+def check_finite(loss: torch.Tensor, sample, scaled: bool = False) -> None:
+    """Report a non-finite ``loss`` with the batch's utterances (audio paths and dataset indices).
+
+    Raises ``FloatingPointError`` -- except under fp16/AMP loss scaling (``scaled``), where fairseq
+    treats non-finite gradients as an overflow (skips the batch, lowers the scale, and stops at
+    ``common.min_loss_scale``): there the utterances are logged as a warning instead.
+    """
+    if torch.isfinite(loss).all():
+        return
+    ids = sample["id"].tolist() if "id" in sample else []
+    names = sample.get("utt_names")
+    what = f"utterances {names} (dataset indices {ids})" if names else f"dataset indices {ids}"
+    msg = f"non-finite loss ({loss.item()}) on the batch of {what}"
+    if scaled:
+        logger.warning(msg + "; fairseq's loss scaler will skip this batch")
+        return
+    raise FloatingPointError(msg)
 
 
 @register_criterion("dicehubert", dataclass=DiceHubertCriterionConfig)
@@ -102,7 +125,7 @@ class DiceHubertCriterion(FairseqCriterion):
                 p = coef * p.float() * sample_size
                 loss = loss + p
                 logging_output[f"loss_{name}"] = p.item()
-        check_finite(loss, sample)
+        check_finite(loss, sample, scaled=_loss_scaled(model))
         logging_output.update(
             loss=loss.item(),
             ntokens=sample_size,

@@ -11,6 +11,7 @@ them into
 so the model and criterion see hard and soft streams side by side.
 """
 
+import itertools
 import logging
 from typing import List, Optional, Sequence
 
@@ -26,6 +27,14 @@ logger = logging.getLogger(__name__)
 
 #: Padding value of soft streams' frame indices (any negative number is free).
 SOFT_PAD = -1
+
+
+def _byte_offsets(label_path: str, rows: Sequence[int]) -> List[tuple]:
+    """``(start, end)`` byte range of each line ``rows[i]`` of a label file (lines end at ``\\n``)."""
+    with open(label_path, "rb") as f:
+        ends = list(itertools.accumulate(len(line) for line in f))
+    starts = [0] + ends[:-1]
+    return [(starts[i], ends[i]) for i in rows]
 
 
 class DiceHubertDataset(HubertDataset):
@@ -52,21 +61,34 @@ class DiceHubertDataset(HubertDataset):
         self.soft_labels = list(soft_labels)
         self.soft_luts = [None if lut is None else torch.as_tensor(lut, dtype=torch.long) for lut in soft_luts]
         self.hard_pads = list(hard_pads)
-        if any(s is not None for s in self.soft_labels):
-            _, _, self._rows, _, _ = load_audio(
-                manifest_path, kwargs.get("max_keep_sample_size"), kwargs.get("min_keep_sample_size")
-            )
+        _, _, self._rows, _, _ = load_audio(
+            manifest_path, kwargs.get("max_keep_sample_size"), kwargs.get("min_keep_sample_size")
+        )
         super().__init__(manifest_path, *args, **kwargs)
+        if not self.store_labels:
+            # fairseq's load_label_offset measures lines after newline translation, so in a CRLF
+            # file every line is a byte short and labels drift: measure the raw bytes instead
+            self.label_offsets_list = [_byte_offsets(p, self._rows) for p in self.label_paths]
 
     def get_label(self, index, label_idx):
         soft = self.soft_labels[label_idx] if self.soft_labels else None
         if soft is None:
-            return super().get_label(index, label_idx)
+            if self.store_labels:
+                return super().get_label(index, label_idx)
+            start, end = self.label_offsets_list[label_idx][index]
+            with open(self.label_paths[label_idx], "rb") as f:
+                f.seek(start)
+                label = f.read(end - start).decode("utf-8")
+            if self.label_processors is not None:
+                label = self.label_processors[label_idx](label)
+            return label
         start, end = soft.frame_range(self._rows[index])
         return torch.arange(start, end, dtype=torch.long)
 
     def collater(self, samples):
         batch = super().collater(samples)
+        if batch:  # named in error messages (e.g. a non-finite loss)
+            batch["utt_names"] = [self.audio_names[i] for i in batch["id"].tolist()]
         if not batch or not any(s is not None for s in self.soft_labels):
             return batch
         targets = batch["target"] if self.single_target else batch["target_list"]

@@ -19,6 +19,7 @@ All arrays are plain ``.npy`` files, memory-mapped on read.
 """
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -91,17 +92,19 @@ def read_manifest(path: str, check_root: bool = True) -> Manifest:
     problems: List[str] = []
     names: List[str] = []
     sizes: List[int] = []
-    with open(path, encoding="utf-8", newline="") as f:
-        lines = f.read().split("\n")
+    lines = _read_lines(path)
     if lines and lines[-1] == "":
         lines.pop()
     if not lines or not lines[0].strip():
         raise InputError([f"{where(path, 1)}: manifest is empty (expected the audio root directory on line 1)"])
-    root = lines[0].rstrip("\r").strip()
+    stray = [i for i, line in enumerate(lines, start=1) if "\r" in line.rstrip("\r")]
+    if stray:  # fairseq reads '\r' as a line break: it would see other lines than we do
+        raise InputError([f"{where(path, i)}: carriage return (\\r) inside the line" for i in stray[:20]])
+    root = lines[0].strip()
     if check_root and not os.path.isdir(root):
         problems.append(f"{where(path, 1)}: audio root directory '{root}' does not exist")
     for lineno, line in enumerate(lines[1:], start=2):
-        line = line.rstrip("\r")
+        line = line.strip()  # as fairseq's load_audio
         items = line.split("\t")
         if len(items) != 2 or not items[0]:
             problems.append(
@@ -125,37 +128,68 @@ def read_manifest(path: str, check_root: bool = True) -> Manifest:
     return Manifest(path=path, root=root, names=names, sizes=sizes)
 
 
+def _read_lines(path: str) -> List[str]:
+    """The file's text split at ``\\n`` only (a ``\\r`` before it is kept); InputError if not UTF-8."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError([f"{where(path, line)}: not UTF-8 text (byte {data[e.start:e.start + 1]!r} "
+                          f"at offset {e.start})"]) from None
+
+
+#: Symbols every fairseq ``Dictionary`` starts with: a ``dict.{label}.txt`` may not list them again.
+FAIRSEQ_SPECIAL_SYMBOLS = ("<s>", "<pad>", "</s>", "<unk>")
+
+
 def read_dictionary_symbols(path: str) -> List[str]:
-    """Symbols of a fairseq ``dict.{label}.txt`` in file order; errors for missing/empty/duplicates."""
+    """Symbols of a fairseq ``dict.{label}.txt`` in file order; errors for missing/empty/duplicates.
+
+    Accepts exactly what fairseq's ``Dictionary.load`` accepts (``<symbol> <count>`` lines, the
+    ``#fairseq:overwrite`` flag; no blank lines; no symbol twice, fairseq's own ``<s> <pad> </s>
+    <unk>`` included), so a file that passes never fails later inside fairseq.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError([f"{path}: label dictionary not found (expected lines '<symbol> <count>')"])
     symbols: List[str] = []
     seen: Dict[str, int] = {}
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip()
-            if not line:
-                continue
-            parts = line.rsplit(" ", 1)
-            if len(parts) != 2:
-                problems.append(f"{where(path, lineno)}: expected '<symbol> <count>', found {line[:80]!r}")
-                continue
-            sym, count = parts
-            if count != "#fairseq:overwrite":
-                try:
-                    int(count)
-                except ValueError:
-                    problems.append(f"{where(path, lineno)}: count must be an integer, found {count[:40]!r}")
-                    continue
-            if sym in seen:
-                problems.append(
-                    f"{where(path, lineno)}: duplicate symbol {sym!r} (first on line {seen[sym]})"
-                )
-                continue
-            seen[sym] = lineno
-            symbols.append(sym)
+    text = "\n".join(_read_lines(path))
+    for lineno, line in enumerate(io.StringIO(text, newline=None), start=1):  # fairseq's line breaks
+        line = line.rstrip()
+        parts = line.rsplit(" ", 1)
+        overwrite = len(parts) == 2 and parts[1] == "#fairseq:overwrite"
+        if overwrite:
+            parts = parts[0].rsplit(" ", 1)
+        if len(parts) != 2:
+            what = "blank line" if not line else f"found {line[:80]!r}"
+            problems.append(f"{where(path, lineno)}: expected '<symbol> <count>', {what}")
+            continue
+        sym, count = parts
+        try:
+            int(count)
+        except ValueError:
+            problems.append(f"{where(path, lineno)}: count must be an integer, found {count[:40]!r}")
+            continue
+        if overwrite:
+            if sym not in seen and sym not in FAIRSEQ_SPECIAL_SYMBOLS:
+                seen[sym] = lineno
+                symbols.append(sym)
+            continue
+        if sym in FAIRSEQ_SPECIAL_SYMBOLS:
+            problems.append(f"{where(path, lineno)}: {sym!r} is one of fairseq's special symbols "
+                            f"{list(FAIRSEQ_SPECIAL_SYMBOLS)}, which every dictionary already has")
+            continue
+        if sym in seen:
+            problems.append(
+                f"{where(path, lineno)}: duplicate symbol {sym!r} (first on line {seen[sym]})"
+            )
+            continue
+        seen[sym] = lineno
+        symbols.append(sym)
     if not problems and not symbols:
         problems.append(f"{path}: label dictionary is empty (expected one '<symbol> <count>' line per label)")
     if problems:
@@ -203,18 +237,28 @@ class SoftLabels:
             raise InputError(
                 [f"{p}: soft-label file not found (write it with 'dicehubert-labels dump --soft')" for p in missing]
             )
-        with open(self.paths["meta"], encoding="utf-8") as f:
+        with open(self.paths["meta"], "rb") as f:
             try:
-                self.meta = json.load(f)
-            except json.JSONDecodeError as e:
-                raise InputError([f"{self.paths['meta']}: not valid JSON ({e})"]) from None
-        try:
-            self.ids = np.load(self.paths["ids"], mmap_mode="r")
-            self.probs = np.load(self.paths["probs"], mmap_mode="r")
-            self.offsets = np.load(self.paths["offsets"])
-        except (ValueError, OSError) as e:
-            raise InputError([f"{self.paths['ids']}: unreadable soft-label arrays ({e})"]) from None
+                self.meta = json.loads(f.read().decode("utf-8"))
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+                raise InputError([f"{self.paths['meta']}: not valid JSON ({str(e)[:200]})"]) from None
+        K = self.meta.get("n_clusters") if isinstance(self.meta, dict) else None
+        if not isinstance(K, int) or isinstance(K, bool) or K < 1:
+            raise InputError([f"{self.paths['meta']}: expected a JSON object with an integer \"n_clusters\" >= 1, "
+                              f"found {str(K if isinstance(self.meta, dict) else self.meta)[:80]}"])
+        arrays = {}
+        for key in ("ids", "probs", "offsets"):
+            try:
+                arrays[key] = np.load(self.paths[key], mmap_mode="r" if key != "offsets" else None)
+            except (ValueError, OSError, EOFError) as e:
+                raise InputError([f"{self.paths[key]}: not a readable .npy array ({str(e)[:200]})"]) from None
+        self.ids, self.probs, self.offsets = arrays["ids"], arrays["probs"], arrays["offsets"]
         problems = []
+        for key, kind, what in (("ids", "iu", "integer"), ("probs", "f", "floating-point"), ("offsets", "iu", "integer")):
+            if arrays[key].dtype.kind not in kind:
+                problems.append(f"{self.paths[key]}: expected {what} values, found dtype {arrays[key].dtype}")
+        if problems:
+            raise InputError(problems)
         if self.ids.ndim != 2 or self.probs.shape != self.ids.shape:
             problems.append(
                 f"{self.paths['probs']}: expected ids and probs of the same shape (frames, k), "

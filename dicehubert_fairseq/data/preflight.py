@@ -96,8 +96,17 @@ def check_labels(
         col.add(path, f"{path}: label file not found (expected one line per row of {manifest.path})")
         return col.problems if out is not None else col.finish()
     lengths = []
-    with open(path, encoding="utf-8", newline="") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # lines end at b"\n" only, as DiceHubertDataset reads them
+        for lineno, raw in enumerate(f, start=1):
+            body = raw[:-1] if raw.endswith(b"\n") else raw
+            body = body[:-1] if body.endswith(b"\r") else body  # CRLF is fine
+            try:
+                line = body.decode("utf-8")
+            except UnicodeDecodeError as e:
+                col.add(path, f"{where(path, lineno)}: not UTF-8 text (byte {body[e.start:e.start + 1]!r})")
+                line = ""
+            if "\r" in line:  # fairseq's own readers would see a line break there
+                col.add(path, f"{where(path, lineno)}: carriage return (\\r) inside the line")
             tokens = line.split()
             lengths.append(len(tokens))
             if lineno > len(manifest):

@@ -55,8 +55,10 @@ class DiceHubertConfig(HubertPretrainingConfig):
         metadata={"help": "check manifest, audio files and labels of a split before loading it"},
     )
     preflight_audio_headers: bool = field(
-        default=False,
-        metadata={"help": "also open every audio header in the preflight (rate, channels, length)"},
+        default=True,
+        metadata={"help": "also open every audio header in the preflight (readable, rate, channels, "
+                          "length; about 0.1 ms a file): fairseq would otherwise fail mid-training on "
+                          "a wrong rate and silently average stereo"},
     )
     label_length_tolerance: float = field(
         default=0.1,
@@ -90,11 +92,16 @@ class DiceHubertTask(HubertPretrainingTask):
         return super().load_dictionaries()
 
     def build_model(self, cfg, from_checkpoint=False):
-        model = super().build_model(cfg, from_checkpoint)
-        teacher = getattr(cfg, "init_from_teacher", None)
-        if teacher and not from_checkpoint:  # a reloaded student already has its own weights
-            model.init_from_teacher(teacher)
-        return model
+        with _user_errors():  # e.g. a missing/corrupt model.init_from_teacher checkpoint
+            model = super().build_model(cfg, from_checkpoint)
+            teacher = getattr(cfg, "init_from_teacher", None)
+            if teacher and not from_checkpoint:  # a reloaded student already has its own weights
+                model.init_from_teacher(teacher)
+            return model
+
+    def build_criterion(self, cfg, from_checkpoint=False):
+        with _user_errors():  # e.g. a bad teacher checkpoint of criterion dicehubert_feat
+            return super().build_criterion(cfg, from_checkpoint)
 
     def _check_dirs(self) -> None:
         problems = []
