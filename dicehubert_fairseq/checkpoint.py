@@ -2,6 +2,7 @@
 
 import logging
 import os
+import pickle
 import zipfile
 from typing import Any, Dict, Optional, Tuple
 
@@ -33,9 +34,13 @@ def load_state(path: str) -> Dict[str, Any]:
     except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as e:
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise InputError([f"{path}: not a readable torch checkpoint (truncated or corrupt?): {msg}"]) from None
-    except Exception as e:  # pickle.UnpicklingError and friends
+    except pickle.UnpicklingError as e:  # torch's weights_only refusal
         msg = str(e).splitlines()[0][:200]
         raise InputError([f"{path}: cannot be loaded safely as a fairseq checkpoint: {msg}"]) from None
+    except Exception as e:  # e.g. KeyError from fairseq's upgrade of a dict it does not recognise
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        raise InputError([f"{path}: not a fairseq checkpoint (expected one saved by fairseq's trainer, with "
+                          f"'model', 'cfg' and 'optimizer_history'; fairseq's loader failed with {msg})"]) from None
     if not isinstance(state, dict) or "model" not in state:
         found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
         raise InputError([f"{path}: not a fairseq checkpoint (expected a dict with 'model' and 'cfg', found {found})"])
