@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fairseq.data.data_utils import compute_mask_indices
 from fairseq.models import register_model
 from fairseq.models.hubert.hubert import HubertConfig, HubertModel
 
@@ -298,6 +299,44 @@ class DiceHubertStudent(HubertModel):
             raise InputError(["model.feat_target_layers is empty: the student has no feature-distillation "
                               "heads (set it, e.g. [4,8,12], to train with criterion dicehubert_feat)"])
         return [head(states[k - 1]) for head, k in zip(self.feat_heads, self.feat_student_layers)]
+
+    def apply_mask(self, x, padding_mask, target_list):
+        """HuBERT's span masking, reproducible under ``common.seed``.
+
+        fairseq's ``compute_mask_indices`` draws spans from ``np.random.default_rng(None)``
+        (OS entropy) unless it is given ``seed``/``epoch``/``indices``, so fairseq's own
+        ``HubertModel`` masks differently in two runs with the same seed.  We draw the seed
+        from the global numpy RNG, which fairseq seeds with ``common.seed``; same masks
+        otherwise (same spans, ``min_masks=2``, channel masking).
+
+        Args:
+            x: ``(B, T, C)`` features (masked in place).
+            padding_mask: ``(B, T)`` bool.
+
+        Returns:
+            ``(x, mask_indices)`` with ``mask_indices`` ``(B, T)`` bool (None if mask_prob is 0).
+        """
+        B, T, C = x.shape
+        seed = int(np.random.randint(1, 2**31 - 1))
+        indices = torch.arange(B)
+        mask_indices = None
+        if self.mask_prob > 0:
+            mask = compute_mask_indices(
+                (B, T), padding_mask, self.mask_prob, self.mask_length, self.mask_selection,
+                self.mask_other, min_masks=2, no_overlap=self.no_mask_overlap,
+                min_space=self.mask_min_space, seed=seed, epoch=0, indices=indices,
+            )
+            mask_indices = torch.from_numpy(mask).to(x.device)
+            x[mask_indices] = self.mask_emb
+        if self.mask_channel_prob > 0:
+            channels = compute_mask_indices(
+                (B, C), None, self.mask_channel_prob, self.mask_channel_length,
+                self.mask_channel_selection, self.mask_channel_other,
+                no_overlap=self.no_mask_channel_overlap, min_space=self.mask_channel_min_space,
+                seed=seed, epoch=1, indices=indices,
+            )
+            x[torch.from_numpy(channels).to(x.device).unsqueeze(1).expand(-1, T, -1)] = 0
+        return x, mask_indices
 
     def init_from_teacher(self, path: str) -> List[str]:
         """Initialise from a teacher checkpoint; returns the names of the copied tensors."""
