@@ -212,12 +212,6 @@ def test_resumed_trainer_loads_the_checkpoint_optimizer_exactly(runs, tmp_path):
         assert torch.equal(p, state["model"][name]), name
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DEFECT (models/dicehubert_student.py, inherited from fairseq): HubertModel.apply_mask calls "
-    "fairseq.data.data_utils.compute_mask_indices without seed/epoch/indices, and that function then "
-    "draws mask spans from np.random.default_rng(None), i.e. OS entropy: masks, hence losses, differ "
-    "between two runs with the same common.seed. Fix in the model: seed compute_mask_indices from the "
-    "global numpy RNG that fairseq seeds (see docs/bad_inputs.md, 'Determinism')."))
 def test_same_seed_same_first_losses(runs):
     """Two fresh runs with the same seed (reference and killed) log identical losses."""
     ref = _json_rows(runs["reference"], "train_inner")
