@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="corpus directory to write")
     p.add_argument("--minutes", type=float, default=10.0, help="total audio, about (default %(default)s)")
-    p.add_argument("--split-fractions", default="0.6,0.15,0.25",
+    p.add_argument("--split-fractions", default="0.55,0.12,0.33",
                    help="train,valid,test shares of the audio (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of texts, voices, speeds, pitches")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel synthesis processes")
