@@ -97,7 +97,7 @@ def read_manifest(path: str, check_root: bool = True) -> Manifest:
         lines.pop()
     if not lines or not lines[0].strip():
         raise InputError([f"{where(path, 1)}: manifest is empty (expected the audio root directory on line 1)"])
-    stray = [i for i, line in enumerate(lines, start=1) if "\r" in line.rstrip("\r")]
+    stray = [i for i, line in enumerate(lines, start=1) if "\r" in (line[:-1] if line.endswith("\r") else line)]
     if stray:  # fairseq reads '\r' as a line break: it would see other lines than we do
         raise InputError([f"{where(path, i)}: carriage return (\\r) inside the line" for i in stray[:20]])
     root = lines[0].strip()
