@@ -249,3 +249,20 @@ def test_fairseq_dump_km_label_agrees_on_our_model(tiny_corpus, mfcc_km, tmp_pat
     apply = mod.ApplyKmeans(mfcc_km)
     assert apply(feats[0]).tolist() == mine[0]
     assert apply(torch.from_numpy(feats[1])).tolist() == mine[1]
+
+
+def test_fit_streams_past_the_pool(tiny_corpus, tmp_path, capsys):
+    """A sample larger than the pool: initial fit on the pool, then partial_fit on the rest of the stream."""
+    data, km_path = tiny_corpus["data"], str(tmp_path / "km.joblib")
+    assert main(["fit", "--manifest-dir", data, "--mfcc", "--n-clusters", "12", "--out", km_path, "--batch-size", "100",
+                 "--pool-size", "300", "--n-init", "3", "--block-size", "3", "--threads", "1", "--no-progress"]) == 0
+    assert "held-out on" in capsys.readouterr().out
+    km, meta = load_kmeans(km_path)
+    assert meta["pool_size"] == 300 and meta["passes"] == 2 and meta["init_frames"] == 300
+    assert meta["partial_fit_steps"] >= 10 and meta["frames"] == sum(
+        1 + (s - 400) // 160 for s in tiny_corpus["sizes"]["train"])
+    from dicehubert_fairseq.labels.kmeans import new_kmeans, objective_of
+
+    X = np.concatenate(_features(data, "train", MfccFeatureReader()))
+    full = new_kmeans(12, seed=0, batch_size=100, n_init=3).fit(X)
+    assert objective_of(km.cluster_centers_, X) <= 1.15 * objective_of(full.cluster_centers_, X)

@@ -208,3 +208,17 @@ def test_mfcc_known_properties():
     # 39 dims at 100 Hz; shorter than one 25 ms window -> no frames
     assert mfcc_39(torch.from_numpy(w)).shape == (1 + (sr - 400) // 160, 39)
     assert mfcc_39(torch.zeros(399)).shape == (0, 39)
+
+
+def test_student_checkpoint_is_a_valid_teacher(tiny_corpus, utts, tmp_path):
+    """Our own dicehubert_student checkpoints (next DiceHuBERT round) feed the same reader."""
+    from dicehubert_fairseq.testing import write_checkpoint
+
+    path = str(tmp_path / "student.pt")
+    write_checkpoint(path, tiny_corpus["data"], tiny_corpus["labels"], model="dicehubert_student", task="dicehubert",
+                     model_overrides={"encoder_layers": 3})
+    _, wavs = utts
+    reader = TeacherFeatureReader(path, 3)
+    f = reader.features(wavs[:2])
+    for w, got in zip(wavs[:2], f):
+        np.testing.assert_allclose(got, _fairseq_layer(reader.model, w, 3), atol=2e-5, rtol=1e-4)

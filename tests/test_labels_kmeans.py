@@ -8,7 +8,8 @@ import torch
 
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.labels.kmeans import (
-    LEARN_KMEANS_SETTINGS, Assigner, StreamingKMeans, load_kmeans, new_kmeans, objective_of, sample_rows,
+    LEARN_KMEANS_SETTINGS, Assigner, ReservoirSample, StreamingKMeans, load_kmeans, new_kmeans, objective_of,
+    sample_rows,
     save_kmeans,
 )
 
@@ -142,3 +143,18 @@ def test_save_load_roundtrip_and_bad_files(tmp_path):
     joblib.dump({"a": 1}, tmp_path / "dict.joblib")
     with pytest.raises(InputError, match="not a fitted k-means model"):
         load_kmeans(str(tmp_path / "dict.joblib"))
+
+
+def test_reservoir_is_uniform_and_bounded():
+    counts = np.zeros(100)
+    for seed in range(300):
+        r = ReservoirSample(10, 1, seed=seed)
+        for s in range(0, 100, 7):
+            r.add(np.arange(s, min(s + 7, 100), dtype=np.float32)[:, None])
+        assert r.seen == 100 and r.data.shape == (10, 1) and len(set(r.data[:, 0].tolist())) == 10
+        counts[r.data[:, 0].astype(int)] += 1
+    # every frame kept with probability 10/100: 30 of 300 runs on average
+    assert counts.min() > 12 and counts.max() < 52 and abs(counts[:50].mean() - counts[50:].mean()) < 4
+    small = ReservoirSample(10, 2)
+    small.add(np.ones((4, 2), np.float32))
+    assert small.data.shape == (4, 2)

@@ -49,6 +49,9 @@ def _add_features(p: argparse.ArgumentParser, split_default: Optional[str]) -> N
                    help="longer utterances are cut into chunks of this many samples (fairseq's default)")
     p.add_argument("--no-header-check", action="store_true",
                    help="skip reading every audio header before starting")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and sklearn/OpenMP (default: their own defaults); on a shared "
+                        "machine fewer threads than cores avoids OpenMP spinning")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +121,21 @@ def _reader(args):
                        None if args.dtype == "float32" else args.dtype, args.sample_rate, args.max_chunk)
 
 
+def _limit_threads(args):
+    """Apply ``--threads`` to torch and to sklearn's OpenMP/BLAS pools (a context manager)."""
+    import contextlib
+
+    if not getattr(args, "threads", None):
+        return contextlib.nullcontext()
+    if args.threads < 1:
+        raise InputError([f"--threads must be at least 1, found {args.threads}"])
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(args.threads)
+    return threadpool_limits(limits=args.threads)
+
+
 def _manifest_path(args) -> str:
     return os.path.join(args.manifest_dir, f"{args.split}.tsv")
 
@@ -150,8 +168,8 @@ def cmd_fit(args) -> int:
             "seed": args.seed, "percent": args.percent, "batch_size": args.batch_size, **stats}
     save_kmeans(km, args.out, meta)
     print(f"wrote {args.out}: K={args.n_clusters}, fitted on {stats['frames']} frames of {stats['utterances']} "
-          f"utterances, objective {stats['init_objective']:.4f} on the first {min(stats['frames'], stats['pool_size'])} "
-          f"frames" + (f", {stats['stream_objective']:.4f} held-out on {stats['partial_fit_steps']} streamed batches"
+          f"utterances, objective {stats['init_objective']:.4f} on the {stats['init_frames']} frames of the "
+          f"initial fit" + (f", {stats['stream_objective']:.4f} held-out on {stats['partial_fit_steps']} streamed batches"
                        if stats["partial_fit_steps"] else ""))
     return 0
 
@@ -232,7 +250,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        return COMMANDS[args.command](args)
+        with _limit_threads(args):
+            return COMMANDS[args.command](args)
     except InputError as e:
         if args.debug:
             raise

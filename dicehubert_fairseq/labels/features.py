@@ -133,6 +133,16 @@ class FeatureReader:
 # --------------------------------------------------------------------------------- teacher
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX); Linux only, else False."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
     if name in (None, "float32", "fp32"):
         return None
@@ -164,6 +174,10 @@ class TeacherFeatureReader(FeatureReader):
         self.autocast_dtype = _dtype(dtype)
         if self.autocast_dtype is torch.float16 and not device.startswith("cuda"):
             raise InputError(["--dtype float16 needs --device cuda (use bfloat16 on CPU)"])
+        if self.autocast_dtype is torch.bfloat16 and not device.startswith("cuda") and not cpu_has_bf16():
+            # measured here (AVX2 only): the conv front end ~25x and the transformer ~3x slower than fp32
+            logger.warning("--dtype bfloat16: this CPU has no bfloat16 instructions (avx512_bf16/amx_bf16); "
+                           "expect it to be much slower than float32")
         self.model, cfg = load_model(checkpoint, device=device, layer=layer)
         self.layer = int(layer)
         self._device = torch.device(device)

@@ -5,14 +5,19 @@ fairseq's ``learn_kmeans.py`` loads its whole sample into RAM and calls
 ``n_init`` 20, ``reassignment_ratio`` 0, ``tol`` 0).  :class:`StreamingKMeans` uses the same
 estimator with the same settings, fed from a stream:
 
-1. the first ``pool_size`` frames (default ``3 * batch_size``, sklearn's ``init_size``) are
-   collected and ``fit`` on exactly as fairseq does (``n_init`` k-means++ trials, best kept, then
-   mini-batch steps with early stopping) -- for a sample of at most ``pool_size`` frames this *is*
-   fairseq's learn_kmeans;
+1. ``pool_size`` frames (default ``3 * batch_size``, sklearn's ``init_size``) are ``fit`` on
+   exactly as fairseq does (``n_init`` k-means++ trials, best kept, then mini-batch steps with
+   early stopping) -- for a sample of at most ``pool_size`` frames this *is* fairseq's
+   learn_kmeans on that sample.  :func:`fit_kmeans` gives it a uniform random sample of the whole
+   stream (:class:`ReservoirSample`, an extra pass over the features) when the sample is larger
+   than the pool; :meth:`StreamingKMeans.add` alone uses the first ``pool_size`` frames;
 2. every later frame goes through a shuffle pool of ``pool_size`` frames from which random
-   mini-batches of ``batch_size`` frames are drawn and passed to ``partial_fit`` (sklearn keeps
-   per-centre counts, so the learning rate keeps decaying as in ``fit``); the pool is drained at
-   the end.
+   mini-batches of ``batch_size`` frames are drawn and passed to ``partial_fit``; the pool is
+   drained at the end.  sklearn keeps per-centre counts and moves a centre by
+   ``n_batch / (count + n_batch)`` towards the mean of its new frames; after step 1 the counts are
+   rescaled to the number of frames actually fitted on (``fit`` counts each frame once per epoch),
+   so every centre stays the running mean of all frames ever assigned to it (MacQueen's online
+   k-means, in mini-batches) and the stream after the pool weighs as much as its size.
 
 Peak memory is ``O((pool_size + batch_size) * D)`` whatever the number of frames.
 
@@ -92,6 +97,7 @@ class StreamingKMeans:
         self.frames_seen = 0
         self.steps = 0
         self.init_objective = float("nan")
+        self.init_frames = 0
         self._stream_sse = 0.0
         self._stream_frames = 0
 
@@ -113,19 +119,30 @@ class StreamingKMeans:
             pos += take
             if self._n == self.pool_size:
                 if not self._fitted:
-                    self._initial_fit()
+                    self.fit_initial(self._pool[: self._n])
+                    self._n = 0  # the pool becomes a shuffle buffer for the rest of the stream
                 else:
                     self._step_from_pool()
 
-    def _initial_fit(self) -> None:
-        X = self._pool[: self._n]
+    def fit_initial(self, X: np.ndarray) -> None:
+        """Step 1 on given frames ``(N, D)`` (e.g. a uniform reservoir of the whole stream); every
+        frame :meth:`add`-ed afterwards is streamed (step 2)."""
+        if self._fitted:
+            raise RuntimeError("the initial fit was already done")
+        X = np.ascontiguousarray(X, dtype=np.float32)
         logger.info(f"k-means: fitting K={self.n_clusters} on the first {len(X)} frames "
                     f"(n_init={self.km.n_init}, batch {self.batch_size})")
         self.km.fit(X)
+        # fit() counted every frame once per epoch (~max_iter times): rescale the per-centre counts to
+        # the frames actually seen, so each centre stays the running mean of every frame assigned to it
+        # and the rest of the stream weighs as much as its size (else it could barely move the centres)
+        counts = getattr(self.km, "_counts", None)
+        if counts is not None and counts.sum() > 0:
+            counts *= len(X) / counts.sum()
         self.init_objective = objective_of(self.km.cluster_centers_, X)
+        self.init_frames = len(X)
         logger.info(f"k-means: objective on those frames {self.init_objective:.5f}")
         self._fitted = True
-        self._n = 0  # the pool becomes a shuffle buffer for the rest of the stream
 
     def _partial_fit(self, X: np.ndarray) -> None:
         self._stream_sse += objective_of(self.km.cluster_centers_, X, np.float32) * len(X)
@@ -153,7 +170,8 @@ class StreamingKMeans:
             if self._n < self.n_clusters:
                 raise InputError([f"K={self.n_clusters} clusters but only {self._n} frames to fit them on "
                                   f"(use fewer clusters or a larger --percent)"])
-            self._initial_fit()
+            self.fit_initial(self._pool[: self._n])
+            self._n = 0
         else:
             order = self._rng.permutation(self._n)
             for s in range(0, self._n, self.batch_size):
@@ -163,6 +181,41 @@ class StreamingKMeans:
                         f"held-out objective {self.stream_objective:.5f}")
         self._pool = np.empty((0, self.dim), dtype=np.float32)
         return self.km
+
+
+class ReservoirSample:
+    """A uniform random sample of ``capacity`` frames of a stream (Vitter's algorithm R), seeded.
+
+    Args:
+        capacity: frames kept.
+        dim: feature dimension.
+        seed: RNG seed.
+    """
+
+    def __init__(self, capacity: int, dim: int, seed: int = 0):
+        self.capacity = int(capacity)
+        self._data = np.empty((self.capacity, int(dim)), dtype=np.float32)
+        self._rng = np.random.default_rng(seed)
+        self.seen = 0
+
+    def add(self, feats: np.ndarray) -> None:
+        """Offer ``(T, D)`` frames; each of the ``seen`` frames so far is kept with equal probability."""
+        feats = np.asarray(feats, dtype=np.float32)
+        take = max(0, min(len(feats), self.capacity - self.seen))
+        self._data[self.seen : self.seen + take] = feats[:take]
+        rest = feats[take:]
+        if len(rest):
+            t = self.seen + take + np.arange(len(rest))  # 0-based stream position of each frame
+            slot = self._rng.integers(0, t + 1)  # frame t replaces a random slot with prob capacity/(t+1)
+            keep = slot < self.capacity
+            for j, x in zip(slot[keep], rest[keep]):  # in order: a later frame overwrites an earlier one
+                self._data[j] = x
+        self.seen += len(feats)
+
+    @property
+    def data(self) -> np.ndarray:
+        """``(min(seen, capacity), D)`` frames."""
+        return self._data[: min(self.seen, self.capacity)]
 
 
 # --------------------------------------------------------------------------- distances
@@ -358,15 +411,30 @@ def fit_kmeans(reader, manifest: Manifest, n_clusters: int, percent: float = 1.0
                           f"{reader.frame_rate:g} Hz (use fewer clusters or a larger --percent)"])
     logger.info(f"fitting K={n_clusters} on {len(rows)} of {len(manifest)} utterances ({frames} frames)")
     skm = StreamingKMeans(n_clusters, reader.dim, seed=seed, batch_size=batch_size, pool_size=pool_size, **settings)
-    bar = tqdm(total=frames, unit="frame", unit_scale=True, desc="fit", disable=not progress, smoothing=0.1)
-    for s in range(0, len(rows), block_size):
-        block = [int(r) for r in rows[s : s + block_size]]
-        for _row, feats in iter_features(reader, manifest, block, max_batch_samples):
-            skm.add(feats)
-            bar.update(len(feats))
-    bar.close()
+    two_pass = frames > skm.pool_size
+
+    def stream(consume, desc):
+        bar = tqdm(total=frames, unit="frame", unit_scale=True, desc=desc, disable=not progress, smoothing=0.1)
+        for s in range(0, len(rows), block_size):
+            block = [int(r) for r in rows[s : s + block_size]]
+            for _row, feats in iter_features(reader, manifest, block, max_batch_samples):
+                consume(feats)
+                bar.update(len(feats))
+        bar.close()
+
+    if two_pass:
+        # pass 1: a uniform sample of the whole stream for the initial fit (the first frames of a
+        # stream need not be representative); pass 2: every frame through partial_fit
+        logger.info(f"{frames} frames > pool of {skm.pool_size}: pass 1 samples the pool uniformly, pass 2 streams")
+        reservoir = ReservoirSample(skm.pool_size, reader.dim, seed=seed)
+        stream(reservoir.add, "fit 1/2")
+        skm.fit_initial(reservoir.data)
+        del reservoir
+        stream(skm.add, "fit 2/2")
+    else:
+        stream(skm.add, "fit")
     km = skm.finish()
-    stats = {"utterances": len(rows), "frames": skm.frames_seen, "init_objective": skm.init_objective,
-             "stream_objective": skm.stream_objective, "partial_fit_steps": skm.steps,
-             "pool_size": skm.pool_size}
+    stats = {"utterances": len(rows), "frames": frames, "init_objective": skm.init_objective,
+             "init_frames": skm.init_frames, "stream_objective": skm.stream_objective,
+             "partial_fit_steps": skm.steps, "pool_size": skm.pool_size, "passes": 2 if two_pass else 1}
     return km, stats
