@@ -206,3 +206,12 @@ def test_python_m_one_line_no_traceback(tmp_path, tiny_corpus, mfcc_km):
     assert "Traceback" not in p.stderr
     assert [line for line in p.stderr.splitlines() if "error" in line] == [
         "dicehubert-labels dump: error: --rank 5 out of range: ranks are 0-based, expected 0..1 for --nshard 2"]
+
+
+def test_bad_audio_in_a_shard_names_the_real_manifest_line(tmp_path, capsys, mfcc_km):
+    data, _ = corpus_with(tmp_path, "bad.wav", _stereo)  # rows 0..3, the bad file is row 3 (line 5)
+    base = ["dump", "--manifest-dir", data, "--split", "train", "--mfcc", "--km", mfcc_km,
+            "--label-dir", str(tmp_path / "lab"), "--nshard", "2", "--no-progress"]
+    code, errors, err = run(capsys, *base, "--rank", "1")  # rows [2, 4)
+    assert code == 1 and any("train.tsv:5: " in e and "bad.wav has 2 channels" in e for e in errors), err
+    assert run(capsys, *base, "--rank", "0")[0] == 0  # rows [0, 2) are fine

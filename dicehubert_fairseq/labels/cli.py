@@ -142,7 +142,8 @@ def _manifest_path(args) -> str:
 
 def cmd_fit(args) -> int:
     from ..data.files import read_manifest
-    from ..data.preflight import check_audio, require_valid
+    from ..data.preflight import require_valid
+    from .dump import check_audio_rows
     from .kmeans import fit_kmeans, sample_rows, save_kmeans
 
     if args.n_clusters < 1:
@@ -158,7 +159,7 @@ def cmd_fit(args) -> int:
     reader = _reader(args)
     if not args.no_header_check:
         rows = sorted(int(r) for r in sample_rows(len(manifest), args.percent, args.seed))
-        require_valid(check_audio(manifest, reader.sample_rate, headers=True, rows=rows), manifest.path)
+        require_valid(check_audio_rows(manifest, reader.sample_rate, rows), manifest.path)
     km, stats = fit_kmeans(reader, manifest, args.n_clusters, percent=args.percent, seed=args.seed,
                            batch_size=args.batch_size, pool_size=args.pool_size,
                            max_batch_samples=int(args.max_batch_seconds * reader.sample_rate),

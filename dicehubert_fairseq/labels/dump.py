@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -55,6 +56,31 @@ def shard_range(total: int, nshard: int, rank: int, what: str = "") -> Tuple[int
     if start >= end:
         raise InputError([f"{what}: shard {rank} of {nshard} would be empty ({total} utterances); use fewer shards"])
     return start, end
+
+
+def check_audio_rows(manifest: Manifest, sample_rate: int, rows: Sequence[int]) -> List[str]:
+    """:func:`~dicehubert_fairseq.data.preflight.check_audio` (headers read) on some rows only.
+
+    Args:
+        manifest: the whole manifest.
+        sample_rate: the rate every file must have.
+        rows: 0-based rows to check (a shard, a fit sample).
+
+    Returns:
+        every problem, naming the real manifest line of each row.
+    """
+    rows = [int(r) for r in rows]
+    if rows == list(range(len(manifest))):
+        return check_audio(manifest, sample_rate, headers=True)
+    sub = Manifest(manifest.path, manifest.root, [manifest.names[i] for i in rows], [manifest.sizes[i] for i in rows])
+    prefix = re.compile(re.escape(manifest.path) + r":(\d+):")
+    out = []
+    for msg in check_audio(sub, sample_rate, headers=True):
+        m = prefix.match(msg)
+        if m:  # line j + 2 of the sub-manifest is row rows[j] of the manifest
+            msg = f"{manifest.path}:{rows[int(m.group(1)) - 2] + 2}:" + msg[m.end():]
+        out.append(msg)
+    return out
 
 
 def split_tag(split: str, nshard: int = 1, rank: int = 0) -> str:
@@ -157,7 +183,7 @@ def dump_labels(
         raise InputError([f"--top-k {top_k} is larger than the number of clusters K={K} in {km_path}"])
     rows = list(range(start, end))
     if check_headers:
-        require_valid(check_audio(manifest, reader.sample_rate, headers=True, rows=rows), manifest.path)
+        require_valid(check_audio_rows(manifest, reader.sample_rate, rows), manifest.path)
 
     tag = split_tag(split, nshard, rank)
     os.makedirs(label_dir, exist_ok=True)
