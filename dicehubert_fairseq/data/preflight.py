@@ -104,7 +104,8 @@ def check_labels(
                 line = body.decode("utf-8")
             except UnicodeDecodeError as e:
                 col.add(path, f"{where(path, lineno)}: not UTF-8 text (byte {body[e.start:e.start + 1]!r})")
-                line = ""
+                lengths.append(len(body.split()))
+                continue
             if "\r" in line:  # fairseq's own readers would see a line break there
                 col.add(path, f"{where(path, lineno)}: carriage return (\\r) inside the line")
             tokens = line.split()
