@@ -510,3 +510,22 @@ def test_fairseq_hydra_train_exits_1_with_the_message(world, teachers, case):
     assert "dicehubert: bad input, nothing was trained:" in out and expected in out, out[-3000:]
     assert "Traceback" not in out and "begin training epoch" not in out
     assert not os.path.exists(os.path.join(world.root, "run", "checkpoints", "checkpoint_last.pt"))
+
+
+# ----------------------------------------------------------------------------- the documented matrix
+
+
+def test_docs_matrix_names_every_case_and_only_existing_tests():
+    """docs/bad_inputs.md: every case above has a row, and every test it names exists."""
+    doc = open(os.path.join(REPO, "docs", "bad_inputs.md"), encoding="utf-8").read()
+    rows = [line.split(" | ") for line in doc.splitlines() if line.startswith("| ") and line.count(" | ") >= 3]
+    cases = {r[2].strip("` ") for r in rows if r[2].startswith("`")}
+    assert set(CASES) | set(TEACHER_CASES) == cases
+    sources = ""
+    for name in os.listdir(os.path.join(REPO, "tests")):
+        if name.endswith(".py"):
+            sources += open(os.path.join(REPO, "tests", name), encoding="utf-8").read()
+    named = set(re.findall(r"`(?:tests/\S+::)?(test_\w+)", doc)) | set(re.findall(r"::(test_\w+)", doc))
+    assert len(named) > 20
+    missing = [t for t in named if f"def {t}(" not in sources]
+    assert not missing, missing
