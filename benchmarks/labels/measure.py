@@ -10,8 +10,8 @@ included), ``wchar`` (bytes passed to write(), terminal output included), ``exit
 where torchaudio cannot load: ``.cuda()`` becomes a no-op (dump_hubert_feature.py hard-codes it),
 and a stub ``torchaudio.sox_effects`` module satisfies the import that fairseq's
 ``audio_utils.convert_waveform`` makes for every file (it is used only to resample or downmix,
-never for 16 kHz mono input).  The script's own directory goes first on ``sys.path``, as when it
-is run with ``python SCRIPT``.
+never for 16 kHz mono input).  A script that imports its siblings needs its directory on
+``PYTHONPATH`` (run.py sets it).
 """
 
 import argparse
@@ -75,7 +75,6 @@ def main():
             runpy.run_module(args.module, run_name="__main__", alter_sys=True)
         else:
             sys.argv = [args.script] + rest
-            sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
             runpy.run_path(args.script, run_name="__main__")
     except SystemExit as e:
         state["exit"] = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

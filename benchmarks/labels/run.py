@@ -80,8 +80,11 @@ def run_scale(n, args, teacher, work):
     sizes = write_corpus(data, {"train": n}, seconds=tuple(args.seconds), seed=0)["train"]
     seconds = sum(sizes) / 16000
     print(f"{n} utterances, {seconds / 60:.1f} min of audio", flush=True)
-    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")  # fairseq's scripts: the user's workaround
     sk = simple_kmeans_dir()
+    # fairseq's scripts: the user's torch.load workaround, and their own directory importable
+    # (they import their sibling feature_utils.py, as `python SCRIPT` would allow)
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [sk, os.environ.get("PYTHONPATH")])))
     L, K, P = str(args.layer), str(args.n_clusters), str(args.percent)
     m = os.path.join(d, "metrics")
     fs = {
