@@ -28,6 +28,15 @@ TINY = [o for o in tiny_model_overrides(dim=DIM) if not o.startswith("++model.en
 ]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: a second torch thread mostly spin-waits on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def feat_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("feat")
