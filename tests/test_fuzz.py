@@ -19,7 +19,7 @@ import tempfile
 import numpy as np
 import pytest
 import soundfile as sf
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -95,6 +95,8 @@ def manifest_text():
 @FUZZ
 @given(data=st.one_of(manifest_text().map(str.encode), manifest_text().map(str.encode), as_bytes(manifest_text()),
                       as_bytes(lines_text())))
+@example(data=b"/audio/root\r\r\nu0.wav\t4000\r\r\n")  # found: fairseq reads the 2nd CR as a line break
+@example(data=b"/audio/root\r\n a.wav\t12 \r\n")  # row whitespace stripped, as fairseq does
 def test_read_manifest_raises_only_input_error_and_agrees_with_fairseq(scratch, data):
     from fairseq.data.audio.hubert_dataset import load_audio
 
@@ -132,6 +134,9 @@ def dict_text():
 @FUZZ
 @given(data=st.one_of(dict_text().map(str.encode), dict_text().map(str.encode), as_bytes(dict_text()),
                       as_bytes(lines_text())))
+@example(data=b"0 0\n0 1 #fairseq:overwrite\n")  # found: fairseq appends an overwritten symbol again
+@example(data=b"0 1\n1 1\n\n")  # found: a blank line makes Dictionary.load raise
+@example(data=b"<unk> 1\n")  # found: fairseq's special symbols are duplicates
 def test_read_dictionary_symbols_agrees_with_fairseq_dictionary(scratch, data):
     from fairseq.data import Dictionary
 
@@ -212,6 +217,7 @@ def label_text():
 
 @FUZZ
 @given(data=st.one_of(as_bytes(label_text()), label_text().map(str.encode), label_text().map(str.encode)))
+@example(data=("1 2 3 4 0 " * 3 + "1 2\r\n" + "0 1 2 3 4 " * 5 + "\r\n" + "4 3 2 1 0\r\n").encode())  # CRLF
 def test_check_labels_valid_iff_the_spec_says_so_and_training_reads_exactly_that(label_world, data):
     from fairseq.data import Dictionary
     from fairseq.tasks.hubert_pretraining import LabelEncoder

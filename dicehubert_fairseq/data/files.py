@@ -174,10 +174,9 @@ def read_dictionary_symbols(path: str) -> List[str]:
         except ValueError:
             problems.append(f"{where(path, lineno)}: count must be an integer, found {count[:40]!r}")
             continue
-        if overwrite:
-            if sym not in seen and sym not in FAIRSEQ_SPECIAL_SYMBOLS:
-                seen[sym] = lineno
-                symbols.append(sym)
+        if overwrite:  # fairseq appends the symbol again and points it at the new index
+            seen.setdefault(sym, lineno)
+            symbols.append(sym)
             continue
         if sym in FAIRSEQ_SPECIAL_SYMBOLS:
             problems.append(f"{where(path, lineno)}: {sym!r} is one of fairseq's special symbols "
