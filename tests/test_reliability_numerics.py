@@ -255,8 +255,8 @@ def test_nan_loss_under_fp16_loss_scaling_is_logged_for_fairseq_to_skip(world, m
     with pytest.raises(FloatingPointError, match="train_0000.wav"):
         check_finite(torch.tensor(float("inf")), sample, scaled=False)
 
-    from dicehubert_fairseq.criterions.dicehubert import _loss_scaled
+    from dicehubert_fairseq.criterions.dicehubert import loss_scaled
 
     half = torch.nn.Linear(2, 2).half()
-    assert _loss_scaled(half) and not _loss_scaled(torch.nn.Linear(2, 2))
-    assert not _loss_scaled(torch.nn.Linear(2, 2).bfloat16())  # bf16 has no loss scaler: raise
+    assert loss_scaled(half) and not loss_scaled(torch.nn.Linear(2, 2))
+    assert not loss_scaled(torch.nn.Linear(2, 2).bfloat16())  # bf16 has no loss scaler: raise

@@ -30,7 +30,7 @@ class DiceHubertCriterionConfig(FairseqDataclass):
     )
 
 
-def _loss_scaled(model) -> bool:
+def loss_scaled(model) -> bool:
     """True when fairseq trains with a dynamic loss scaler (``common.fp16`` or ``common.amp``)."""
     p = next(model.parameters(), None)
     if p is not None and p.dtype == torch.float16:
@@ -125,7 +125,7 @@ class DiceHubertCriterion(FairseqCriterion):
                 p = coef * p.float() * sample_size
                 loss = loss + p
                 logging_output[f"loss_{name}"] = p.item()
-        check_finite(loss, sample, scaled=_loss_scaled(model))
+        check_finite(loss, sample, scaled=loss_scaled(model))
         logging_output.update(
             loss=loss.item(),
             ntokens=sample_size,

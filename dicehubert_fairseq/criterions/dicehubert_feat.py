@@ -31,7 +31,7 @@ from omegaconf import II, MISSING
 from ..errors import InputError
 from ..losses import feature_distillation_loss
 from ..models.dicehubert_student import frame_stride, layer_states
-from .dicehubert import DiceHubertCriterion, DiceHubertCriterionConfig, check_finite
+from .dicehubert import DiceHubertCriterion, DiceHubertCriterionConfig, loss_scaled, check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class DiceHubertFeatCriterion(DiceHubertCriterion):
             sample_size = n_frames  # summed over frames, as fairseq's other criteria: sum / sample_size
             loss = self.cfg.feat_weight * feat * n_frames
             logging_output.update(ntokens=n_frames, nsentences=sample["id"].numel(), sample_size=sample_size)
-        check_finite(loss, sample)
+        check_finite(loss, sample, scaled=loss_scaled(model))
         logging_output["loss"] = loss.item()
         return loss, sample_size, logging_output
 
