@@ -47,3 +47,12 @@ def tiny_teacher(tiny_corpus, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
     write_checkpoint(path, tiny_corpus["data"], tiny_corpus["labels"])
     return path
+
+
+@pytest.fixture(scope="module")
+def one_openmp_thread():
+    """sklearn's OpenMP loops spin badly on 2 shared cores; one thread is much faster there."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        yield

@@ -32,12 +32,7 @@ K = 12
 ROW = 1  # the row the mutations hit: manifest line 3, label line 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_openmp_thread():
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_openmp_thread")
 
 
 class World:

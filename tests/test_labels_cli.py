@@ -14,12 +14,7 @@ from dicehubert_fairseq.labels.cli import main
 from dicehubert_fairseq.testing import write_corpus, write_random_labels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_openmp_thread():
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_openmp_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ SIMPLE_KMEANS = os.path.join(os.path.dirname(importlib.util.find_spec("fairseq")
                              "examples", "hubert", "simple_kmeans")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_openmp_thread():
-    """sklearn's OpenMP loops spin badly on 2 shared cores; one thread is much faster here."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_openmp_thread")
 
 
 @pytest.fixture(scope="module")

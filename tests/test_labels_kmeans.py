@@ -14,13 +14,7 @@ from dicehubert_fairseq.labels.kmeans import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_openmp_thread():
-    """sklearn's OpenMP loops spin badly on 2 shared cores; one thread is 10x faster here."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_openmp_thread")
 
 
 def mixture(n, dim=16, k=20, seed=0):

@@ -18,6 +18,7 @@ import os
 import sys
 from typing import List, Optional
 
+from ..cli_errors import run_reporting_errors
 from ..errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -250,24 +251,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
+    def work():
         with _limit_threads(args):
             return COMMANDS[args.command](args)
-    except InputError as e:
-        if args.debug:
-            raise
-        for line in e.problems:
-            print(f"{PROG} {args.command}: error: {line}", file=sys.stderr)
-        return 1
-    except (OSError, MemoryError) as e:
-        if args.debug:
-            raise
-        print(f"{PROG} {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted (rerun the same command to resume)", file=sys.stderr)
-        return 130
 
+    code, result = run_reporting_errors(f"{PROG} {args.command}", args.debug, work,
+                                        interrupted="interrupted (rerun the same command to resume)")
+    return result if code == 0 else code
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

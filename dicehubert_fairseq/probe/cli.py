@@ -16,6 +16,7 @@ import sys
 import warnings
 from typing import List, Optional
 
+from ..cli_errors import run_reporting_errors
 from ..errors import InputError
 from .probe import UNK, UNSEEN_CHOICES, ProbeConfig
 
@@ -120,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = ProbeConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
                       seed=args.seed, device=args.device, max_train_utterances=args.max_train_utterances,
                       unseen=args.unseen_phones, max_cache_gb=args.max_cache_gb)
-    try:
+    def work():
         if args.json and os.path.isdir(args.json):
             raise InputError([f"--json {args.json}: is a directory (expected a file name)"])
         _check_device(args.device)
@@ -131,20 +132,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             with atomic_write(args.json) as f:
                 json.dump(result, f, indent=1)
                 f.write("\n")
-    except InputError as e:
-        if args.debug:
-            raise
-        for problem in e.problems:
-            print(f"{PROG}: error: {problem}", file=sys.stderr)
-        return 1
-    except (OSError, MemoryError) as e:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return result
+
+    code, result = run_reporting_errors(PROG, args.debug, work)
+    if code:
+        return code
     weights = " ".join(f"{w:.3f}" for w in result["layer_weights"])
     print(f"PER {result['per']:.4f} on {args.test_split} ({result['utterances']['test']} utterances, "
           f"{result['num_phones']} phones); valid PER {result['valid_per']:.4f} at epoch "
