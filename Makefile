@@ -1,7 +1,7 @@
 # Quick start (see README.md): `make tiny` runs the tiny end-to-end pipeline, `make test` the
 # test suite. Each installs what it needs first (system packages, .venv, this package).
 SHELL := /bin/bash
-PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
