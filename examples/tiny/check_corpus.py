@@ -51,6 +51,9 @@ def check(directory: str, splits: List[str]) -> List[str]:
 
 
 def main(argv=None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)  # before fairseq's import logs its optional packages
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("directory")
     p.add_argument("--splits", default="train,valid,test")

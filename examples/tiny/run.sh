@@ -29,12 +29,12 @@ PYTHON="${PYTHON:-python}"
 
 if [[ "${TINY_PRESET:-full}" == ci ]]; then
   : "${TINY_MINUTES:=1.5}" "${TINY_TEACHER_UPDATES:=8}" "${TINY_STUDENT_UPDATES:=6}"
-  : "${TINY_K_MFCC:=8}" "${TINY_K:=8}" "${TINY_PROBE_EPOCHS:=2}"
+  : "${TINY_K_MFCC:=8}" "${TINY_K:=8}" "${TINY_PROBE_EPOCHS:=2}" "${TINY_REPLICAS:=2}"
 fi
 : "${TINY_SEED:=1}" "${TINY_MINUTES:=12}"
 export TINY_SEED TINY_MINUTES   # pipeline.py reads the TINY_* knobs (set or not) from the environment
 if [[ "${TINY_PRESET:-full}" == ci ]]; then
-  export TINY_TEACHER_UPDATES TINY_STUDENT_UPDATES TINY_K_MFCC TINY_K TINY_PROBE_EPOCHS
+  export TINY_TEACHER_UPDATES TINY_STUDENT_UPDATES TINY_K_MFCC TINY_K TINY_PROBE_EPOCHS TINY_REPLICAS
 fi
 
 for tool in "$PYTHON" fairseq-hydra-train dicehubert-labels dicehubert-probe; do
