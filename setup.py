@@ -40,7 +40,14 @@ setup(
         # run/slurm.yaml launches through hydra's submitit launcher (what fairseq's recipes use);
         # the tests compose that overlay, so they need it too.
         "slurm": ["hydra-submitit-launcher>=1.2"],
-        "test": ["pytest>=7", "hypothesis>=6", "hydra-submitit-launcher>=1.2"],
+        # dicehubert-export --to hf and dicehubert-probe on HF directories. Bounded to what is
+        # tested: transformers >= 5.20 imports torchaudio whenever it is installed (fairseq
+        # pulls it in), and that torchaudio does not load beside torch 2.13.
+        "export": ["transformers>=5.10,<5.11", "safetensors>=0.8,<0.9"],
+        # s3prl: its HuBERT loading code is run by tests/test_export_s3prl.py (an sdist with light
+        # dependencies: requests, filelock, protobuf; its torchaudio is fairseq's).
+        "test": ["pytest>=7", "hypothesis>=6", "hydra-submitit-launcher>=1.2",
+                 "transformers>=5.10,<5.11", "safetensors>=0.8,<0.9", "s3prl==0.4.18"],
         # results.png of examples/tiny; everything else works without it.
         "plot": ["matplotlib>=3.7"],
     },
@@ -48,6 +55,7 @@ setup(
         "console_scripts": [
             "dicehubert-labels=dicehubert_fairseq.labels.cli:main",
             "dicehubert-probe=dicehubert_fairseq.probe.cli:main",
+            "dicehubert-export=dicehubert_fairseq.export.cli:main",
         ]
     },
 )

@@ -62,7 +62,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.debug:
         logging.getLogger("fairseq").setLevel(logging.WARNING)
         logging.getLogger("transformers").setLevel(logging.ERROR)
-        _quiet_transformers()
+        if args.target == "hf":
+            _quiet_transformers()
         warnings.filterwarnings("ignore", message=r".*torch\.nn\.utils\.weight_norm.* is deprecated")
 
     from .api import export_checkpoint
