@@ -19,8 +19,8 @@ layer_norm_first                do_stable_layer_norm
 encoder_embed_dim / _layers     hidden_size / num_hidden_layers
 encoder_ffn_embed_dim           intermediate_size
 encoder_attention_heads         num_attention_heads
-activation_fn                   hidden_act (gelu, relu, tanh, linear, swish; gelu_accurate ->
-                                gelu_new)
+activation_fn                   hidden_act (gelu, relu, tanh, linear; gelu_accurate and
+                                gelu_fast -> gelu_new)
 dropout, attention_dropout,     hidden_dropout, attention_dropout, activation_dropout,
 activation_dropout,             feat_proj_dropout, layerdrop (training only)
 dropout_input, encoder_layerdrop
@@ -58,7 +58,6 @@ ACTIVATIONS = {
     "relu": "relu",
     "tanh": "tanh",
     "linear": "linear",
-    "swish": "swish",
 }
 
 

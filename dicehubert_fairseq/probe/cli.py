@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "learnable softmax-weighted sum of all its hidden states, layer norm and a linear CTC "
                     "head over the phones of {train}.phn; early stopping on valid PER; prints the test PER.",
     )
-    p.add_argument("--checkpoint", required=True, help="fairseq hubert or dicehubert_student checkpoint")
+    p.add_argument("--checkpoint", required=True, help="fairseq hubert or dicehubert_student checkpoint, or a "
+                                                      "Hugging Face HuBERT directory (dicehubert-export --to hf)")
     p.add_argument("--data", required=True,
                    help="directory with {split}.tsv (fairseq manifest) and {split}.phn (one line of "
                         "space-separated phones per manifest row)")

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from ..data.files import Manifest, read_manifest
 from ..data.preflight import check_audio
 from ..errors import InputError, where
+from ..export.hf_model import hidden_dim, is_hf_model, load_upstream, probe_hidden_states
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +272,8 @@ def extract_hidden_states(model: nn.Module, source: torch.Tensor, normalize_wave
         ``(L + 1, T, D)``: hidden state 0 is the projected conv features (the transformer
         input), ``1..L`` the transformer layers' outputs.
     """
+    if is_hf_model(model):  # a transformers HubertModel (an HF model directory)
+        return probe_hidden_states(model, source, normalize_waveform)
     x = source.reshape(1, -1).float()
     if normalize_waveform:
         x = F.layer_norm(x, x.shape)
@@ -340,7 +343,7 @@ def num_conv_frames(model: nn.Module, num_samples: int) -> int:
 def cache_bytes(model: nn.Module, manifests: Sequence[Manifest]) -> int:
     """Bytes of float32 hidden states :func:`extract_split` would cache for ``manifests``."""
     frames = sum(num_conv_frames(model, size) for m in manifests for size in m.sizes)
-    return frames * num_hidden_states(model) * model.encoder.embedding_dim * 4
+    return frames * num_hidden_states(model) * hidden_dim(model) * 4
 
 
 def extract_split(
@@ -367,7 +370,7 @@ def extract_split(
     n = len(manifest) if limit is None else min(limit, len(manifest))
     lengths = [num_conv_frames(model, size) for size in manifest.sizes[:n]]
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    feats = torch.empty(num_hidden_states(model), int(offsets[-1]), model.encoder.embedding_dim)
+    feats = torch.empty(num_hidden_states(model), int(offsets[-1]), hidden_dim(model))
     for i in tqdm(range(n), desc=f"features {desc}".strip(), unit="utt", leave=False, disable=None):
         h = extract_hidden_states(model, read_audio(manifest.audio_path(i)).to(device), normalize_waveform)
         if h.shape[1] != lengths[i]:
@@ -592,7 +595,8 @@ def run_probe(
     before any feature is extracted.
 
     Args:
-        checkpoint: fairseq ``hubert`` or ``dicehubert_student`` checkpoint.
+        checkpoint: fairseq ``hubert`` or ``dicehubert_student`` checkpoint, or a Hugging Face
+            HuBERT directory (e.g. from ``dicehubert-export --to hf``).
         data: directory with ``{split}.tsv`` and ``{split}.phn`` for the three splits.
         train_split / valid_split / test_split: split names.
         cfg: training settings.
@@ -606,8 +610,6 @@ def run_probe(
     Raises:
         InputError: bad data or checkpoint, with file:line messages.
     """
-    from ..checkpoint import load_model
-
     cfg = cfg or ProbeConfig()
     if cfg.unseen not in UNSEEN_CHOICES:
         raise ValueError(f"unseen must be one of {UNSEEN_CHOICES}, got {cfg.unseen!r}")
@@ -632,7 +634,7 @@ def run_probe(
     if problems:
         raise InputError(problems)
 
-    model, model_cfg = load_model(checkpoint, cfg.device)
+    model, model_cfg = load_upstream(checkpoint, cfg.device)  # a fairseq checkpoint or an HF directory
     task_cfg = model_cfg.get("task", {}) if hasattr(model_cfg, "get") else {}
     sample_rate = int(task_cfg.get("sample_rate", 16000) or 16000)
     normalize = bool(task_cfg.get("normalize", False))
