@@ -24,7 +24,6 @@ import shlex
 import stat
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
