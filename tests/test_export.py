@@ -481,6 +481,18 @@ def test_bad_input_refused_in_one_line(models, tmp_path, capsys):
     _refused(capsys, tmp_path, [out_dir, "--to", "fairseq", tmp_path / "d.pt"], "is a directory", tmp_path / "d.pt")
 
 
+def test_console_script_and_module_exit_1_in_one_line(tmp_path):
+    """As processes: ``dicehubert-export`` and ``python -m dicehubert_fairseq.export`` (fairseq's own
+    import-time INFO line about tensorboardX aside, which every fairseq program prints)."""
+    script = os.path.join(os.path.dirname(PY), "dicehubert-export")
+    for cmd in ([script], [PY, "-m", "dicehubert_fairseq.export"]):
+        proc = subprocess.run(cmd + [str(tmp_path / "nope.pt"), "--to", "hf", str(tmp_path / "o")], env=_env(),
+                              capture_output=True, text=True, timeout=300)
+        ours = [line for line in proc.stderr.splitlines() if not line.startswith("INFO:fairseq")]
+        assert proc.returncode == 1 and ours == [f"dicehubert-export: error: {tmp_path / 'nope.pt'}: checkpoint not found"], proc.stderr
+        assert proc.stdout == "" and os.listdir(tmp_path) == []
+
+
 def test_existing_output_needs_force(models, tmp_path, capsys):
     out = tmp_path / "n.pt"
     out.write_bytes(b"keep me")

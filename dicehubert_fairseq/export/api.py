@@ -10,7 +10,7 @@ from .source import atomic_output, check_output, count_parameters, describe_drop
 
 logger = logging.getLogger(__name__)
 
-#: target -> (writes a directory, writer's module and function)
+#: target -> whether it writes a directory (hf) rather than one file
 TARGETS = {"hf": True, "fairseq": False, "s3prl": False}
 
 
