@@ -41,8 +41,8 @@ setup(
         # the tests compose that overlay, so they need it too.
         "slurm": ["hydra-submitit-launcher>=1.2"],
         # dicehubert-export --to hf and dicehubert-probe on HF directories. Bounded to what is
-        # tested: transformers >= 5.20 imports torchaudio whenever it is installed (fairseq
-        # pulls it in), and that torchaudio does not load beside torch 2.13.
+        # tested (5.10.4): transformers 5.20.2 and 5.24.0 import torchaudio whenever it is
+        # installed (fairseq pulls it in), and that torchaudio does not load beside torch 2.13.
         "export": ["transformers>=5.10,<5.11", "safetensors>=0.8,<0.9"],
         # s3prl: its HuBERT loading code is run by tests/test_export_s3prl.py (an sdist with light
         # dependencies: requests, filelock, protobuf; its torchaudio is fairseq's).
