@@ -10,6 +10,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .data.files import write_dictionary
+from .frames import conv_layers, conv_output_length
+
+#: HuBERT's conv front end (fairseq's default ``conv_feature_layers``, 50 Hz at 16 kHz).
+HUBERT_CONV = "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"
 
 
 def write_corpus(
@@ -56,9 +60,8 @@ def write_corpus(
 def num_frames(num_samples: int, label_rate: float, sample_rate: int = 16000) -> int:
     """Frames of HuBERT's conv front end (50 Hz) or of a 25 ms/10 ms MFCC (100 Hz)."""
     if label_rate == 50:
-        return (num_samples - 400) // 320 + 1
-    hop = int(round(sample_rate / label_rate))
-    return (num_samples - 400) // hop + 1
+        return conv_output_length(num_samples, conv_layers(HUBERT_CONV))
+    return conv_output_length(num_samples, [(400, int(round(sample_rate / label_rate)))])
 
 
 def write_random_labels(

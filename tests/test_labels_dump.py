@@ -14,7 +14,8 @@ import torch
 
 from dicehubert_fairseq.data.files import SoftLabels, read_dictionary_symbols, read_manifest
 from dicehubert_fairseq.labels.cli import main
-from dicehubert_fairseq.labels.features import MfccFeatureReader, TeacherFeatureReader, read_audio
+from dicehubert_fairseq.data.audio import read_audio
+from dicehubert_fairseq.labels.features import MfccFeatureReader, TeacherFeatureReader
 from dicehubert_fairseq.labels.kmeans import load_kmeans
 
 SIMPLE_KMEANS = os.path.join(os.path.dirname(importlib.util.find_spec("fairseq").origin),

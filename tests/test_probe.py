@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from dicehubert_fairseq.data.audio import read_audio
 from dicehubert_fairseq.data.files import read_manifest
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.probe.cli import main
@@ -23,7 +24,6 @@ from dicehubert_fairseq.probe.probe import (
     edit_distance,
     extract_hidden_states,
     phone_error_rate,
-    read_audio,
     run_probe,
 )
 from dicehubert_fairseq.probe.synthetic import write_tone_corpus
@@ -143,7 +143,7 @@ def test_hidden_states_equal_fairseq_per_layer_features(tones):
     from dicehubert_fairseq.checkpoint import load_model
 
     model, _ = load_model(tones["ckpt"])
-    wav = read_audio(read_manifest(os.path.join(tones["data"], "valid.tsv")).audio_path(0))
+    wav = torch.from_numpy(read_audio(read_manifest(os.path.join(tones["data"], "valid.tsv")), 0))
     states = extract_hidden_states(model, wav)
     n_layers = len(model.encoder.layers)
     assert states.shape[0] == n_layers + 1 and states.shape[2] == 32

@@ -30,7 +30,8 @@ from omegaconf import II, MISSING
 
 from ..errors import InputError
 from ..losses import feature_distillation_loss
-from ..models.dicehubert_student import frame_stride, layer_states
+from ..frames import conv_layers, frame_stride
+from ..models.dicehubert_student import layer_states
 from .dicehubert import DiceHubertCriterion, DiceHubertCriterionConfig, loss_scaled, check_finite
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ def check_teacher(path: str, n_layers: int, dim: int, conv_feature_layers: str, 
     if int(dim) != int(teacher_dim):
         problems.append(f"{path}: the teacher's hidden size is {dim}, but model.feat_teacher_dim={teacher_dim} "
                         f"(set model.feat_teacher_dim={dim})")
-    t_stride, s_stride = frame_stride(conv_feature_layers), frame_stride(student_conv_feature_layers)
+    t_stride = frame_stride(conv_layers(conv_feature_layers))
+    s_stride = frame_stride(conv_layers(student_conv_feature_layers))
     if t_stride != s_stride:
         problems.append(f"{path}: the teacher's frames are {t_stride} samples apart, the student's "
                         f"{s_stride} samples apart (model.conv_feature_layers): L_feat needs frame-aligned "

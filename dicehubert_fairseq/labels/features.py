@@ -28,67 +28,15 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..errors import InputError, where
+from ..data.audio import read_audio
 from ..data.files import Manifest
+from ..errors import InputError
+from ..frames import conv_layers, conv_output_length, frame_stride
 
 logger = logging.getLogger(__name__)
 
 #: fairseq dump_hubert_feature's default ``max_chunk`` (100 s at 16 kHz).
 MAX_CHUNK = 1_600_000
-
-
-# ----------------------------------------------------------------------------------- audio
-
-
-def read_audio(manifest: Manifest, i: int, sample_rate: int = 16000) -> np.ndarray:
-    """Read row ``i`` of ``manifest`` as float32 mono samples in [-1, 1].
-
-    Args:
-        manifest: a parsed ``{split}.tsv``.
-        i: 0-based row index.
-        sample_rate: the rate the audio must have.
-
-    Returns:
-        ``(S,)`` float32 waveform.
-
-    Raises:
-        InputError: unreadable/corrupt file, wrong sample rate, more than one channel (message
-            names the manifest line and the file).
-    """
-    import soundfile as sf
-
-    path = manifest.audio_path(i)
-    loc = where(manifest.path, i + 2)
-    try:
-        wav, sr = sf.read(path, dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises RuntimeError / LibsndfileError / TypeError
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise InputError([f"{loc}: cannot read audio {path} ({msg})"]) from None
-    if sr != sample_rate:
-        raise InputError([f"{loc}: {path} has sample rate {sr} Hz, expected {sample_rate} Hz"])
-    if wav.shape[1] != 1:
-        raise InputError([f"{loc}: {path} has {wav.shape[1]} channels, expected mono"])
-    if abs(len(wav) - manifest.sizes[i]) > 160:
-        logger.warning(f"{loc}: {path} has {len(wav)} samples, the manifest says {manifest.sizes[i]}")
-    return np.ascontiguousarray(wav[:, 0])
-
-
-def conv_num_frames(num_samples: int, layers: Sequence[Tuple[int, int]]) -> int:
-    """Output frames of a stack of un-padded 1-d convolutions.
-
-    Args:
-        num_samples: input length.
-        layers: ``(kernel, stride)`` of each layer.
-
-    Returns:
-        ``floor((n - k) / s) + 1`` applied layer by layer (0 if the input is too short).
-    """
-    n = int(num_samples)
-    for k, s in layers:
-        if n < k:
-            return 0
-        n = (n - k) // s + 1
-    return n
 
 
 class FeatureReader:
@@ -187,10 +135,8 @@ class TeacherFeatureReader(FeatureReader):
         self.normalize_wav = bool(task_cfg.get("normalize", False))
         model_cfg = cfg["model"]
         self.extractor_mode = str(model_cfg.get("extractor_mode", "default"))
-        self._conv = [(int(block[0].kernel_size[0]), int(block[0].stride[0]))
-                      for block in self.model.feature_extractor.conv_layers]
-        stride = int(np.prod([s for _, s in self._conv]))
-        self.frame_rate = self.sample_rate / stride
+        self._conv = conv_layers(self.model)
+        self.frame_rate = self.sample_rate / frame_stride(self._conv)
         self.dim = int(self.model.encoder.embedding_dim if hasattr(self.model.encoder, "embedding_dim")
                        else model_cfg["encoder_embed_dim"])
         # fp16 weights on CUDA halve memory; bf16 on CPU stays under autocast with fp32 weights
@@ -218,7 +164,7 @@ class TeacherFeatureReader(FeatureReader):
         return [(s, min(s + self.max_chunk, num_samples)) for s in range(0, num_samples, self.max_chunk)]
 
     def num_frames(self, num_samples: int) -> int:
-        return sum(conv_num_frames(b - a, self._conv) for a, b in self._chunks(num_samples))
+        return sum(conv_output_length(b - a, self._conv) for a, b in self._chunks(num_samples))
 
     def _prepare(self, wav: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.asarray(wav, dtype=np.float32)).to(self._device)
@@ -229,7 +175,7 @@ class TeacherFeatureReader(FeatureReader):
     def _front_end(self, items: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Conv features ``(B, T, C)`` (zeros beyond each item's frames) and lengths ``(B,)``."""
         fe = self.model.feature_extractor
-        lengths = [conv_num_frames(len(x), self._conv) for x in items]
+        lengths = [conv_output_length(len(x), self._conv) for x in items]
         T = max(lengths)
         if self.extractor_mode == "default" and len(items) > 1:
             # GroupNorm over time in the first conv layer: batching would change the statistics
@@ -420,8 +366,7 @@ class MfccFeatureReader(FeatureReader):
         self.description = {"type": "mfcc", "dim": 39, "frame_rate": 100.0, "sample_rate": self.sample_rate}
 
     def num_frames(self, num_samples: int) -> int:
-        size, shift = int(self.sample_rate * 0.025), int(self.sample_rate * 0.010)
-        return 0 if num_samples < size else 1 + (num_samples - size) // shift
+        return conv_output_length(num_samples, [(int(self.sample_rate * 0.025), int(self.sample_rate * 0.010))])
 
     def features(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
         with torch.inference_mode():

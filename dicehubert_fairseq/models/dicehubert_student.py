@@ -28,6 +28,7 @@ from fairseq.models import register_model
 from fairseq.models.hubert.hubert import HubertConfig, HubertModel
 
 from ..errors import InputError
+from ..frames import conv_layers, frame_stride
 from ..losses import cosine_logits
 
 logger = logging.getLogger(__name__)
@@ -78,11 +79,6 @@ def init_from_state_dict(model: torch.nn.Module, teacher_state: Dict[str, torch.
     return copied, skipped
 
 
-def frame_stride(conv_feature_layers: str) -> int:
-    """Samples per frame of a fairseq conv front end (``"[(dim, kernel, stride), ...]"``)."""
-    return int(np.prod([s for _, _, s in eval(conv_feature_layers)]))  # noqa: S307 (fairseq's format)
-
-
 def check_label_rate(label_rate: float, sample_rate: int, conv_feature_layers: str) -> None:
     """Labels at ``label_rate`` must map to the model's frames by an integer ratio, either way.
 
@@ -96,7 +92,7 @@ def check_label_rate(label_rate: float, sample_rate: int, conv_feature_layers: s
     """
     if label_rate <= 0:
         return
-    stride = frame_stride(conv_feature_layers)
+    stride = frame_stride(conv_layers(conv_feature_layers))
     frame_rate = sample_rate / stride
     ratio = label_rate / frame_rate
     ok = any(r >= 1 and abs(r - round(r)) < 1e-6 for r in (ratio, 1.0 / ratio))

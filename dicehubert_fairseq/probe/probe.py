@@ -35,9 +35,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..data.audio import read_audio
 from ..data.files import Manifest, read_manifest
 from ..data.preflight import check_audio
-from ..errors import InputError, where
+from ..errors import InputError, Problems, where
+from ..frames import conv_layers, conv_output_length
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +48,6 @@ BLANK = 0
 #: Reference id of a valid/test phone unseen in train: never predicted, always an error.
 UNK_ID = -1
 UNK = "<unk>"
-#: Problems listed per file before the rest are only counted.
-MAX_REPORTED = 20
 UNSEEN_CHOICES = ("unk", "error")
 
 
@@ -162,24 +162,16 @@ def read_transcripts(path: str, manifest: Manifest) -> List[List[str]]:
         lines = f.read().split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    problems: List[str] = []
-    transcripts = []
-    empty = 0
-    for lineno, line in enumerate(lines, start=1):
-        phones = line.split()
-        transcripts.append(phones)
-        if not phones and lineno <= len(manifest):
-            empty += 1
-            if empty <= MAX_REPORTED:
-                problems.append(f"{where(path, lineno)}: empty transcript for {manifest.names[lineno - 1]} "
-                                f"(expected at least one phone)")
-    if empty > MAX_REPORTED:
-        problems.append(f"{path}: ... and {empty - MAX_REPORTED} more empty transcripts")
+    problems = Problems()
     if len(lines) != len(manifest):
-        problems.append(f"{path}: {len(lines)} lines, but {manifest.path} lists {len(manifest)} utterances "
-                        f"(expected one transcript line per manifest row)")
-    if problems:
-        raise InputError(problems)
+        problems.add(path, f"{path}: {len(lines)} lines, but {manifest.path} lists {len(manifest)} utterances "
+                           f"(expected one transcript line per manifest row)")
+    transcripts = [line.split() for line in lines]
+    for lineno, phones in enumerate(transcripts[: len(manifest)], start=1):
+        if not phones:
+            problems.add(path, f"{where(path, lineno)}: empty transcript for {manifest.names[lineno - 1]} "
+                               f"(expected at least one phone)")
+    problems.raise_if_any()
     return transcripts
 
 
@@ -233,15 +225,16 @@ def encode_transcripts(
             ids.append(i)
         encoded.append(ids)
     if counts:
-        listed = sorted(first, key=first.get)
-        msgs = [f"{where(split.phn_path, first[p])}: phone {p!r} does not occur in the training transcripts "
-                f"({counts[p]} occurrence(s) in this file)" for p in listed[:MAX_REPORTED]]
-        if len(listed) > MAX_REPORTED:
-            msgs.append(f"{split.phn_path}: ... and {len(listed) - MAX_REPORTED} more unseen phones")
+        problems = Problems()
+        for p in sorted(first, key=first.get):
+            problems.add(split.phn_path, f"{where(split.phn_path, first[p])}: phone {p!r} does not occur in the "
+                                         f"training transcripts ({counts[p]} occurrence(s) in this file)")
         if unseen == "error":
-            raise InputError(msgs)
-        for m in msgs:
+            problems.raise_if_any()
+        for m in problems.kept:
             logger.warning(m + f"; scored as {UNK}, always an error")
+        for m in problems.lines()[len(problems.kept):]:
+            logger.warning(m)
     return encoded, counts
 
 
@@ -287,14 +280,6 @@ def extract_hidden_states(model: nn.Module, source: torch.Tensor, normalize_wave
     return torch.stack(states)
 
 
-def read_audio(path: str) -> torch.Tensor:
-    """A mono waveform as a float32 ``(S,)`` tensor (soundfile, as fairseq's ``HubertDataset``)."""
-    import soundfile as sf
-
-    wav, _sr = sf.read(path, dtype="float32")
-    return torch.from_numpy(wav)
-
-
 @dataclass
 class FeatureCache:
     """Hidden states of a split, flattened over frames.
@@ -328,18 +313,10 @@ class FeatureCache:
         return FeatureCache(self.feats.to(device), self.offsets)
 
 
-def num_conv_frames(model: nn.Module, num_samples: int) -> int:
-    """Frames the model's conv front end makes of ``num_samples`` samples (no padding)."""
-    n = num_samples
-    for block in model.feature_extractor.conv_layers:
-        conv = next(m for m in block.modules() if isinstance(m, nn.Conv1d))
-        n = (n - conv.kernel_size[0]) // conv.stride[0] + 1
-    return max(n, 0)
-
-
 def cache_bytes(model: nn.Module, manifests: Sequence[Manifest]) -> int:
     """Bytes of float32 hidden states :func:`extract_split` would cache for ``manifests``."""
-    frames = sum(num_conv_frames(model, size) for m in manifests for size in m.sizes)
+    layers = conv_layers(model)
+    frames = sum(conv_output_length(size, layers) for m in manifests for size in m.sizes)
     return frames * num_hidden_states(model) * model.encoder.embedding_dim * 4
 
 
@@ -348,6 +325,7 @@ def extract_split(
     manifest: Manifest,
     device: str = "cpu",
     normalize_waveform: bool = False,
+    sample_rate: int = 16000,
     limit: Optional[int] = None,
     desc: str = "",
 ) -> FeatureCache:
@@ -358,6 +336,7 @@ def extract_split(
         manifest: the split (audio checked: readable, mono, as long as the manifest says).
         device: where the model runs.
         normalize_waveform: the task's ``normalize`` (see :func:`extract_hidden_states`).
+        sample_rate: the rate every file must have.
         limit: only the first ``limit`` utterances.
         desc: progress-bar label.
 
@@ -365,11 +344,13 @@ def extract_split(
         a :class:`FeatureCache` on the CPU, ``feats`` ``(L + 1, N, D)`` allocated once.
     """
     n = len(manifest) if limit is None else min(limit, len(manifest))
-    lengths = [num_conv_frames(model, size) for size in manifest.sizes[:n]]
+    layers = conv_layers(model)
+    lengths = [conv_output_length(size, layers) for size in manifest.sizes[:n]]
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     feats = torch.empty(num_hidden_states(model), int(offsets[-1]), model.encoder.embedding_dim)
     for i in tqdm(range(n), desc=f"features {desc}".strip(), unit="utt", leave=False, disable=None):
-        h = extract_hidden_states(model, read_audio(manifest.audio_path(i)).to(device), normalize_waveform)
+        wav = torch.from_numpy(read_audio(manifest, i, sample_rate)).to(device)
+        h = extract_hidden_states(model, wav, normalize_waveform)
         if h.shape[1] != lengths[i]:
             raise InputError([f"{where(manifest.path, i + 2)}: {manifest.audio_path(i)} gave {h.shape[1]} frames, "
                               f"expected {lengths[i]} for the {manifest.sizes[i]} samples the manifest lists"])
@@ -648,7 +629,8 @@ def run_probe(
         raise InputError([f"{data}: the probe caches the hidden states of every utterance in memory: "
                           f"{need / 2**30:.1f} GiB for these splits, over the limit of {limit / 2**30:.1f} GiB "
                           f"(use --max-train-utterances, smaller splits, or raise --max-cache-gb)"])
-    frames = [num_conv_frames(model, size) for size in train.manifest.sizes]
+    layers = conv_layers(model)
+    frames = [conv_output_length(size, layers) for size in train.manifest.sizes]
     infeasible = [i for i, (n, t) in enumerate(zip(frames, train_ids)) if not ctc_feasible(n, t)]
     if infeasible:
         i = infeasible[0]
@@ -664,7 +646,8 @@ def run_probe(
     key = lambda split: (split.name, *split.manifest.names)  # noqa: E731
     for split in (train, valid, test):
         if key(split) not in caches:
-            caches[key(split)] = extract_split(model, split.manifest, cfg.device, normalize, desc=split.name)
+            caches[key(split)] = extract_split(model, split.manifest, cfg.device, normalize, sample_rate,
+                                               desc=split.name)
     del model
     train_cache, valid_cache, test_cache = (caches[key(s)] for s in (train, valid, test))
     t_extract = time.perf_counter()
