@@ -17,7 +17,7 @@ from dicehubert_fairseq.config import build, compose
 from dicehubert_fairseq.data.files import SoftLabelWriter
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.losses import feature_distillation_loss
-from dicehubert_fairseq.models.dicehubert_student import layer_states
+from dicehubert_fairseq.hidden_states import hidden_states
 from dicehubert_fairseq.testing import (
     num_frames, tiny_model_overrides, write_checkpoint, write_corpus, write_random_labels,
 )
@@ -91,9 +91,9 @@ def test_criterion_ignores_padded_frames(feat_world):
     model.eval()
     with torch.no_grad():
         loss, sample_size, log = crit(model, batch)
-        out = model.extract_layer_states(**batch["net_input"])
-        preds = model.predict_teacher_layers(out["layer_states"])
-        teacher = layer_states(crit.teacher, **batch["net_input"], max_layer=12)["layer_states"]
+        out = model(**batch["net_input"], mask=False)
+        preds = out["feat_preds"]
+        teacher = hidden_states(crit.teacher, **batch["net_input"], output_layer=12).layers
     pad = out["padding_mask"]
     n_real = int((~pad).sum())
     assert pad.any() and sample_size == n_real < pad.numel()
@@ -179,45 +179,30 @@ def test_trained_checkpoint_holds_the_student_only_and_resumes(feat_world, tmp_p
 # --------------------------------------------------------------------------- layer states
 
 
-def test_layer_states_match_the_encoder(feat_world):
-    task, model, _ = build(compose("dicehubert_narrow", [f"task.data={feat_world['data']}",
-                                                        f"task.label_dir={feat_world['labels']}"] + TINY))
-    batch = batch_of(task, 2)
-    model.eval()
-    with torch.no_grad():
-        out = model.extract_layer_states(**batch["net_input"])
-        x, _ = model.extract_features(**batch["net_input"])
-        third, _ = model.extract_features(**batch["net_input"], output_layer=3)
-    assert len(out["layer_states"]) == 12
-    assert torch.allclose(out["layer_states"][-1], x, atol=1e-6)
-    assert torch.allclose(out["layer_states"][2], third, atol=1e-6)
-    # LayerDrop: a dropped layer passes its input on (here every layer is dropped)
-    model.train()
-    model.encoder.layerdrop = 1.0
-    out = model.extract_layer_states(**batch["net_input"])
-    assert all(torch.equal(s, out["x"]) for s in out["layer_states"])
-
-
-def test_ssl_forward_unchanged_by_layer_states(feat_world):
-    task, model, _ = build(compose("dicehubert_narrow", [f"task.data={feat_world['data']}",
-                                                        f"task.label_dir={feat_world['labels']}"] + TINY))
+def test_ssl_forward_unchanged_by_the_feature_heads(feat_world):
+    cfg = [f"task.data={feat_world['data']}", f"task.label_dir={feat_world['labels']}"] + TINY
+    task, plain, _ = build(compose("dicehubert_narrow", cfg))
+    _, with_heads, _ = build(compose("dicehubert_narrow", cfg + ["++model.feat_target_layers=[4,8,12]"]))
+    assert with_heads.load_state_dict(plain.state_dict(), strict=False).missing_keys == [
+        f"feat_heads.{i}.{p}" for i in range(3) for p in ("weight", "bias")]
     batch = batch_of(task, 3)
-    assert model.feat_heads is None and not any(k.startswith("feat_heads") for k in model.state_dict())
-    model.eval()
+    assert plain.feat_heads is None and not any(k.startswith("feat_heads") for k in plain.state_dict())
     fixed = {}
 
-    def apply_mask(x, padding_mask, target_list):  # the same span mask for both calls
+    def apply_mask(x, padding_mask, target_list):  # the same span mask for both models
         m = fixed.setdefault("m", torch.rand(x.shape[:2]) < 0.5)[:, : x.size(1)]
         x = x.clone()
-        x[m] = model.mask_emb
+        x[m] = plain.mask_emb
         return x, m
 
-    model.apply_mask = apply_mask
-    plain = model(target_list=batch["target_list"], **batch["net_input"])
-    tapped = model(target_list=batch["target_list"], **batch["net_input"], return_layer_states=True)
+    outs = []
+    for model in (plain, with_heads):
+        model.eval()
+        model.apply_mask = apply_mask
+        outs.append(model(target_list=batch["target_list"], **batch["net_input"]))
     for key in ("logit_m_list", "logit_u_list", "target_m_list"):
-        assert all(torch.equal(a, b) for a, b in zip(plain[key], tapped[key]))
-    assert "layer_states" not in plain and len(tapped["layer_states"]) == 12
+        assert all(torch.equal(a, b) for a, b in zip(outs[0][key], outs[1][key]))
+    assert "layer_states" not in outs[0] and len(outs[1]["layer_states"]) == 12 and len(outs[1]["feat_preds"]) == 3
 
 
 # --------------------------------------------------------------------------- bad input

@@ -218,7 +218,7 @@ def test_same_seed_same_first_losses(runs):
     killed = _json_rows(runs["killed"], "train_inner")
     n = len(killed)
     assert n >= KILL_AFTER
-    keys = ("num_updates", "loss", "loss_m_0", "acc_m_0", "loss_features_pen", "lr", "gnorm")
+    keys = ("num_updates", "loss", "loss_m_0", "correct_m_0", "loss_features_pen", "lr", "gnorm")
     assert [[r[k] for k in keys] for r in killed] == [[r[k] for k in keys] for r in ref[:n]]
     # and they are real, changing numbers, not a constant
     assert len({r["loss_m_0"] for r in ref[:n]}) > 1

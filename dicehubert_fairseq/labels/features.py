@@ -19,6 +19,7 @@ Two readers with one interface (:class:`FeatureReader`):
 Audio is read with soundfile as float32 in [-1, 1] (as fairseq's readers do).
 """
 
+import contextlib
 import logging
 import math
 import os
@@ -28,10 +29,12 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..checkpoint import load_model
 from ..data.audio import read_audio
 from ..data.files import Manifest
 from ..errors import InputError
 from ..frames import conv_layers, conv_output_length, frame_stride
+from ..hidden_states import hidden_states
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +118,6 @@ class TeacherFeatureReader(FeatureReader):
 
     def __init__(self, checkpoint: str, layer: int, device: str = "cpu", dtype: Optional[str] = None,
                  max_chunk: int = MAX_CHUNK):
-        from ..checkpoint import load_model
-
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError([f"--device {device}: CUDA is not available on this machine"])
         self.autocast_dtype = _dtype(dtype)
@@ -146,7 +147,6 @@ class TeacherFeatureReader(FeatureReader):
             self._input_dtype = torch.float16
         else:
             self._input_dtype = torch.float32
-        # the encoder keeps every layer's output in `layer_results`; they die with the batch
         self.description = {
             "type": "hubert", "checkpoint": os.path.abspath(checkpoint), "layer": self.layer,
             "dim": self.dim, "frame_rate": self.frame_rate, "sample_rate": self.sample_rate,
@@ -172,37 +172,16 @@ class TeacherFeatureReader(FeatureReader):
             x = torch.nn.functional.layer_norm(x, x.shape)
         return x
 
-    def _front_end(self, items: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Conv features ``(B, T, C)`` (zeros beyond each item's frames) and lengths ``(B,)``."""
-        fe = self.model.feature_extractor
-        lengths = [conv_output_length(len(x), self._conv) for x in items]
-        T = max(lengths)
-        if self.extractor_mode == "default" and len(items) > 1:
-            # GroupNorm over time in the first conv layer: batching would change the statistics
-            outs = [fe(x[None].to(self._input_dtype)) for x in items]  # (1, C, T_b)
-            feats = outs[0].new_zeros(len(items), outs[0].shape[1], T)
-            for b, o in enumerate(outs):
-                feats[b, :, : o.shape[2]] = o[0]
-        else:
-            S = max(len(x) for x in items)
-            src = items[0].new_zeros(len(items), S, dtype=self._input_dtype)
-            for b, x in enumerate(items):
-                src[b, : len(x)] = x
-            feats = fe(src)[:, :, :T]
-            for b, n in enumerate(lengths):
-                feats[b, :, n:] = 0
-        return feats.transpose(1, 2), torch.tensor(lengths, device=feats.device)
-
     def _forward(self, items: List[torch.Tensor]) -> List[torch.Tensor]:
-        model = self.model
-        feats, lengths = self._front_end(items)
-        x = model.layer_norm(feats)
-        padding_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]
-        if model.post_extract_proj is not None:
-            x = model.post_extract_proj(x)
-        # same call as HubertModel.forward(features_only=True, mask=False, output_layer=L)
-        x, _ = model.encoder(x, padding_mask=padding_mask if padding_mask.any() else None, layer=self.layer - 1)
-        return [x[b, : int(n)].float() for b, n in enumerate(lengths)]
+        lengths = [len(x) for x in items]
+        src = items[0].new_zeros(len(items), max(lengths), dtype=self._input_dtype)
+        for b, x in enumerate(items):
+            src[b, : len(x)] = x
+        padding_mask = torch.arange(src.size(1), device=src.device)[None, :] >= torch.tensor(
+            lengths, device=src.device)[:, None]
+        # HubertModel.extract_features(output_layer=L), batched, each utterance as if alone
+        x = hidden_states(self.model, src, padding_mask, output_layer=self.layer, exact_padding=True).x
+        return [x[b, : conv_output_length(n, self._conv)].float() for b, n in enumerate(lengths)]
 
     def features_torch(self, wavs: Sequence[np.ndarray]) -> List[torch.Tensor]:
         items, owner = [], []
@@ -213,7 +192,7 @@ class TeacherFeatureReader(FeatureReader):
                 owner.append(u)
         with torch.inference_mode():
             ctx = (torch.autocast(self._device.type, dtype=self.autocast_dtype)
-                   if self.autocast_dtype is not None else _nullcontext())
+                   if self.autocast_dtype is not None else contextlib.nullcontext())
             with ctx:
                 outs = self._forward(items)
         per_utt: List[List[torch.Tensor]] = [[] for _ in wavs]
@@ -223,14 +202,6 @@ class TeacherFeatureReader(FeatureReader):
 
     def features(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
         return [f.cpu().numpy() for f in self.features_torch(wavs)]
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ------------------------------------------------------------------------------------ MFCC

@@ -40,6 +40,7 @@ from ..data.files import Manifest, read_manifest
 from ..data.preflight import check_audio
 from ..errors import InputError, Problems, where
 from ..frames import conv_layers, conv_output_length
+from ..hidden_states import hidden_states
 
 logger = logging.getLogger(__name__)
 
@@ -251,9 +252,6 @@ def num_hidden_states(model: nn.Module) -> int:
 def extract_hidden_states(model: nn.Module, source: torch.Tensor, normalize_waveform: bool = False) -> torch.Tensor:
     """All hidden states of a HuBERT-family model for one utterance, in one forward pass.
 
-    Follows ``HubertModel.forward`` (no masking, no padding) and keeps every layer's output
-    from ``TransformerEncoder.extract_features``'s ``layer_results``.
-
     Args:
         model: a fairseq ``HubertModel`` (or subclass) in eval mode.
         source: ``(S,)`` or ``(1, S)`` waveform.
@@ -267,17 +265,8 @@ def extract_hidden_states(model: nn.Module, source: torch.Tensor, normalize_wave
     x = source.reshape(1, -1).float()
     if normalize_waveform:
         x = F.layer_norm(x, x.shape)
-    features = model.forward_features(x).transpose(1, 2)  # (1, T, C)
-    features = model.layer_norm(features)
-    if model.post_extract_proj is not None:
-        features = model.post_extract_proj(features)  # (1, T, D)
-    _, layer_results = model.encoder.extract_features(features, padding_mask=None)
-    n_layers = len(model.encoder.layers)
-    if len(layer_results) != n_layers:
-        raise RuntimeError(f"the encoder returned {len(layer_results)} layer results for {n_layers} layers")
-    # layer_results[i][0]: (T, 1, D)
-    states = [features[0]] + [r[0][:, 0] for r in layer_results]
-    return torch.stack(states)
+    h = hidden_states(model, x)
+    return torch.stack([h.features[0]] + [layer[0] for layer in h.layers])
 
 
 @dataclass
