@@ -33,6 +33,8 @@ setup(
         "joblib>=1.2",
         "soundfile>=0.12",
         "tqdm>=4.60",
+        # the probe's PER (fairseq's CTC criterion uses it too)
+        "editdistance>=0.6,<0.9",
         "hydra-core>=1.3,<1.4",
         "omegaconf>=2.3,<2.4",
     ],

@@ -16,16 +16,10 @@ from dicehubert_fairseq.data.audio import read_audio
 from dicehubert_fairseq.data.files import read_manifest
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.probe.cli import main
-from dicehubert_fairseq.probe.probe import (
-    UNK_ID,
-    ProbeConfig,
-    ctc_feasible,
-    ctc_greedy_decode,
-    edit_distance,
-    extract_hidden_states,
-    phone_error_rate,
-    run_probe,
-)
+from dicehubert_fairseq.probe.features import extract_split
+from dicehubert_fairseq.probe.head import ctc_feasible, ctc_greedy_decode, phone_error_rate
+from dicehubert_fairseq.probe.run import ProbeConfig, run_probe
+from dicehubert_fairseq.probe.transcripts import UNK_ID
 from dicehubert_fairseq.probe.synthetic import write_tone_corpus
 from dicehubert_fairseq.testing import write_checkpoint, write_random_labels
 
@@ -98,8 +92,11 @@ def run(capsys, *argv):
     ([5, 5, 5], [5], 2),
 ])
 def test_edit_distance_hand_computed(ref, hyp, expected):
-    assert edit_distance(ref, hyp) == expected
-    assert edit_distance(hyp, ref) == expected
+    """The PER's Levenshtein distance, read back through phone_error_rate (one extra correct phone
+    keeps the reference length non-zero)."""
+    ref, hyp = [ord(c) if isinstance(c, str) else c for c in ref], [ord(c) if isinstance(c, str) else c for c in hyp]
+    assert phone_error_rate([ref, [99]], [hyp, [99]]) * (len(ref) + 1) == pytest.approx(expected)
+    assert phone_error_rate([hyp, [99]], [ref, [99]]) * (len(hyp) + 1) == pytest.approx(expected)
 
 
 def test_phone_error_rate_is_corpus_level():
@@ -143,16 +140,22 @@ def test_hidden_states_equal_fairseq_per_layer_features(tones):
     from dicehubert_fairseq.checkpoint import load_model
 
     model, _ = load_model(tones["ckpt"])
-    wav = torch.from_numpy(read_audio(read_manifest(os.path.join(tones["data"], "valid.tsv")), 0))
-    states = extract_hidden_states(model, wav)
+    manifest = read_manifest(os.path.join(tones["data"], "valid.tsv"))
+    cache = extract_split(model, manifest, limit=1)
+    states = cache.feats  # (L + 1, T, D), each state layer-normalised
+    wav = torch.from_numpy(read_audio(manifest, 0))
     n_layers = len(model.encoder.layers)
     assert states.shape[0] == n_layers + 1 and states.shape[2] == 32
+
+    def norm(x):
+        return torch.nn.functional.layer_norm(x, x.shape[-1:])
+
     with torch.no_grad():
         proj, _ = model.extract_features(wav[None], None, mask=False, ret_conv=True)
-        torch.testing.assert_close(states[0], proj[0], rtol=0, atol=0)
+        torch.testing.assert_close(states[0], norm(proj[0]), rtol=0, atol=0)
         for layer in range(1, n_layers + 1):
             x, _ = model.extract_features(wav[None], None, mask=False, output_layer=layer)
-            torch.testing.assert_close(states[layer], x[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(states[layer], norm(x[0]), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------- the probe
