@@ -16,7 +16,7 @@ from dicehubert_fairseq.data.files import SoftLabels, read_dictionary_symbols, r
 from dicehubert_fairseq.labels.cli import main
 from dicehubert_fairseq.data.audio import read_audio
 from dicehubert_fairseq.labels.features import MfccFeatureReader, TeacherFeatureReader
-from dicehubert_fairseq.labels.kmeans import load_kmeans
+from dicehubert_fairseq.labels.fit import load_kmeans
 
 SIMPLE_KMEANS = os.path.join(os.path.dirname(importlib.util.find_spec("fairseq").origin),
                              "examples", "hubert", "simple_kmeans")
@@ -178,15 +178,28 @@ def test_same_seed_same_labels(tiny_corpus, tmp_path):
     assert not np.array_equal(outs[0][0], outs[2][0])
 
 
+#: dicehubert-labels in a process whose blocks take 0.7 s more each: time to kill it mid-way.
+SLOW_DUMP = """
+import sys, time
+from dicehubert_fairseq.labels import dump
+write = dump._write_block
+def slow_write(*args, **kwargs):
+    write(*args, **kwargs)
+    time.sleep(0.7)
+dump._write_block = slow_write
+from dicehubert_fairseq.labels.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_killed_dump_resumes_to_identical_bytes(tiny_corpus, mfcc_km, tmp_path):
     data = tiny_corpus["data"]
     args = ["dump", "--manifest-dir", data, "--split", "train", "--mfcc", "--km", mfcc_km, "--soft", "--top-k", "3",
             "--block-size", "1", "--no-progress"]
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
     assert main(args + ["--label-dir", ref]) == 0
-    env = dict(os.environ, DICEHUBERT_LABELS_SLOW_BLOCK="0.7")
-    proc = subprocess.Popen([sys.executable, "-m", "dicehubert_fairseq.labels", *args, "--label-dir", out],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_DUMP, *args, "--label-dir", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = os.path.join(out, "train.km.parts")
     deadline = time.time() + 120
     while len(glob.glob(os.path.join(parts, "block_*.npz"))) < 3:

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from dicehubert_fairseq.errors import InputError
+from dicehubert_fairseq.labels.fit import load_kmeans, sample_rows, save_kmeans
 from dicehubert_fairseq.labels.kmeans import (
-    LEARN_KMEANS_SETTINGS, Assigner, ReservoirSample, StreamingKMeans, load_kmeans, new_kmeans, objective_of,
-    sample_rows,
-    save_kmeans,
+    LEARN_KMEANS_SETTINGS, SKLEARN_COUNTS, Assigner, ReservoirSample, StreamingKMeans, new_kmeans, objective_of,
 )
 
 
@@ -152,3 +151,21 @@ def test_reservoir_is_uniform_and_bounded():
     small = ReservoirSample(10, 2)
     small.add(np.ones((4, 2), np.float32))
     assert small.data.shape == (4, 2)
+
+
+def test_sklearn_private_counts_still_mean_what_we_rescale():
+    """StreamingKMeans rescales MiniBatchKMeans._counts after fit (its one use of a private sklearn
+    attribute): partial_fit must still move a centre by n / (count + n) towards its batch mean and add
+    n to its count.  A scikit-learn release that changes this fails here (setup.py bounds the range)."""
+    km = new_kmeans(2, seed=0, batch_size=100, n_init=1).fit(np.array([[0.0, 0.0]] * 50 + [[10.0, 10.0]] * 50,
+                                                                    dtype=np.float32))
+    counts = getattr(km, SKLEARN_COUNTS)
+    assert counts.shape == (2,) and counts.dtype.kind == "f"
+    near = int(np.argmin(np.linalg.norm(km.cluster_centers_, axis=1)))  # the centre at (0, 0)
+    counts[:] = [30.0, 30.0]
+    before = km.cluster_centers_[near].copy()
+    batch = np.array([[1.0, 2.0]] * 10, dtype=np.float32)  # all assigned to that centre
+    km.partial_fit(batch)
+    expected = (30.0 * before + batch.sum(0)) / (30.0 + 10.0)
+    np.testing.assert_allclose(km.cluster_centers_[near], expected, rtol=1e-5)
+    assert getattr(km, SKLEARN_COUNTS)[near] == pytest.approx(40.0)

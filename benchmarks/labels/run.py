@@ -111,7 +111,8 @@ def run_scale(n, args, teacher, work):
         }
 
     # clustering quality on the same features: fairseq's dump of the whole corpus
-    from dicehubert_fairseq.labels.kmeans import load_kmeans, objective_of
+    from dicehubert_fairseq.labels.fit import load_kmeans
+    from dicehubert_fairseq.labels.kmeans import objective_of
 
     feats = np.load(os.path.join(d, "fs_feat", "train_0_1.npy"), mmap_mode="r")
     objective = {"fairseq": objective_of(load_kmeans(os.path.join(d, "fs_km.bin"))[0].cluster_centers_, feats)}

@@ -19,11 +19,17 @@ logger = logging.getLogger(__name__)
 MIN_SAMPLES = 400
 
 
-def check_audio(manifest: Manifest, sample_rate: int = 16000, headers: bool = False, out: Optional[Problems] = None) -> List[str]:
+def check_audio(manifest: Manifest, sample_rate: int = 16000, headers: bool = False, out: Optional[Problems] = None,
+                rows: Optional[Sequence[int]] = None) -> List[str]:
     """Audio files of a manifest: present (and, with ``headers``, readable, mono, at ``sample_rate``,
-    as long as the manifest says, at least :data:`MIN_SAMPLES`)."""
+    as long as the manifest says, at least :data:`MIN_SAMPLES`).
+
+    Args:
+        rows: 0-based rows to check (a shard, a k-means sample); None: every row.
+    """
     col = out or Problems()
-    for i, (name, size) in enumerate(zip(manifest.names, manifest.sizes)):
+    for i in range(len(manifest)) if rows is None else rows:
+        name, size = manifest.names[i], manifest.sizes[i]
         line = i + 2
         loc = where(manifest.path, line)
         path = manifest.audio_path(i)

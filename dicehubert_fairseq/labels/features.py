@@ -23,7 +23,7 @@ import contextlib
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -345,15 +345,44 @@ class MfccFeatureReader(FeatureReader):
                     for w in wavs]
 
 
-def make_reader(checkpoint: Optional[str] = None, layer: Optional[int] = None, mfcc: bool = False,
-                device: str = "cpu", dtype: Optional[str] = None, sample_rate: int = 16000,
-                max_chunk: int = MAX_CHUNK) -> FeatureReader:
-    """A :class:`TeacherFeatureReader` (``checkpoint`` + ``layer``) or :class:`MfccFeatureReader`."""
-    if mfcc:
-        return MfccFeatureReader(sample_rate)
-    if checkpoint is None or layer is None:
+@dataclass
+class FeatureConfig:
+    """Which features to read (a teacher layer or MFCC) and how; each field is a ``dicehubert-labels`` option."""
+
+    checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "fairseq hubert / dicehubert_student checkpoint (teacher)"})
+    mfcc: bool = field(default=False, metadata={"help": "39-dim Kaldi MFCC at 100 Hz instead of a teacher"})
+    layer: Optional[int] = field(default=None, metadata={
+        "help": "1-based transformer layer of --checkpoint (as fairseq's dump_hubert_feature)"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]"})
+    dtype: str = field(default="float32", metadata={
+        "help": "teacher compute precision: float16 on CUDA only; bfloat16 via autocast",
+        "choices": ("float32", "float16", "bfloat16")})
+    sample_rate: int = field(default=16000, metadata={"help": "audio sample rate for --mfcc"})
+    max_batch_seconds: float = field(default=50.0, metadata={"help": "padded audio per inference batch, in seconds"})
+    max_chunk: int = field(default=MAX_CHUNK, metadata={
+        "help": "longer utterances are cut into chunks of this many samples (fairseq's default)"})
+
+
+def make_reader(cfg: FeatureConfig) -> FeatureReader:
+    """A :class:`TeacherFeatureReader` (``checkpoint`` + ``layer``) or :class:`MfccFeatureReader` (``mfcc``).
+
+    Raises:
+        InputError: neither or both sources, ``--checkpoint`` without ``--layer`` or ``--mfcc``
+            with it, and everything :class:`TeacherFeatureReader` refuses.
+    """
+    if cfg.mfcc and cfg.checkpoint:
+        raise InputError(["give --checkpoint CKPT --layer L (teacher features) or --mfcc, not both"])
+    if cfg.mfcc:
+        if cfg.layer is not None:
+            raise InputError(["--layer applies to --checkpoint, not --mfcc"])
+        return MfccFeatureReader(cfg.sample_rate)
+    if cfg.checkpoint is None:
         raise InputError(["give --checkpoint CKPT --layer L (teacher features) or --mfcc"])
-    return TeacherFeatureReader(checkpoint, layer, device=device, dtype=dtype, max_chunk=max_chunk)
+    if cfg.layer is None:
+        raise InputError(["--checkpoint needs --layer L (1-based transformer layer)"])
+    return TeacherFeatureReader(cfg.checkpoint, cfg.layer, device=cfg.device,
+                                dtype=None if cfg.dtype == "float32" else cfg.dtype, max_chunk=cfg.max_chunk)
 
 
 # --------------------------------------------------------------------------------- batching

@@ -29,6 +29,7 @@ from fairseq.data.data_utils import compute_mask_indices
 from fairseq.models import register_model
 from fairseq.models.hubert.hubert import HubertConfig, HubertModel
 
+from ..checkpoint import load_state, require_hubert_family
 from ..errors import InputError
 from ..frames import conv_layers, frame_stride
 from ..hidden_states import hidden_states
@@ -194,8 +195,6 @@ class DiceHubertStudent(HubertModel):
 
     def init_from_teacher(self, path: str) -> List[str]:
         """Initialise from a teacher checkpoint; returns the names of the copied tensors."""
-        from ..checkpoint import load_state, require_hubert_family
-
         state = load_state(path)
         require_hubert_family(state, path)
         copied, skipped = init_from_state_dict(self, state["model"])
