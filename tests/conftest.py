@@ -30,7 +30,7 @@ def repo_root():
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """Synthetic corpus (train 8 / valid 4 utterances) with random 50 Hz labels 'km' (K=20)."""
-    from dicehubert_fairseq.testing import write_corpus, write_random_labels
+    from tests.helpers.data import write_corpus, write_random_labels
 
     root = tmp_path_factory.mktemp("corpus")
     data, labels = str(root / "data"), str(root / "labels")
@@ -42,7 +42,7 @@ def tiny_corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_corpus, tmp_path_factory):
     """A randomly initialised fairseq `hubert` checkpoint (2 x 32) in fairseq's saved format."""
-    from dicehubert_fairseq.testing import write_checkpoint
+    from tests.helpers.data import write_checkpoint
 
     path = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
     write_checkpoint(path, tiny_corpus["data"], tiny_corpus["labels"])

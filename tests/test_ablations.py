@@ -19,9 +19,9 @@ import torch
 from omegaconf import OmegaConf
 
 import dicehubert_fairseq  # noqa: F401
-from dicehubert_fairseq.config import CONFIG_DIR, compose
+from tests.helpers.config import CONFIG_DIR, compose
 from dicehubert_fairseq.data.files import SoftLabelWriter, write_dictionary
-from dicehubert_fairseq.testing import (
+from tests.helpers.data import (
     num_frames, tiny_model_overrides, write_checkpoint, write_corpus, write_random_labels,
 )
 

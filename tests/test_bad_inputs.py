@@ -18,11 +18,11 @@ import soundfile as sf
 import torch
 
 import dicehubert_fairseq  # noqa: F401
-from dicehubert_fairseq.config import build, compose
+from tests.helpers.config import build, compose
 from dicehubert_fairseq.data.files import SoftLabelWriter
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.labels.cli import main as labels_main
-from dicehubert_fairseq.testing import (
+from tests.helpers.data import (
     num_frames, tiny_model_overrides, write_checkpoint, write_corpus, write_random_labels,
 )
 

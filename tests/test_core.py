@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import dicehubert_fairseq  # noqa: F401
-from dicehubert_fairseq.config import build, compose
+from tests.helpers.config import build, compose
 from dicehubert_fairseq.data.files import SoftLabelWriter
 from dicehubert_fairseq.errors import InputError
-from dicehubert_fairseq.testing import num_frames, write_corpus, write_random_labels
+from tests.helpers.data import num_frames, write_corpus, write_random_labels
 
 CORE_CONFIGS = ["dicehubert_narrow", "dicehubert_shallow_l6", "dicehubert_shallow_l4", "hubert_base_scratch"]
 
@@ -82,7 +82,7 @@ def test_run_overlays_compose(k500):
 
 
 def _tiny_cfg(data, labels, extra=()):
-    from dicehubert_fairseq.testing import tiny_model_overrides
+    from tests.helpers.data import tiny_model_overrides
 
     return compose(
         "dicehubert_narrow",
@@ -168,7 +168,7 @@ def test_soft_labels_must_be_listed_in_labels(corpus):
 
 
 def test_init_from_teacher_copies_matching_tensors(corpus, tmp_path):
-    from dicehubert_fairseq.testing import write_checkpoint
+    from tests.helpers.data import write_checkpoint
 
     data, labels, _ = corpus
     teacher = str(tmp_path / "t.pt")

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import dicehubert_fairseq  # noqa: F401
-from dicehubert_fairseq.config import build, compose
+from tests.helpers.config import build, compose
 from dicehubert_fairseq.data.files import SoftLabelWriter
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.losses import feature_distillation_loss
 from dicehubert_fairseq.hidden_states import hidden_states
-from dicehubert_fairseq.testing import (
+from tests.helpers.data import (
     num_frames, tiny_model_overrides, write_checkpoint, write_corpus, write_random_labels,
 )
 
@@ -156,7 +156,7 @@ def test_ssl_plus_feat_reuses_the_ssl_loss(feat_world):
 
 def test_trained_checkpoint_holds_the_student_only_and_resumes(feat_world, tmp_path):
     from fairseq import checkpoint_utils
-    from test_ablations import tiny_config, train
+    from tests.test_ablations import tiny_config, train
 
     w = feat_world
     overrides = ("task.data=DATA", "task.label_dir=LABELS", "criterion.teacher_checkpoint=TEACHER")

@@ -6,9 +6,9 @@ import torch
 
 import dicehubert_fairseq  # noqa: F401
 from dicehubert_fairseq.checkpoint import load_model
-from dicehubert_fairseq.config import build, compose
+from tests.helpers.config import build, compose
 from dicehubert_fairseq.hidden_states import hidden_states
-from dicehubert_fairseq.testing import tiny_model_overrides
+from tests.helpers.data import tiny_model_overrides
 
 
 @pytest.fixture(autouse=True)

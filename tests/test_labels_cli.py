@@ -11,7 +11,7 @@ import torch
 
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.labels.cli import main
-from dicehubert_fairseq.testing import write_corpus, write_random_labels
+from tests.helpers.data import write_corpus, write_random_labels
 
 
 pytestmark = pytest.mark.usefixtures("one_openmp_thread")

@@ -213,7 +213,7 @@ def test_mfcc_known_properties():
 
 def test_student_checkpoint_is_a_valid_teacher(tiny_corpus, utts, tmp_path):
     """Our own dicehubert_student checkpoints (next DiceHuBERT round) feed the same reader."""
-    from dicehubert_fairseq.testing import write_checkpoint
+    from tests.helpers.data import write_checkpoint
 
     path = str(tmp_path / "student.pt")
     write_checkpoint(path, tiny_corpus["data"], tiny_corpus["labels"], model="dicehubert_student", task="dicehubert",

@@ -20,8 +20,8 @@ from dicehubert_fairseq.probe.features import extract_split
 from dicehubert_fairseq.probe.head import ctc_feasible, ctc_greedy_decode, phone_error_rate
 from dicehubert_fairseq.probe.run import ProbeConfig, run_probe
 from dicehubert_fairseq.probe.transcripts import UNK_ID
-from dicehubert_fairseq.probe.synthetic import write_tone_corpus
-from dicehubert_fairseq.testing import write_checkpoint, write_random_labels
+from tests.helpers.tones import write_tone_corpus
+from tests.helpers.data import write_checkpoint, write_random_labels
 
 JSON_KEYS = {"per", "valid_per", "layer_weights", "epochs", "best_epoch", "checkpoint", "num_phones", "phones",
              "num_layers", "utterances", "frames", "unseen_phones", "history", "seconds", "config"}

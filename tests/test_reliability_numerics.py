@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import dicehubert_fairseq  # noqa: F401
-from dicehubert_fairseq.config import build, compose
+from tests.helpers.config import build, compose
 from dicehubert_fairseq.data.files import SoftLabelWriter
 from dicehubert_fairseq.losses import cosine_logits, hard_cross_entropy, soft_cross_entropy
-from dicehubert_fairseq.testing import num_frames, tiny_model_overrides, write_corpus, write_random_labels
+from tests.helpers.data import num_frames, tiny_model_overrides, write_corpus, write_random_labels
 
 DTYPES = [torch.float16, torch.bfloat16]
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import dicehubert_fairseq  # noqa: F401  (torch.load allow-list for fairseq checkpoints)
-from dicehubert_fairseq.testing import tiny_model_overrides, write_corpus, write_random_labels
+from tests.helpers.data import tiny_model_overrides, write_corpus, write_random_labels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

@@ -95,7 +95,7 @@ def test_reduced_tiny_run(tmp_path):
 @pytest.fixture
 def corpus(tmp_path):
     """A valid small corpus (random audio) with .phn transcripts in ``tmp_path/work``."""
-    from dicehubert_fairseq.testing import write_corpus
+    from tests.helpers.data import write_corpus
 
     work = tmp_path / "work"
     sizes = write_corpus(str(work), {"train": 3, "valid": 2, "test": 2})
@@ -212,7 +212,7 @@ def test_librispeech_label_and_probe_commands_are_supported(libri_calls):
 
 
 def test_librispeech_training_lines_compose(libri_calls):
-    from dicehubert_fairseq.config import compose
+    from tests.helpers.config import compose
 
     lines = [a[1:] for a in libri_calls if a[0] == "fairseq-hydra-train"]
     assert len(lines) == 10

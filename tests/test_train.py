@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dicehubert_fairseq.testing import tiny_model_overrides
+from tests.helpers.data import tiny_model_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

@@ -4,7 +4,7 @@
 Both run in this one process, interleaved (A, B, A, B, ...) so drift in machine load hits
 both equally.  Prints a table and writes JSON.
 
-    python benchmarks/core/bench_train_step.py [--preset narrow] [--steps 20] [--json out.json]
+    python -m benchmarks.core.bench_train_step [--preset narrow] [--steps 20] [--json out.json]
 """
 
 import argparse
@@ -15,23 +15,22 @@ import statistics
 import tempfile
 import time
 
+import numpy as np
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 import dicehubert_fairseq  # noqa: F401
-from dicehubert_fairseq.config import CONFIG_DIR
-from dicehubert_fairseq.testing import write_corpus, write_random_labels
+from fairseq import tasks
+from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
+from fairseq.dataclass.utils import merge_with_parent
+from fairseq.models import MODEL_DATACLASS_REGISTRY
+from fairseq.tasks import TASK_DATACLASS_REGISTRY
+from tests.helpers.config import CONFIG_DIR
+from tests.helpers.data import write_corpus, write_random_labels
 
 
 def build(kind, data, labels, model_cfg):
-    from omegaconf import OmegaConf
-
-    from fairseq import tasks
-    from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
-    from fairseq.dataclass.utils import merge_with_parent
-    from fairseq.models import MODEL_DATACLASS_REGISTRY
-    from fairseq.tasks import TASK_DATACLASS_REGISTRY
-
     task_name, model_name, crit_name = {
         "fairseq": ("hubert_pretraining", "hubert", "hubert"),
         "dicehubert": ("dicehubert", "dicehubert_student", "dicehubert"),
@@ -92,7 +91,6 @@ def main():
         for i in range(args.warmup + args.steps):
             for kind in (("fairseq", "dicehubert") if i % 2 == 0 else ("dicehubert", "fairseq")):
                 torch.manual_seed(1000 + i)  # same masks for both
-                import numpy as np
                 np.random.seed(1000 + i)
                 dt, cpu = step(runs[kind])
                 if i >= args.warmup:

@@ -1,4 +1,4 @@
-"""A synthetic phone-recognition corpus where every "phone" is a tone (tests and benchmarks).
+"""A synthetic phone-recognition corpus where every "phone" is a tone (the probe's tests).
 
 Each utterance is a sequence of segments; a segment is a tone of the phone's frequency (with a
 second harmonic, a short fade in and out and a little noise).  Consecutive phones differ, so every
@@ -6,10 +6,17 @@ segment is one phone.  Written in the probe's input format: ``{split}.tsv`` (fai
 ``{split}.phn`` (one line of space-separated phones per manifest row) and 16 kHz mono wavs.
 """
 
+import argparse
 import os
+import sys
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+import soundfile as sf
+
+from dicehubert_fairseq.data.files import read_manifest
+
+from .data import write_checkpoint, write_random_labels
 
 #: Default phone inventory: symbol -> frequency in Hz.  Few and far apart: a randomly initialised
 #: HuBERT front end (10-sample first kernel, strided convs without anti-aliasing, per-channel
@@ -44,8 +51,6 @@ def write_tone_corpus(
     Returns:
         the phone transcript of every utterance, per split.
     """
-    import soundfile as sf
-
     splits = splits or {"train": 40, "valid": 10, "test": 10}
     tones = tones or TONES
     symbols: Sequence[str] = list(tones)
@@ -90,18 +95,13 @@ def write_tone_corpus(
 
 
 def main(argv=None) -> int:
-    """``python -m dicehubert_fairseq.probe.synthetic OUT``: a tone corpus and a random tiny checkpoint.
+    """``python -m tests.helpers.tones OUT``: a tone corpus and a random tiny checkpoint.
 
     Writes ``OUT/{train,valid,test}.{tsv,phn}``, ``OUT/wav/`` and ``OUT/hubert.pt`` (a randomly
     initialised 2 x 32 fairseq ``hubert``), ready for ``dicehubert-probe --checkpoint OUT/hubert.pt
     --data OUT``.
     """
-    import argparse
-
-    from ..data.files import read_manifest
-    from ..testing import write_checkpoint, write_random_labels
-
-    p = argparse.ArgumentParser(prog="python -m dicehubert_fairseq.probe.synthetic", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m tests.helpers.tones", description=main.__doc__)
     p.add_argument("out", help="output directory")
     p.add_argument("--train", type=int, default=60, help="training utterances (default: %(default)s)")
     p.add_argument("--valid", type=int, default=15, help="valid utterances (default: %(default)s)")
@@ -117,6 +117,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    import sys
-
     sys.exit(main())

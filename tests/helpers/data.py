@@ -8,9 +8,18 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import soundfile as sf
+import torch
+from omegaconf import OmegaConf
 
-from .data.files import write_dictionary
-from .frames import conv_layers, conv_output_length
+import dicehubert_fairseq  # noqa: F401  (registers our task/model)
+from dicehubert_fairseq.data.files import write_dictionary
+from dicehubert_fairseq.frames import conv_layers, conv_output_length
+from fairseq import tasks
+from fairseq.dataclass.configs import FairseqConfig
+from fairseq.dataclass.utils import merge_with_parent
+from fairseq.models import MODEL_DATACLASS_REGISTRY
+from fairseq.tasks import TASK_DATACLASS_REGISTRY
 
 #: HuBERT's conv front end (fairseq's default ``conv_feature_layers``, 50 Hz at 16 kHz).
 HUBERT_CONV = "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"
@@ -33,8 +42,6 @@ def write_corpus(
     Returns:
         the number of samples of each utterance, per split.
     """
-    import soundfile as sf
-
     splits = splits or {"train": 8, "valid": 4}
     rng = np.random.default_rng(seed)
     wav_dir = os.path.join(directory, "wav")
@@ -114,16 +121,6 @@ def write_checkpoint(
     (``cfg``, ``model``, ``task_state`` with the label ``Dictionary``, ``args=None``,
     ``optimizer_history``, ``extra_state``), so loaders are tested on the real format.
     """
-    import torch
-    from omegaconf import OmegaConf
-
-    import dicehubert_fairseq  # noqa: F401  (registers our task/model)
-    from fairseq import tasks
-    from fairseq.dataclass.configs import FairseqConfig
-    from fairseq.dataclass.utils import merge_with_parent
-    from fairseq.models import MODEL_DATACLASS_REGISTRY
-    from fairseq.tasks import TASK_DATACLASS_REGISTRY
-
     torch.manual_seed(seed)
     cfg = OmegaConf.structured(FairseqConfig)
     OmegaConf.set_struct(cfg, False)

@@ -7,10 +7,17 @@ config name without starting a training run.
 import os
 from typing import List, Optional, Sequence
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-#: The repository's config directory (present in a source checkout).
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
+import dicehubert_fairseq  # noqa: F401  (registers the plugin)
+from fairseq import tasks
+from fairseq.dataclass.initialize import add_defaults, hydra_init
+
+#: The repository's config directory.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "config")
 
 
 def compose(config_name: str, overrides: Sequence[str] = (), config_dir: Optional[str] = None) -> DictConfig:
@@ -19,12 +26,6 @@ def compose(config_name: str, overrides: Sequence[str] = (), config_dir: Optiona
     ``checkpoint.save_dir`` defaults to a hydra interpolation that only a running job can
     resolve: pass ``checkpoint.save_dir=...`` in ``overrides`` (done here if absent).
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from fairseq.dataclass.initialize import add_defaults, hydra_init
-
     overrides: List[str] = list(overrides)
     if not any(o.startswith("checkpoint.save_dir=") for o in overrides):
         overrides.append("checkpoint.save_dir=checkpoints")
@@ -40,9 +41,6 @@ def compose(config_name: str, overrides: Sequence[str] = (), config_dir: Optiona
 
 def build(cfg: DictConfig):
     """``(task, model, criterion)`` for a composed config (imports this plugin first)."""
-    import dicehubert_fairseq  # noqa: F401
-    from fairseq import tasks
-
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
     criterion = task.build_criterion(cfg.criterion)
