@@ -210,15 +210,27 @@ def test_docs_table_lists_every_experiment():
     assert not missing, f"docs/ablations.md has no row for {missing} (nor lists it under 'Other experiment files')"
 
 
-def test_overlays_change_only_labels():
-    """Teacher iteration / layer / soft overlays touch task.labels (and soft_labels) only."""
+def _diff(a, b):
+    """``{group.key}`` whose values differ between two composed configs."""
+    return {f"{g}.{k}" for g in ("task", "model", "criterion", "optimization", "dataset", "common")
+            for k in set(a[g]) | set(b[g]) if a[g].get(k) != b[g].get(k)}
+
+
+@pytest.mark.parametrize("name,overrides,expected", [
+    ("dicehubert_narrow", ["task.labels=[it2_l6]"], {"task.labels": ["it2_l6"]}),
+    ("dicehubert_narrow_soft", [], {"task.soft_labels": ["km"]}),
+    ("dicehubert_narrow_soft", ["task.labels=[it2_l9_t5]"],
+     {"task.labels": ["it2_l9_t5"], "task.soft_labels": ["it2_l9_t5"]}),
+    ("dicehubert_narrow", ["+data=mfcc"], {"task.labels": ["mfcc"], "task.label_rate": 100, "model.label_rate": 100}),
+    ("dicehubert_narrow_multilayer", [], {"task.labels": ["it2_l6", "it2_l9", "it2_l12"],
+                                          "criterion.label_weights": [1.0, 1.0, 1.0]}),
+])
+def test_label_streams_and_data_overlays_change_only_what_they_name(name, overrides, expected):
+    """A label stream is named by a task.labels override; data/ overlays change only their keys
+    (data/soft.yaml: the streams of task.labels are soft)."""
     base = compose("dicehubert_narrow", ["task.data=D", "task.label_dir=L"])
-    for overlay, labels in (("iter1", ["it1_l6"]), ("iter2", ["it2_l9"]), ("layer3", ["it2_l3"]),
-                            ("layer12", ["it2_l12"]), ("soft_t5", ["it2_l9_t5"]),
-                            ("concat_6_9_12", ["it2_cat6_9_12"])):
-        cfg = compose("dicehubert_narrow", ["task.data=D", "task.label_dir=L", f"+data={overlay}"])
-        assert list(cfg.task.labels) == labels
-        for group in ("model", "criterion", "optimization", "dataset", "common"):
-            assert cfg[group] == base[group], (overlay, group)
-        diff = {k for k in base.task if base.task[k] != cfg.task[k]}
-        assert diff <= {"labels", "soft_labels"}, (overlay, diff)
+    cfg = compose(name, ["task.data=D", "task.label_dir=L"] + overrides)
+    assert _diff(base, cfg) == set(expected)
+    for key, value in expected.items():
+        group, _, field = key.partition(".")
+        assert cfg[group][field] == value, key
