@@ -11,12 +11,7 @@ from dicehubert_fairseq.hidden_states import hidden_states
 from tests.helpers.data import tiny_model_overrides
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def student(tiny_corpus, name="dicehubert_narrow", layers=4):

@@ -7,11 +7,9 @@ import pytest
 import torch
 
 from dicehubert_fairseq.errors import InputError
-from dicehubert_fairseq.labels.fit import load_kmeans, sample_rows, save_kmeans
 from dicehubert_fairseq.labels.kmeans import (
     LEARN_KMEANS_SETTINGS, SKLEARN_COUNTS, Assigner, ReservoirSample, StreamingKMeans, new_kmeans, objective_of,
 )
-
 
 pytestmark = pytest.mark.usefixtures("one_openmp_thread")
 
@@ -90,16 +88,6 @@ def test_too_few_frames_for_k():
         skm.finish()
 
 
-def test_sample_rows_fairseq_percent():
-    rows = sample_rows(10, 0.25, seed=0)
-    assert len(rows) == 3 and len(set(rows.tolist())) == 3  # ceil(10 * 0.25)
-    np.random.seed(0)  # what fairseq's learn_kmeans does with --seed 0 --percent 0.25
-    np.testing.assert_array_equal(rows, np.random.choice(10, 3, replace=False))
-    np.testing.assert_array_equal(rows, sample_rows(10, 0.25, seed=0))
-    assert sorted(sample_rows(10, -1, seed=0).tolist()) == list(range(10))
-    assert sorted(sample_rows(10, 1.0, seed=4).tolist()) == list(range(10))
-
-
 def test_assigner_hard_and_soft_by_hand():
     centers = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 3.0]], np.float32)
     x = torch.tensor([[1.0, 0.0], [0.1, 2.9]])
@@ -117,25 +105,6 @@ def test_assigner_hard_and_soft_by_hand():
     an = Assigner(centers[1:], normalize=True)
     ids, probs, _ = an.soft(torch.tensor([[10.0, 10.0]]), temperature=1.0, top_k=2)
     np.testing.assert_allclose(probs[0].numpy(), [0.5, 0.5], atol=1e-6)
-
-
-def test_save_load_roundtrip_and_bad_files(tmp_path):
-    km = new_kmeans(3, seed=0, batch_size=100).fit(mixture(300, dim=4, k=3))
-    path = str(tmp_path / "km.joblib")
-    save_kmeans(km, path, {"features": {"type": "mfcc"}})
-    back, meta = load_kmeans(path)
-    np.testing.assert_array_equal(back.cluster_centers_, km.cluster_centers_)
-    assert meta["features"]["type"] == "mfcc"
-    with pytest.raises(InputError, match="k-means model not found"):
-        load_kmeans(str(tmp_path / "nope.joblib"))
-    (tmp_path / "junk.joblib").write_bytes(b"not a pickle")
-    with pytest.raises(InputError, match="not a readable joblib k-means model"):
-        load_kmeans(str(tmp_path / "junk.joblib"))
-    import joblib
-
-    joblib.dump({"a": 1}, tmp_path / "dict.joblib")
-    with pytest.raises(InputError, match="not a fitted k-means model"):
-        load_kmeans(str(tmp_path / "dict.joblib"))
 
 
 def test_reservoir_is_uniform_and_bounded():

@@ -16,6 +16,8 @@ import dicehubert_fairseq  # noqa: F401  (registers the plugin)
 from fairseq import tasks
 from fairseq.dataclass.initialize import add_defaults, hydra_init
 
+from .data import tiny_model_overrides
+
 #: The repository's config directory.
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "config")
 
@@ -45,3 +47,31 @@ def build(cfg: DictConfig):
     model = task.build_model(cfg.model)
     criterion = task.build_criterion(cfg.criterion)
     return task, model, criterion
+
+
+def tiny_student_cfg(data: str, labels: str, extra: Sequence[str] = ()) -> DictConfig:
+    """``dicehubert_narrow`` made tiny (2 x 32, :func:`~tests.helpers.data.tiny_model_overrides`) on CPU."""
+    return compose("dicehubert_narrow", [f"task.data={data}", f"task.label_dir={labels}", "run=cpu",
+                                         "task.min_sample_size=8000"] + tiny_model_overrides() + list(extra))
+
+
+#: Hidden size of the tiny L_feat students and teachers.
+FEAT_DIM = 32
+#: Overrides that make an L_feat row tiny, keeping its depth (a layer-to-layer row needs all 12).
+FEAT_TINY = [o for o in tiny_model_overrides(dim=FEAT_DIM) if not o.startswith("++model.encoder_layers=")] + [
+    "run=cpu", "task.min_sample_size=8000", f"++model.feat_teacher_dim={FEAT_DIM}",
+]
+
+
+def feat_cfg(world: dict, name: str = "feat_shallow_l6", extra: Sequence[str] = (),
+             teacher: Optional[str] = None) -> DictConfig:
+    """An L_feat row of ``world`` (``data``, ``labels``, ``teacher``) made tiny."""
+    return compose(name, [f"task.data={world['data']}", f"task.label_dir={world['labels']}",
+                          f"criterion.teacher_checkpoint={teacher or world['teacher']}"] + FEAT_TINY + list(extra))
+
+
+def batch_of(task, n: int = 4, split: str = "train"):
+    """A collated batch of the first ``n`` utterances of ``split``."""
+    task.load_dataset(split)
+    ds = task.datasets[split]
+    return ds.collater([ds[i] for i in range(n)])

@@ -8,6 +8,7 @@ segment is one phone.  Written in the probe's input format: ``{split}.tsv`` (fai
 
 import argparse
 import os
+import shutil
 import sys
 from typing import Dict, List, Sequence, Tuple
 
@@ -92,6 +93,16 @@ def write_tone_corpus(
             f.write("".join(" ".join(t) + "\n" for t in transcripts))
         out[split] = transcripts
     return out
+
+
+def copy_data(data: str, directory: str) -> str:
+    """A private copy of a tone corpus's manifests and transcripts in ``directory/data`` (the wavs are shared)."""
+    d = os.path.join(directory, "data")
+    os.makedirs(d)
+    for name in os.listdir(data):
+        if name.endswith((".tsv", ".phn")):
+            shutil.copy(os.path.join(data, name), d)
+    return d
 
 
 def main(argv=None) -> int:

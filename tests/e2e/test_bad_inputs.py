@@ -26,13 +26,13 @@ from tests.helpers.data import (
     num_frames, tiny_model_overrides, write_checkpoint, write_corpus, write_random_labels,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
 K = 12
 ROW = 1  # the row the mutations hit: manifest line 3, label line 2
 
 
-pytestmark = pytest.mark.usefixtures("one_openmp_thread")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_openmp_thread")]
 
 
 class World:
@@ -517,9 +517,10 @@ def test_docs_matrix_names_every_case_and_only_existing_tests():
     cases = {r[2].strip("` ") for r in rows if r[2].startswith("`")}
     assert set(CASES) | set(TEACHER_CASES) == cases
     sources = ""
-    for name in os.listdir(os.path.join(REPO, "tests")):
-        if name.endswith(".py"):
-            sources += open(os.path.join(REPO, "tests", name), encoding="utf-8").read()
+    for directory, _, names in os.walk(os.path.join(REPO, "tests")):
+        for name in names:
+            if name.endswith(".py"):
+                sources += open(os.path.join(directory, name), encoding="utf-8").read()
     named = set(re.findall(r"`(?:tests/\S+::)?(test_\w+)", doc)) | set(re.findall(r"::(test_\w+)", doc))
     assert len(named) > 20
     missing = [t for t in named if f"def {t}(" not in sources]

@@ -9,8 +9,10 @@ import pytest
 
 from tests.helpers.data import tiny_model_overrides
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
+
+pytestmark = pytest.mark.e2e
 
 
 def _env():

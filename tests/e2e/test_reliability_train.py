@@ -28,8 +28,10 @@ import torch
 import dicehubert_fairseq  # noqa: F401  (torch.load allow-list for fairseq checkpoints)
 from tests.helpers.data import tiny_model_overrides, write_corpus, write_random_labels
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
+
+pytestmark = pytest.mark.e2e
 
 N_UTT = 11          # batch size 1: 11 updates per epoch
 MAX_UPDATE = 30

@@ -16,7 +16,6 @@ import glob
 import json
 import math
 import os
-import shlex
 import shutil
 import stat
 import subprocess
@@ -24,10 +23,12 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "examples", "tiny")
 LIBRI = os.path.join(REPO, "examples", "librispeech")
 BIN = os.path.dirname(sys.executable)
+
+pytestmark = pytest.mark.e2e
 MODELS = ["teacher_n1", "teacher_n2", "dicehubert_narrow", "dicehubert_narrow_soft", "dicehubert_shallow",
           "feat_narrow", "scratch_narrow"]
 

@@ -19,13 +19,14 @@ import torch
 from omegaconf import OmegaConf
 
 import dicehubert_fairseq  # noqa: F401
-from tests.helpers.config import CONFIG_DIR, compose
+from fairseq import checkpoint_utils
+from tests.helpers.config import CONFIG_DIR, build, compose
 from dicehubert_fairseq.data.files import SoftLabelWriter, write_dictionary
 from tests.helpers.data import (
     num_frames, tiny_model_overrides, write_checkpoint, write_corpus, write_random_labels,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOC = os.path.join(REPO, "docs", "ablations.md")
 EXPERIMENTS = sorted(os.path.basename(p)[: -len(".yaml")] for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
 #: Placeholders of the docs' command lines.
@@ -33,6 +34,8 @@ PLACEHOLDERS = ("DATA", "LABELS", "TEACHER")
 K = 20  # clusters of every generated label stream
 TEACHER_LAYERS = 12
 TINY_DIM = 32
+
+pytestmark = pytest.mark.e2e
 
 
 def doc_commands():
@@ -210,27 +213,20 @@ def test_docs_table_lists_every_experiment():
     assert not missing, f"docs/ablations.md has no row for {missing} (nor lists it under 'Other experiment files')"
 
 
-def _diff(a, b):
-    """``{group.key}`` whose values differ between two composed configs."""
-    return {f"{g}.{k}" for g in ("task", "model", "criterion", "optimization", "dataset", "common")
-            for k in set(a[g]) | set(b[g]) if a[g].get(k) != b[g].get(k)}
-
-
-@pytest.mark.parametrize("name,overrides,expected", [
-    ("dicehubert_narrow", ["task.labels=[it2_l6]"], {"task.labels": ["it2_l6"]}),
-    ("dicehubert_narrow_soft", [], {"task.soft_labels": ["km"]}),
-    ("dicehubert_narrow_soft", ["task.labels=[it2_l9_t5]"],
-     {"task.labels": ["it2_l9_t5"], "task.soft_labels": ["it2_l9_t5"]}),
-    ("dicehubert_narrow", ["+data=mfcc"], {"task.labels": ["mfcc"], "task.label_rate": 100, "model.label_rate": 100}),
-    ("dicehubert_narrow_multilayer", [], {"task.labels": ["it2_l6", "it2_l9", "it2_l12"],
-                                          "criterion.label_weights": [1.0, 1.0, 1.0]}),
-])
-def test_label_streams_and_data_overlays_change_only_what_they_name(name, overrides, expected):
-    """A label stream is named by a task.labels override; data/ overlays change only their keys
-    (data/soft.yaml: the streams of task.labels are soft)."""
-    base = compose("dicehubert_narrow", ["task.data=D", "task.label_dir=L"])
-    cfg = compose(name, ["task.data=D", "task.label_dir=L"] + overrides)
-    assert _diff(base, cfg) == set(expected)
-    for key, value in expected.items():
-        group, _, field = key.partition(".")
-        assert cfg[group][field] == value, key
+def test_trained_feat_checkpoint_holds_the_student_only_and_resumes(world, tmp_path):
+    w = world
+    overrides = ("task.data=DATA", "task.label_dir=LABELS", "criterion.teacher_checkpoint=TEACHER")
+    cfg = tiny_config("ssl_feat_shallow_l6", overrides, w, str(tmp_path / "ckpt"), updates=5)
+    state = train(cfg)
+    _, fresh, _ = build(cfg)
+    assert set(state["model"]) == set(fresh.state_dict())  # student + heads, nothing else
+    assert state.get("criterion") is None
+    teacher_sd = torch.load(w["teacher"], weights_only=True)["model"]
+    assert len(teacher_sd) > len(state["model"])
+    # the student reloads in this process like any fairseq checkpoint
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([os.path.join(cfg.checkpoint.save_dir,
+                                                                               "checkpoint_last.pt")])
+    assert models[0].feat_heads is not None and len(models[0].feat_heads) == 3
+    # and training resumes from checkpoint_last.pt (the teacher is loaded again, not restored)
+    resumed = train(tiny_config("ssl_feat_shallow_l6", overrides, w, str(tmp_path / "ckpt"), updates=7))
+    assert resumed["optimizer_history"][-1]["num_updates"] == 7

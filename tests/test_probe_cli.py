@@ -1,40 +1,26 @@
-"""dicehubert-probe: PER maths, CTC decoding, all-layer features, the probe learning tones, the CLI."""
+"""dicehubert-probe: it learns tones and writes its JSON; bad data, checkpoints and options give one-line errors."""
 
 import json
 import logging
 import os
 import random
-import shutil
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
 
-from dicehubert_fairseq.data.audio import read_audio
-from dicehubert_fairseq.data.files import read_manifest
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.probe.cli import main
-from dicehubert_fairseq.probe.features import extract_split
-from dicehubert_fairseq.probe.head import ctc_feasible, ctc_greedy_decode, phone_error_rate
 from dicehubert_fairseq.probe.run import ProbeConfig, run_probe
-from dicehubert_fairseq.probe.transcripts import UNK_ID
-from tests.helpers.tones import write_tone_corpus
-from tests.helpers.data import write_checkpoint, write_random_labels
+from tests.helpers.tones import copy_data
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 JSON_KEYS = {"per", "valid_per", "layer_weights", "epochs", "best_epoch", "checkpoint", "num_phones", "phones",
              "num_layers", "utterances", "frames", "unseen_phones", "history", "seconds", "config"}
+
+
 FAST = ["--epochs", "2", "--max-train-utterances", "8", "--threads", "1", "-q"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two OpenMP threads on two shared cores were measured 10x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -50,115 +36,10 @@ def restore_process_state():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tones(tmp_path_factory):
-    """Tone corpus (60/15/15 utterances, 4 tones) and a random tiny hubert checkpoint (2 x 32)."""
-    root = tmp_path_factory.mktemp("tones")
-    data = str(root / "data")
-    write_tone_corpus(data, splits={"train": 60, "valid": 15, "test": 15}, seed=0)
-    sizes = {s: read_manifest(os.path.join(data, f"{s}.tsv")).sizes for s in ("train", "valid")}
-    write_random_labels(str(root / "labels"), sizes)
-    ckpt = str(root / "hubert.pt")
-    write_checkpoint(ckpt, data, str(root / "labels"), seed=0)
-    return {"data": data, "labels": str(root / "labels"), "ckpt": ckpt, "root": root}
-
-
-def copy_data(tones, tmp_path):
-    """A private copy of the tone corpus's manifests and transcripts (the wavs are shared)."""
-    d = str(tmp_path / "data")
-    os.makedirs(d)
-    for name in os.listdir(tones["data"]):
-        if name.endswith((".tsv", ".phn")):
-            shutil.copy(os.path.join(tones["data"], name), d)
-    return d
-
-
 def run(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err, [line for line in err.splitlines() if ": error: " in line]
-
-
-# --------------------------------------------------------------------------------------------- maths
-
-
-@pytest.mark.parametrize("ref,hyp,expected", [
-    ("kitten", "sitting", 3),             # 2 substitutions + 1 insertion
-    ([1, 2, 3], [1, 2, 3], 0),
-    ([], [1, 2], 2),                      # 2 insertions
-    ([1, 2], [], 2),                      # 2 deletions
-    ([1, 2, 3], [3, 2, 1], 2),            # 2 substitutions
-    ([1, 2, 3, 4], [1, 3, 4, 5], 2),      # delete 2, insert 5
-    ([5, 5, 5], [5], 2),
-])
-def test_edit_distance_hand_computed(ref, hyp, expected):
-    """The PER's Levenshtein distance, read back through phone_error_rate (one extra correct phone
-    keeps the reference length non-zero)."""
-    ref, hyp = [ord(c) if isinstance(c, str) else c for c in ref], [ord(c) if isinstance(c, str) else c for c in hyp]
-    assert phone_error_rate([ref, [99]], [hyp, [99]]) * (len(ref) + 1) == pytest.approx(expected)
-    assert phone_error_rate([hyp, [99]], [ref, [99]]) * (len(hyp) + 1) == pytest.approx(expected)
-
-
-def test_phone_error_rate_is_corpus_level():
-    # (1 deletion) + (1 insertion) over 4 + 2 reference phones
-    assert phone_error_rate([[1, 2, 3, 4], [5, 6]], [[1, 3, 4], [5, 6, 7]]) == pytest.approx(2 / 6)
-    assert phone_error_rate([[1, 2]], [[1, 2]]) == 0.0
-    assert phone_error_rate([[1, 2]], [[]]) == 1.0
-    assert phone_error_rate([[1]], [[2, 3, 4]]) == 3.0  # insertions can push PER above 1
-    # a phone unseen in training (UNK_ID) can never be produced: always an error
-    assert phone_error_rate([[1, UNK_ID, 2]], [[1, 2]]) == pytest.approx(1 / 3)
-    with pytest.raises(ValueError, match="no phones"):
-        phone_error_rate([[], []], [[1], []])
-    with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
-        phone_error_rate([[1], [2]], [[1]])
-
-
-@pytest.mark.parametrize("frames,expected", [
-    ([0, 3, 3, 0, 3, 5, 5], [3, 3, 5]),   # a blank separates a repeated phone; repeats collapse
-    ([1, 1, 1], [1]),
-    ([0, 0, 0], []),
-    ([], []),
-    ([2, 0, 0, 2, 2, 1, 0, 1], [2, 2, 1, 1]),
-])
-def test_ctc_greedy_decode_collapses_then_drops_blanks(frames, expected):
-    assert ctc_greedy_decode(frames) == expected
-    assert ctc_greedy_decode(torch.tensor(frames, dtype=torch.long)) == expected
-    assert ctc_greedy_decode(np.asarray(frames, dtype=np.int64)) == expected
-
-
-def test_ctc_feasible_counts_blanks_between_repeats():
-    assert ctc_feasible(3, [1, 2, 3])
-    assert not ctc_feasible(3, [1, 1, 2])   # needs 1 0 1 2
-    assert ctc_feasible(4, [1, 1, 2])
-    assert ctc_feasible(0, [])
-
-
-# --------------------------------------------------------------------------------------------- features
-
-
-def test_hidden_states_equal_fairseq_per_layer_features(tones):
-    from dicehubert_fairseq.checkpoint import load_model
-
-    model, _ = load_model(tones["ckpt"])
-    manifest = read_manifest(os.path.join(tones["data"], "valid.tsv"))
-    cache = extract_split(model, manifest, limit=1)
-    states = cache.feats  # (L + 1, T, D), each state layer-normalised
-    wav = torch.from_numpy(read_audio(manifest, 0))
-    n_layers = len(model.encoder.layers)
-    assert states.shape[0] == n_layers + 1 and states.shape[2] == 32
-
-    def norm(x):
-        return torch.nn.functional.layer_norm(x, x.shape[-1:])
-
-    with torch.no_grad():
-        proj, _ = model.extract_features(wav[None], None, mask=False, ret_conv=True)
-        torch.testing.assert_close(states[0], norm(proj[0]), rtol=0, atol=0)
-        for layer in range(1, n_layers + 1):
-            x, _ = model.extract_features(wav[None], None, mask=False, output_layer=layer)
-            torch.testing.assert_close(states[layer], norm(x[0]), rtol=1e-5, atol=1e-5)
-
-
-# --------------------------------------------------------------------------------------------- the probe
 
 
 def test_probe_learns_tones_and_writes_json(tones, tmp_path, capsys):
@@ -185,7 +66,7 @@ def test_probe_learns_tones_and_writes_json(tones, tmp_path, capsys):
 
     # control: the same probe on transcripts shuffled across training utterances learns only the
     # phone statistics, not the audio
-    shuffled = copy_data(tones, tmp_path)
+    shuffled = copy_data(tones["data"], str(tmp_path))
     with open(os.path.join(shuffled, "train.phn")) as f:
         lines = f.read().splitlines()
     random.Random(0).shuffle(lines)
@@ -193,26 +74,6 @@ def test_probe_learns_tones_and_writes_json(tones, tmp_path, capsys):
         f.write("\n".join(lines) + "\n")
     control = run_probe(tones["ckpt"], shuffled, cfg=ProbeConfig(epochs=60, batch_size=4))
     assert control["per"] > result["per"] + 0.1, (control["per"], result["per"])
-
-
-def test_probe_is_deterministic(tones):
-    cfg = ProbeConfig(epochs=3, max_train_utterances=12)
-    a, b = (run_probe(tones["ckpt"], tones["data"], cfg=cfg) for _ in range(2))
-    for r in (a, b):
-        r.pop("seconds")
-    assert a == b
-
-
-def test_probe_on_dicehubert_student_has_one_weight_per_hidden_state(tones, tmp_path):
-    ckpt = str(tmp_path / "student.pt")
-    write_checkpoint(ckpt, tones["data"], tones["labels"], model="dicehubert_student", task="dicehubert",
-                     model_overrides={"encoder_layers": 3})
-    result = run_probe(ckpt, tones["data"], cfg=ProbeConfig(epochs=1, max_train_utterances=8))
-    assert len(result["layer_weights"]) == result["num_layers"] == 3 + 1
-    assert sum(result["layer_weights"]) == pytest.approx(1.0, abs=1e-6)
-
-
-# --------------------------------------------------------------------------------------------- bad input
 
 
 def _missing_phn(d):
@@ -272,7 +133,7 @@ def _missing_audio(d):
 @pytest.mark.parametrize("corrupt", [_missing_phn, _short_phn, _long_phn, _empty_split, _empty_line,
                                      _missing_manifest, _missing_audio])
 def test_bad_data_one_line_error_exit_1(tones, tmp_path, capsys, corrupt):
-    d = copy_data(tones, tmp_path)
+    d = copy_data(tones["data"], str(tmp_path))
     expected = corrupt(d)
     out = tmp_path / "out.json"
     code, _, err, errors = run(capsys, "--checkpoint", tones["ckpt"], "--data", d, "--json", out, *FAST)
@@ -284,7 +145,7 @@ def test_bad_data_one_line_error_exit_1(tones, tmp_path, capsys, corrupt):
 
 
 def test_bad_data_raises_with_debug(tones, tmp_path):
-    d = copy_data(tones, tmp_path)
+    d = copy_data(tones["data"], str(tmp_path))
     _missing_phn(d)
     with pytest.raises(InputError, match="valid.phn: phone transcripts not found"):
         main(["--checkpoint", tones["ckpt"], "--data", d, "--debug", *FAST])
@@ -300,7 +161,7 @@ def _add_unseen_phone(d):
 
 
 def test_unseen_phone_is_an_error_when_asked(tones, tmp_path, capsys):
-    d = copy_data(tones, tmp_path)
+    d = copy_data(tones["data"], str(tmp_path))
     _add_unseen_phone(d)
     code, _, err, errors = run(capsys, "--checkpoint", tones["ckpt"], "--data", d, "--unseen-phones", "error", *FAST)
     assert code == 1
@@ -309,7 +170,7 @@ def test_unseen_phone_is_an_error_when_asked(tones, tmp_path, capsys):
 
 
 def test_unseen_phone_scored_as_unk_by_default(tones, tmp_path, capsys):
-    d = copy_data(tones, tmp_path)
+    d = copy_data(tones["data"], str(tmp_path))
     _add_unseen_phone(d)
     out = tmp_path / "out.json"
     code, _, err, _ = run(capsys, "--checkpoint", tones["ckpt"], "--data", d, "--json", out, *FAST)
@@ -321,7 +182,7 @@ def test_unseen_phone_scored_as_unk_by_default(tones, tmp_path, capsys):
 
 
 def test_transcript_too_long_for_ctc_is_warned_with_its_line(tones, tmp_path, capsys):
-    d = copy_data(tones, tmp_path)
+    d = copy_data(tones["data"], str(tmp_path))
     path = os.path.join(d, "train.phn")
     with open(path) as f:
         lines = f.readlines()
@@ -362,15 +223,3 @@ def test_bad_options_are_usage_errors(tones, capsys):
             main(["--checkpoint", tones["ckpt"], "--data", tones["data"], *bad])
         assert e.value.code == 2
     capsys.readouterr()
-
-
-def test_console_script_exit_status_and_message(tones, tmp_path):
-    """The installed entry point (a separate process): bad input -> status 1, no traceback."""
-    d = copy_data(tones, tmp_path)
-    _short_phn(d)
-    exe = shutil.which("dicehubert-probe") or os.path.join(os.path.dirname(sys.executable), "dicehubert-probe")
-    proc = subprocess.run([exe, "--checkpoint", tones["ckpt"], "--data", d, *FAST],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert f"dicehubert-probe: error: {os.path.join(d, 'test.phn')}: 13 lines, but" in proc.stderr
-    assert "Traceback" not in proc.stderr
