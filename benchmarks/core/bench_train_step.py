@@ -53,7 +53,8 @@ def build(kind, data, labels, model_cfg):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="narrow", help="config/model/<preset>.yaml (default: narrow)")
+    p.add_argument("--preset", default="narrow",
+                   help="config/model/<preset>.yaml on config/recipe/hubert.yaml's model (default: narrow)")
     p.add_argument("--batch", type=int, default=4, help="utterances per batch")
     p.add_argument("--seconds", type=float, default=2.0, help="seconds per utterance")
     p.add_argument("--clusters", type=int, default=100)
@@ -65,7 +66,11 @@ def main():
     logging.disable(logging.INFO)
     torch.set_num_threads(args.threads)
 
-    model_cfg = yaml.safe_load(open(os.path.join(CONFIG_DIR, "model", f"{args.preset}.yaml")))
+    # the recipe's model settings (fairseq's HuBERT Base recipe), then the preset's size
+    with open(os.path.join(CONFIG_DIR, "recipe", "hubert.yaml")) as f:
+        model_cfg = yaml.safe_load(f)["model"]
+    with open(os.path.join(CONFIG_DIR, "model", f"{args.preset}.yaml")) as f:
+        model_cfg.update(yaml.safe_load(f) or {})
     model_cfg["encoder_layerdrop"] = 0.0  # identical work every step
     with tempfile.TemporaryDirectory() as tmp:
         sizes = write_corpus(os.path.join(tmp, "data"), {"train": args.batch},
