@@ -81,12 +81,22 @@ def _missing_phn(d):
     return "valid.phn: phone transcripts not found"
 
 
-def _short_phn(d):
-    path = os.path.join(d, "test.phn")
+def _edit(d, name, change):
+    """Rewrite file ``d/name`` with ``change(lines)`` (lines keep their newlines)."""
+    path = os.path.join(d, name)
     with open(path) as f:
         lines = f.readlines()
     with open(path, "w") as f:
-        f.writelines(lines[:-2])
+        f.writelines(change(lines))
+
+
+def _set(i, text):
+    """A ``change`` for :func:`_edit`: line ``i`` (0-based) becomes ``text``."""
+    return lambda lines: lines[:i] + [text] + lines[i + 1:]
+
+
+def _short_phn(d):
+    _edit(d, "test.phn", lambda lines: lines[:-2])
     return "test.phn: 13 lines, but"
 
 
@@ -97,21 +107,12 @@ def _long_phn(d):
 
 
 def _empty_split(d):
-    path = os.path.join(d, "valid.tsv")
-    with open(path) as f:
-        root = f.readline()
-    with open(path, "w") as f:
-        f.write(root)
+    _edit(d, "valid.tsv", lambda lines: lines[:1])
     return "valid.tsv: manifest lists no audio"
 
 
 def _empty_line(d):
-    path = os.path.join(d, "test.phn")
-    with open(path) as f:
-        lines = f.readlines()
-    lines[4] = "\n"
-    with open(path, "w") as f:
-        f.writelines(lines)
+    _edit(d, "test.phn", _set(4, "\n"))
     return "test.phn:5: empty transcript"
 
 
@@ -121,12 +122,7 @@ def _missing_manifest(d):
 
 
 def _missing_audio(d):
-    path = os.path.join(d, "valid.tsv")
-    with open(path) as f:
-        lines = f.readlines()
-    lines[3] = "nowhere.wav\t16000\n"
-    with open(path, "w") as f:
-        f.writelines(lines)
+    _edit(d, "valid.tsv", _set(3, "nowhere.wav\t16000\n"))
     return "valid.tsv:4: audio file"
 
 
@@ -152,12 +148,7 @@ def test_bad_data_raises_with_debug(tones, tmp_path):
 
 
 def _add_unseen_phone(d):
-    path = os.path.join(d, "test.phn")
-    with open(path) as f:
-        lines = f.readlines()
-    lines[6] = lines[6].rstrip("\n") + " zz\n"
-    with open(path, "w") as f:
-        f.writelines(lines)
+    _edit(d, "test.phn", lambda lines: _set(6, lines[6].rstrip("\n") + " zz\n")(lines))
 
 
 def test_unseen_phone_is_an_error_when_asked(tones, tmp_path, capsys):
@@ -183,12 +174,7 @@ def test_unseen_phone_scored_as_unk_by_default(tones, tmp_path, capsys):
 
 def test_transcript_too_long_for_ctc_is_warned_with_its_line(tones, tmp_path, capsys):
     d = copy_data(tones["data"], str(tmp_path))
-    path = os.path.join(d, "train.phn")
-    with open(path) as f:
-        lines = f.readlines()
-    lines[2] = " ".join(["a", "b"] * 300) + "\n"  # 600 phones for a second or two of audio (50 Hz)
-    with open(path, "w") as f:
-        f.writelines(lines)
+    _edit(d, "train.phn", _set(2, " ".join(["a", "b"] * 300) + "\n"))  # 600 phones for a second or two (50 Hz)
     code, _, err, _ = run(capsys, "--checkpoint", tones["ckpt"], "--data", d, *FAST)
     assert code == 0, err
     assert "train.phn:3: 600 phones for train_0002.wav, more than CTC can align" in err
