@@ -29,10 +29,15 @@ setup(
         f"ve-fairseq==0.12.3; {_VE_FAIRSEQ}",
         f"fairseq-fixed==0.12.3.1; {_FAIRSEQ_FIXED}",
         "numpy>=1.24",
-        "scikit-learn>=1.3",
+        # labels/kmeans.py rescales MiniBatchKMeans._counts (private): the range tested to mean what it
+        # uses (tests/test_labels_kmeans.py::test_sklearn_private_counts_still_mean_what_we_rescale)
+        "scikit-learn>=1.3,<1.10",
+        "threadpoolctl>=2.0",
         "joblib>=1.2",
         "soundfile>=0.12",
         "tqdm>=4.60",
+        # the probe's PER (fairseq's CTC criterion uses it too)
+        "editdistance>=0.6,<0.9",
         "hydra-core>=1.3,<1.4",
         "omegaconf>=2.3,<2.4",
     ],
@@ -44,7 +49,7 @@ setup(
         # tested (5.10.4): transformers 5.20.2 and 5.24.0 import torchaudio whenever it is
         # installed (fairseq pulls it in), and that torchaudio does not load beside torch 2.13.
         "export": ["transformers>=5.10,<5.11", "safetensors>=0.8,<0.9"],
-        # s3prl: its HuBERT loading code is run by tests/test_export_s3prl.py (an sdist with light
+        # s3prl: its HuBERT loading code is run by tests/e2e/test_export.py (an sdist with light
         # dependencies: requests, filelock, protobuf; its torchaudio is fairseq's).
         "test": ["pytest>=7", "hypothesis>=6", "hydra-submitit-launcher>=1.2",
                  "transformers>=5.10,<5.11", "safetensors>=0.8,<0.9", "s3prl==0.4.18"],

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from ..errors import InputError
+from . import check as checks, to_fairseq, to_hf, to_s3prl
 from .source import atomic_output, check_output, count_parameters, describe_dropped, disk_size, load_source
 
 logger = logging.getLogger(__name__)
@@ -65,27 +66,24 @@ def export_checkpoint(checkpoint: str, target: str, out: str, force: bool = Fals
     check_output(out, force, directory)
     source = load_source(checkpoint)
     if target == "hf":
-        from .to_hf import hf_config_kwargs, write_hf as write
-
-        hf_config_kwargs(source)  # refuse what HubertModel cannot represent before writing anything
+        to_hf.hf_config_kwargs(source)  # refuse what HubertModel cannot represent before writing anything
+        write = to_hf.write_hf
     elif target == "fairseq":
-        from .to_fairseq import write_fairseq as write
+        write = to_fairseq.write_fairseq
     else:
-        from .to_s3prl import refusals, write_s3prl as write
-
-        if refusals(source):
-            raise InputError(refusals(source))
+        problems = to_s3prl.refusals(source)
+        if problems:
+            raise InputError(problems)
+        write = to_s3prl.write_s3prl
     result = None
     with atomic_output(out, directory) as tmp:
         info = write(source, tmp)
         if check:
-            from .check import TOLERANCE, run_check
-
-            result = run_check(target, source, tmp)
+            result = checks.run_check(target, source, tmp)
             if result is not None and not result["ok"]:
                 worst = max(result["max_abs"])
                 raise InputError([f"{checkpoint}: the exported {target} model differs from the source by up to "
-                                  f"{worst:.3g} (more than {TOLERANCE:g}) on random audio; nothing written to {out}"])
+                                  f"{worst:.3g} (more than {checks.TOLERANCE:g}) on random audio; nothing written to {out}"])
         files = sorted(os.listdir(tmp)) if directory else [os.path.basename(out)]
     dropped = info["dropped"]
     return ExportResult(target=target, out=out, source=source.describe(), parameters=int(info["parameters"]),

@@ -8,12 +8,14 @@ own check.  ``transformers`` is imported only when a directory is actually loade
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
+from ..checkpoint import load_model
 from ..errors import InputError
+from ..frames import conv_layers, conv_output_length
+from ..hidden_states import HiddenStates
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +92,6 @@ def load_upstream(path: str, device: str = "cpu") -> Tuple[torch.nn.Module, Any]
     """
     if is_hf_model_dir(path):
         return load_hf_model(path, device)
-    from ..checkpoint import load_model
-
     return load_model(path, device)
 
 
@@ -103,64 +103,57 @@ def hidden_dim(model: torch.nn.Module) -> int:
 
 
 def hf_hidden_states(
-    model: torch.nn.Module, input_values: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
-) -> Dict[str, Any]:
-    """Hidden states of a ``transformers`` HubertModel, in fairseq's terms.
+    model: torch.nn.Module, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
+) -> HiddenStates:
+    """Hidden states of a ``transformers`` HubertModel, as :func:`~dicehubert_fairseq.hidden_states.hidden_states`
+    gives them for a fairseq model (same arguments, same :class:`HiddenStates` fields).
 
-    Taken with forward hooks (the same in every transformers version): the feature projection's
-    output (the transformer input before the positional conv, fairseq's projected features),
-    every encoder layer's output (fairseq's ``layer_results``: for ``do_stable_layer_norm``
-    models the last one before the encoder's final layer norm) and ``last_hidden_state``.
+    Taken with forward hooks (the same in every transformers version): the conv front end's
+    output (for ``features_pen``), the feature projection's output (``features``: the
+    transformer input before the positional conv, fairseq's projected features, the probe's
+    hidden state 0) and every encoder layer's output (``layers``; for ``do_stable_layer_norm``
+    models the last one before the encoder's final layer norm, as fairseq's).  ``padding_mask``
+    becomes transformers' ``attention_mask``, whose frames are the conv arithmetic's
+    (:func:`~dicehubert_fairseq.frames.conv_output_length`); the front end runs on the padded
+    batch (a GroupNorm front end normalises over the padding too, as transformers does).
 
     Args:
         model: a ``transformers.HubertModel`` in eval mode.
-        input_values: ``(B, S)`` waveforms, zero-padded.
-        attention_mask: ``(B, S)`` 1 on samples, 0 on padding (or None).
+        source: ``(B, S)`` waveforms (normalised already if the model's feature extractor normalises).
+        padding_mask: ``(B, S)`` bool, True on padded samples (at the end of each row), or None.
 
     Returns:
-        dict with ``features`` ``(B, T, D)``, ``layers`` (list of ``L`` ``(B, T, D)``),
-        ``final`` ``(B, T, D)`` and ``hidden_states`` (transformers' own tuple).
+        :class:`HiddenStates` with ``x`` = ``last_hidden_state`` ``(B, T, D)``, ``L`` ``layers``,
+        ``features``, the ``(B, T)`` frame ``padding_mask``, no masked frames and no targets.
     """
     captured: Dict[str, Any] = {"layers": [None] * len(model.encoder.layers)}
 
     def grab(out):
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def on_features(_m, _args, out):
-        captured["features"] = grab(out)
+    def keep(name):
+        def hook(_m, _args, out):
+            captured[name] = grab(out)
+        return hook
 
     def on_layer(k):
         def hook(_m, _args, out):
             captured["layers"][k] = grab(out)
         return hook
 
-    handles = [model.feature_projection.register_forward_hook(on_features)]
+    handles = [model.feature_extractor.register_forward_hook(keep("conv")),
+               model.feature_projection.register_forward_hook(keep("features"))]
     handles += [layer.register_forward_hook(on_layer(k)) for k, layer in enumerate(model.encoder.layers)]
+    attention_mask = None if padding_mask is None else (~padding_mask).long()
     try:
-        with torch.inference_mode():
-            out = model(input_values, attention_mask=attention_mask, output_hidden_states=True)
+        x = model(source, attention_mask=attention_mask).last_hidden_state
     finally:
         for h in handles:
             h.remove()
-    return {"features": captured["features"], "layers": captured["layers"], "final": out.last_hidden_state,
-            "hidden_states": out.hidden_states}
-
-
-def probe_hidden_states(model: torch.nn.Module, source: torch.Tensor, normalize_waveform: bool = False) -> torch.Tensor:
-    """All hidden states of an HF HuBERT for one utterance, as the probe takes them from fairseq.
-
-    Args:
-        model: a ``transformers.HubertModel`` in eval mode.
-        source: ``(S,)`` or ``(1, S)`` waveform.
-        normalize_waveform: layer-normalise the waveform first (fairseq's ``task.normalize``,
-            computed exactly as fairseq does, ``F.layer_norm`` over the whole waveform).
-
-    Returns:
-        ``(L + 1, T, D)``: 0 is the projected conv features, ``1..L`` the layers' outputs.
-    """
-    x = source.reshape(1, -1).float()
-    if normalize_waveform:
-        x = F.layer_norm(x, x.shape)
-    h = hf_hidden_states(model, x)
-    states: List[torch.Tensor] = [h["features"][0]] + [s[0] for s in h["layers"]]
-    return torch.stack(states)
+    B, T = x.shape[:2]
+    frames = torch.full((B,), T) if padding_mask is None else torch.tensor(
+        [conv_output_length(int(n), conv_layers(model)) for n in (~padding_mask).sum(1)])
+    frame_padding = torch.arange(T, device=x.device)[None, :] >= frames.to(x.device)[:, None]
+    return HiddenStates(x=x, layers=captured["layers"], features=captured["features"], padding_mask=frame_padding,
+                        mask_indices=torch.zeros_like(frame_padding),
+                        features_pen=captured["conv"].float().pow(2).mean())

@@ -13,10 +13,15 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import torch
+from fairseq import checkpoint_utils
+from fairseq.models.hubert.hubert import HubertConfig
+from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
+from omegaconf import OmegaConf
 
+from ..checkpoint import load_state, require_hubert_family
 from ..errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -53,14 +58,10 @@ class Source:
         ``_name`` becomes ``hubert``; this project's own fields (``init_from_teacher``,
         ``feat_*``) are left out; interpolations (``label_rate: ${task.label_rate}``) resolved.
         """
-        from fairseq.models.hubert.hubert import HubertConfig
-
         return _restrict(self.cfg.model, HubertConfig, "hubert")
 
     def task_cfg(self) -> Dict[str, Any]:
         """The task config as plain Python, restricted to ``HubertPretrainingConfig``'s fields."""
-        from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
-
         return _restrict(self.cfg.task, HubertPretrainingConfig, "hubert_pretraining")
 
     def num_layers(self) -> int:
@@ -74,8 +75,6 @@ class Source:
 
 
 def _plain(node) -> Any:
-    from omegaconf import OmegaConf
-
     if OmegaConf.is_config(node):
         return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
     return node
@@ -117,10 +116,6 @@ def load_source(path: str) -> Source:
         InputError: missing, unreadable, truncated, not a fairseq checkpoint, not HuBERT-family,
             or a model fairseq cannot build from it.
     """
-    from fairseq import checkpoint_utils
-
-    from ..checkpoint import load_state, require_hubert_family
-
     path = os.fspath(path)
     if os.path.isdir(path):
         raise InputError([f"{path}: is a directory (expected a fairseq checkpoint file)"])
@@ -234,60 +229,3 @@ def atomic_output(out: str, directory: bool) -> Iterator[str]:
                 os.unlink(tmp)
         raise
 
-
-# ------------------------------------------------------------------------------ hidden states
-
-
-def conv_layers(model: torch.nn.Module) -> List[Tuple[int, int]]:
-    """``(kernel, stride)`` of each conv layer of a fairseq (or s3prl) HuBERT front end."""
-    out = []
-    for block in model.feature_extractor.conv_layers:
-        conv = next(m for m in block.modules() if isinstance(m, torch.nn.Conv1d))
-        out.append((int(conv.kernel_size[0]), int(conv.stride[0])))
-    return out
-
-
-def num_frames(model: torch.nn.Module, num_samples: int) -> int:
-    """Frames the conv front end makes of ``num_samples`` samples (no padding)."""
-    from ..labels.features import conv_num_frames
-
-    return conv_num_frames(num_samples, conv_layers(model))
-
-
-def fairseq_hidden_states(
-    model: torch.nn.Module, source: torch.Tensor, lengths: Optional[Sequence[int]] = None
-) -> Dict[str, Any]:
-    """Every transformer layer's output of a fairseq HuBERT-family model, on a padded batch.
-
-    The one place the export package asks the model for hidden states (it calls
-    :func:`dicehubert_fairseq.models.dicehubert_student.layer_states`).  With ``lengths``, the
-    encoder gets a frame-exact padding mask: frame ``t`` of item ``b`` is padding iff ``t`` is
-    at least the frames the conv front end makes of ``lengths[b]`` samples, which is what
-    transformers' ``attention_mask`` gives an HF model.  (fairseq's own
-    ``HubertModel.forward_padding_mask`` instead calls a frame padding only when every sample
-    of its block of ``S // T`` samples is, which can count one frame more; the sample mask built
-    here is the one whose blocks give exactly the conv-arithmetic frames.)
-
-    Args:
-        model: a fairseq ``HubertModel`` (or subclass, or s3prl's copy) in eval mode.
-        source: ``(B, S)`` waveforms, zero-padded.
-        lengths: samples of each item (None: no padding).
-
-    Returns:
-        dict with ``layers`` (list of ``L`` ``(B, T, D)`` layer outputs, layer 1 first),
-        ``final`` ``(B, T, D)`` (the encoder output: layer ``L``, layer-normalised when the model
-        is ``layer_norm_first``) and ``frames`` (list of ``B`` valid frame counts).
-    """
-    from ..models.dicehubert_student import layer_states
-
-    B, S = source.shape
-    T = num_frames(model, S)
-    if lengths is None:
-        padding_mask, frames = None, [T] * B
-    else:
-        frames = [num_frames(model, int(n)) for n in lengths]
-        block = S // T
-        padding_mask = torch.arange(S)[None, :] >= (torch.tensor(frames) * block)[:, None]
-    with torch.inference_mode():
-        out = layer_states(model, source, padding_mask, mask=False)
-    return {"layers": out["layer_states"], "final": out["x"], "frames": frames}

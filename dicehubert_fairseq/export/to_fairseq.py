@@ -25,6 +25,9 @@ import logging
 from typing import Any, Dict
 
 import torch
+from fairseq.criterions.hubert_criterion import HubertCriterionConfig
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .source import FEAT_HEADS, Source, require_plain, split_state_dict
 
@@ -32,9 +35,6 @@ logger = logging.getLogger(__name__)
 
 
 def _section(cfg, key: str) -> Any:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     node = cfg.get(key)
     if not OmegaConf.is_config(node):
         return node
@@ -46,8 +46,6 @@ def _section(cfg, key: str) -> Any:
 
 def plain_fairseq_cfg(source: Source) -> Dict[str, Any]:
     """The source's fairseq config as plain Python, rewritten for fairseq's own ``hubert``."""
-    from fairseq.criterions.hubert_criterion import HubertCriterionConfig
-
     cfg = {k: _section(source.cfg, k) for k in source.cfg.keys()}
     cfg["model"] = source.model_cfg()
     cfg["task"] = source.task_cfg()

@@ -46,7 +46,8 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from ..errors import InputError
-from .source import FEAT_HEADS, PRETRAINING_HEADS, Source, conv_layers, split_state_dict
+from ..frames import conv_layers
+from .source import FEAT_HEADS, PRETRAINING_HEADS, Source, split_state_dict
 
 logger = logging.getLogger(__name__)
 
