@@ -14,30 +14,44 @@ import argparse
 import logging
 import sys
 import warnings
+from dataclasses import dataclass, field
 from typing import List, Optional
 
+from omegaconf import MISSING
+
+from ..cli_args import add_arguments, from_args
 from ..cli_errors import run_reporting_errors
-from .api import TARGETS
+from .api import TARGETS, export_checkpoint
 
 PROG = "dicehubert-export"
+
+
+@dataclass
+class ExportCommand:
+    """The options of ``dicehubert-export``."""
+
+    checkpoint: str = field(default=MISSING, metadata={
+        "help": "dicehubert_student or fairseq hubert checkpoint (checkpoint_best.pt, ...)", "positional": True,
+        "metavar": "CHECKPOINT"})
+    target: str = field(default=MISSING, metadata={
+        "help": "hf: a transformers HubertModel directory (config.json, model.safetensors, preprocessor_config.json); "
+                "fairseq: a plain fairseq 'hubert' checkpoint that loads without this plugin; s3prl: s3prl's "
+                "converted HuBERT checkpoint (upstream hubert_local)", "flag": "--to", "choices": sorted(TARGETS)})
+    out: str = field(default=MISSING, metadata={"help": "output directory (hf) or file (fairseq, s3prl)",
+                                                "positional": True, "metavar": "OUT"})
+    force: bool = field(default=False, metadata={"help": "replace OUT if it exists"})
+    check: bool = field(default=True, metadata={
+        "help": "skip loading the result back and comparing its layer outputs with the source's on random audio",
+        "flag": "--no-check"})
+    quiet: bool = field(default=False, metadata={"help": "print nothing on success", "argparse_alias": "-q"})
+    debug: bool = field(default=False, metadata={"help": "debug logging; tracebacks for errors"})
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="dicehubert_student or fairseq hubert checkpoint (checkpoint_best.pt, ...)")
-    p.add_argument("--to", required=True, choices=sorted(TARGETS), dest="target",
-                   help="hf: a transformers HubertModel directory (config.json, model.safetensors, "
-                        "preprocessor_config.json); fairseq: a plain fairseq 'hubert' checkpoint that loads "
-                        "without this plugin; s3prl: s3prl's converted HuBERT checkpoint (upstream hubert_local)")
-    p.add_argument("out", help="output directory (hf) or file (fairseq, s3prl)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--no-check", action="store_true",
-                   help="skip loading the result back and comparing its layer outputs with the source's "
-                        "on random audio")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
-    p.add_argument("--debug", action="store_true", help="debug logging; tracebacks for errors")
+    add_arguments(p, ExportCommand)
     return p
 
 
@@ -51,7 +65,7 @@ def _quiet_transformers() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = from_args(ExportCommand, build_parser().parse_args(argv))
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
@@ -66,11 +80,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             _quiet_transformers()
         warnings.filterwarnings("ignore", message=r".*torch\.nn\.utils\.weight_norm.* is deprecated")
 
-    from .api import export_checkpoint
-
     code, r = run_reporting_errors(
         PROG, args.debug,
-        lambda: export_checkpoint(args.checkpoint, args.target, args.out, force=args.force, check=not args.no_check))
+        lambda: export_checkpoint(args.checkpoint, args.target, args.out, force=args.force, check=args.check))
     if code:
         return code
     if not args.quiet:
@@ -79,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"({r.bytes / 1e6:.2f} MB) in {', '.join(r.files)}")
         print(f"  dropped: {r.dropped}" + (f"; {r.dropped_parameters:,} parameters" if r.dropped_parameters else ""))
         if r.check is None:
-            print("  check: not run" + ("" if args.no_check else " (s3prl is not installed here)"))
+            print("  check: not run" + (" (s3prl is not installed here)" if args.check else ""))
         else:
             layers = " ".join(f"{d:.1e}" for d in r.check["max_abs"][:-1])
             print(f"  check: max |difference| to the source on random audio, layers 1..{len(r.check['max_abs']) - 1}: "
