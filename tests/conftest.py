@@ -10,10 +10,9 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
-from dicehubert_fairseq.data.files import read_manifest
 from dicehubert_fairseq.labels.cli import main as labels_main
 from tests.helpers.data import perturb_checkpoint, write_checkpoint, write_corpus, write_random_labels
-from tests.helpers.tones import write_tone_corpus
+from tests.helpers.tones import write_tone_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,12 +83,8 @@ def feat_world(tmp_path_factory):
 def tones(tmp_path_factory):
     """Tone corpus (60/15/15 utterances, 4 tones) and a random tiny hubert checkpoint (2 x 32)."""
     root = tmp_path_factory.mktemp("tones")
-    data = str(root / "data")
-    write_tone_corpus(data, splits={"train": 60, "valid": 15, "test": 15}, seed=0)
-    sizes = {s: read_manifest(os.path.join(data, f"{s}.tsv")).sizes for s in ("train", "valid")}
-    write_random_labels(str(root / "labels"), sizes)
-    ckpt = str(root / "hubert.pt")
-    write_checkpoint(ckpt, data, str(root / "labels"), seed=0)
+    data, ckpt = str(root / "data"), str(root / "hubert.pt")
+    write_tone_world(data, str(root / "labels"), ckpt, {"train": 60, "valid": 15, "test": 15})
     return {"data": data, "labels": str(root / "labels"), "ckpt": ckpt, "root": root}
 
 

@@ -14,8 +14,8 @@ from dicehubert_fairseq.export.hf_model import hf_hidden_states, load_hf_model
 from dicehubert_fairseq.hidden_states import hidden_states
 from dicehubert_fairseq.probe.cli import main as probe_main
 from dicehubert_fairseq.probe.run import ProbeConfig, run_probe
-from tests.helpers.data import perturb_checkpoint, write_checkpoint, write_random_labels
-from tests.helpers.tones import write_tone_corpus
+from tests.helpers.data import perturb_checkpoint
+from tests.helpers.tones import write_tone_corpus, write_tone_world
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOL = 1e-4
@@ -25,12 +25,8 @@ TOL = 1e-4
 def tone_teacher(tmp_path_factory):
     """Tone corpus and a perturbed tiny hubert (2 x 32, stride 320) with task.normalize, exported to HF."""
     root = tmp_path_factory.mktemp("tones")
-    data = str(root / "data")
-    write_tone_corpus(data, splits={"train": 24, "valid": 8, "test": 8}, seed=0)
-    sizes = {s: read_manifest(os.path.join(data, f"{s}.tsv")).sizes for s in ("train", "valid")}
-    write_random_labels(str(root / "labels"), sizes)
-    ckpt = str(root / "hubert.pt")
-    write_checkpoint(ckpt, data, str(root / "labels"), seed=0)
+    data, ckpt = str(root / "data"), str(root / "hubert.pt")
+    write_tone_world(data, str(root / "labels"), ckpt, {"train": 24, "valid": 8, "test": 8})
     perturb_checkpoint(ckpt, normalize=True, seed=3)
     hf = str(root / "hubert_hf")
     assert main([ckpt, "--to", "hf", hf, "-q"]) == 0

@@ -53,6 +53,22 @@ def _batch(model, seed=0):
     return wavs, lengths
 
 
+def _job(tmp_path, name, wavs, lengths, **paths):
+    """A job for a fresh process: ``wavs`` saved beside ``tmp_path``'s outputs."""
+    torch.save(wavs, tmp_path / f"{name}.in.pt")
+    return dict(paths, input=str(tmp_path / f"{name}.in.pt"), lengths=lengths, output=str(tmp_path / f"{name}.out.pt"))
+
+
+def _run_fresh(tmp_path, script, jobs):
+    """Run ``script`` on ``jobs`` in a fresh Python process; each job's output, loaded."""
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "fresh.py").write_text(script)
+    proc = subprocess.run([PY, str(tmp_path / "fresh.py"), str(tmp_path / "jobs.json")], cwd=str(tmp_path),
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(job["output"], weights_only=True) for job in jobs]
+
+
 def _max_abs(x, y, frames):
     return max(float((x[i, :n] - y[i, :n]).abs().max()) for i, n in enumerate(frames))
 
@@ -141,18 +157,10 @@ def test_hf_layers_equal_fairseq_in_fresh_process(export_models, hf_exports, tmp
         # each utterance alone (what transformers gives one utterance without padding)
         alone = [h for h, _ in _alone(src.model, wavs, lengths)]
         refs[name] = (src, batch, first[0].transpose(0, 1), alone, lengths)
-        torch.save(wavs, tmp_path / f"{name}.in.pt")
-        jobs.append({"dir": hf_exports[name], "input": str(tmp_path / f"{name}.in.pt"), "lengths": lengths,
-                     "output": str(tmp_path / f"{name}.out.pt")})
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    (tmp_path / "hf.py").write_text(HF_SCRIPT)
-    proc = subprocess.run([PY, str(tmp_path / "hf.py"), str(tmp_path / "jobs.json")], cwd=str(tmp_path),
-                          env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        jobs.append(_job(tmp_path, name, wavs, lengths, dir=hf_exports[name]))
     report = {}
-    for name in HF_MODELS:
+    for name, got in zip(HF_MODELS, _run_fresh(tmp_path, HF_SCRIPT, jobs)):
         src, ref, ref_input, alone, lengths = refs[name]
-        got = torch.load(tmp_path / f"{name}.out.pt", weights_only=True)
         assert got["modules"] == [], got["modules"]  # transformers alone: no fairseq, no plugin, no torchaudio
         assert got["extractor"] == {"sampling_rate": 16000, "do_normalize": name == "shallow",
                                     "return_attention_mask": True}
@@ -220,16 +228,8 @@ def test_fairseq_export_loads_without_the_plugin(export_models, tmp_path):
         src = load_source(export_models[name])
         wavs, lengths = _batch(src.model)
         refs[name] = [h for h, _ in _alone(src.model, wavs, lengths)]
-        torch.save(wavs, tmp_path / f"{name}.in.pt")
-        jobs.append({"path": str(path), "input": str(tmp_path / f"{name}.in.pt"), "lengths": lengths,
-                     "output": str(tmp_path / f"{name}.out.pt")})
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    (tmp_path / "fs.py").write_text(FAIRSEQ_SCRIPT)
-    proc = subprocess.run([PY, str(tmp_path / "fs.py"), str(tmp_path / "jobs.json")], cwd=str(tmp_path),
-                          env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for name, ref in refs.items():
-        got = torch.load(tmp_path / f"{name}.out.pt", weights_only=True)
+        jobs.append(_job(tmp_path, name, wavs, lengths, path=str(path)))
+    for (name, ref), got in zip(refs.items(), _run_fresh(tmp_path, FAIRSEQ_SCRIPT, jobs)):
         assert got["modules"] == [], got["modules"]
         assert got["class"] == "fairseq.models.hubert.hubert.HubertModel"
         assert (got["model"], got["task"], got["user_dir"]) == ("hubert", "hubert_pretraining", None)
@@ -295,17 +295,9 @@ def test_s3prl_export_loads_through_s3prl(export_models, tmp_path, capsys):
         # task.normalize (shallow): s3prl's expert layer-normalises the waveform, as fairseq's dataset
         refs[name] = [[first] + h.layers[:-1] + [h.x] for h, first in _alone(src.model, wavs, lengths,
                                                                             normalize=name == "shallow")]
-        torch.save(wavs, tmp_path / f"{name}.in.pt")
-        jobs.append({"path": str(path), "input": str(tmp_path / f"{name}.in.pt"), "lengths": lengths,
-                     "output": str(tmp_path / f"{name}.out.pt")})
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    (tmp_path / "s3.py").write_text(S3PRL_SCRIPT)
-    proc = subprocess.run([PY, str(tmp_path / "s3.py"), str(tmp_path / "jobs.json")], cwd=str(tmp_path),
-                          env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        jobs.append(_job(tmp_path, name, wavs, lengths, path=str(path)))
     report = {}
-    for name, ref in refs.items():
-        got = torch.load(tmp_path / f"{name}.out.pt", weights_only=True)
+    for (name, ref), got in zip(refs.items(), _run_fresh(tmp_path, S3PRL_SCRIPT, jobs)):
         assert got["modules"] == [] and got["loaded"] == got["steps_module"] == "s3prl.upstream.hubert.hubert_model"
         assert got["normalize"] is (name == "shallow")
         for hs, r in zip(got["hidden_states"], ref):
