@@ -14,23 +14,23 @@ PRESET_PARAMS = {
     "dicehubert_narrow": 26.87e6,
     "dicehubert_shallow_l6": 23.49e6,
     "dicehubert_shallow_l4": 30.58e6,
-    "hubert_base_scratch": 94.7e6,  # HuBERT Base *with* its heads for K=500, as usually quoted
+    "hubert_base_scratch": 94.37e6,  # HuBERT Base; 94.7M as usually quoted counts its heads for K = 500
 }
 
 
 @pytest.fixture(scope="module")
-def k500(tmp_path_factory):
-    """A corpus with K=500 label dictionaries for 'km' and 'mfcc' (HuBERT Base's label count)."""
-    root = tmp_path_factory.mktemp("k500")
+def k100(tmp_path_factory):
+    """A corpus with K=100 label dictionaries for 'km' and 'mfcc' (the paper's K; HuBERT's iteration 1)."""
+    root = tmp_path_factory.mktemp("k100")
     sizes = write_corpus(str(root / "data"), {"train": 2, "valid": 2})
-    write_random_labels(str(root / "labels"), sizes, "km", 500, 50)
-    write_random_labels(str(root / "labels"), sizes, "mfcc", 500, 100)
+    write_random_labels(str(root / "labels"), sizes, "km", 100, 50)
+    write_random_labels(str(root / "labels"), sizes, "mfcc", 100, 100)
     return str(root / "data"), str(root / "labels")
 
 
 @pytest.mark.parametrize("name", CORE_CONFIGS)
-def test_config_composes_builds_and_has_preset_size(name, k500):
-    data, labels = k500
+def test_config_composes_builds_and_has_preset_size(name, k100):
+    data, labels = k100
     cfg = compose(name, [f"task.data={data}", f"task.label_dir={labels}", "run=cpu"])
     # the paper's training setup
     assert cfg.task._name == "dicehubert" and cfg.criterion._name == "dicehubert"
@@ -40,13 +40,13 @@ def test_config_composes_builds_and_has_preset_size(name, k500):
     assert cfg.criterion.loss_weights == [10.0] and cfg.criterion.pred_nomask_weight == 0.0
     task, model, criterion = build(cfg)
     assert type(model).__name__ == "DiceHubertStudent"
-    heads = ("label_embs_concat", "final_proj") if name != "hubert_base_scratch" else ()
+    heads = ("label_embs_concat", "final_proj")  # the pretraining heads, whose size follows K
     n = sum(p.numel() for k, p in model.named_parameters() if not k.startswith(heads))
     assert abs(n - PRESET_PARAMS[name]) / PRESET_PARAMS[name] < 0.01, n
 
 
-def test_run_overlays_compose(k500):
-    data, labels = k500
+def test_run_overlays_compose(k100):
+    data, labels = k100
     gpu = compose("dicehubert_narrow", [f"task.data={data}", f"task.label_dir={labels}"])
     assert gpu.common.fp16 and gpu.optimization.update_freq == [32]
     cpu = compose("dicehubert_narrow", [f"task.data={data}", f"task.label_dir={labels}", "run=cpu"])
@@ -79,3 +79,49 @@ def test_label_streams_and_data_overlays_change_only_what_they_name(name, overri
     for key, value in expected.items():
         group, _, field = key.partition(".")
         assert cfg[group][field] == value, key
+
+
+#: The published recipe each L_feat row follows by default: (per-layer loss, starts from the
+#: teacher, hidden width of the prediction heads; 0: linear). Layer-to-layer rows: FitHuBERT (MSE,
+#: linear projections, random init); heads on the last layer: DistilHuBERT (L1 + 1 * cos, MLP heads
+#: at the student's width, conv front end and first layers copied from the teacher).
+FEAT_ROWS = {
+    "feat_narrow": ("mse", False, 0),
+    "ssl_feat_narrow": ("mse", False, 0),
+    "feat_shallow_l6": ("l1_cos", True, 768),
+    "feat_shallow_l4": ("l1_cos", True, 768),
+    "ssl_feat_shallow_l6": ("l1_cos", True, 768),
+    "ssl_feat_shallow_l4": ("l1_cos", True, 768),
+}
+
+
+def test_every_feat_row_is_checked_below():
+    import glob
+    import os
+
+    from tests.helpers.config import CONFIG_DIR
+
+    names = {os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONFIG_DIR, "*feat_*.yaml"))}
+    assert names == set(FEAT_ROWS)
+
+
+@pytest.mark.parametrize("name", sorted(FEAT_ROWS))
+def test_feat_rows_follow_their_published_recipe(name):
+    loss, init, hidden = FEAT_ROWS[name]
+    paths = ["task.data=D", "task.label_dir=L", "criterion.teacher_checkpoint=TEACHER"]
+    cfg = compose(name, paths)
+    assert cfg.criterion._name == "dicehubert_feat"
+    assert cfg.criterion.feat_loss == loss and cfg.criterion.cos_weight == 1.0
+    assert cfg.model.init_from_teacher == ("TEACHER" if init else None)  # DistilHuBERT: the criterion's teacher
+    assert cfg.model.feat_head_hidden_dim == hidden
+    off = compose(name, paths + ["model.init_from_teacher=null", "criterion.feat_loss=l1_cos"])
+    assert off.model.init_from_teacher is None and off.criterion.feat_loss == "l1_cos"
+
+
+def test_tiny_feat_overlay_is_layer_to_layer_with_mse():
+    """examples/tiny's feat_narrow (feat=tiny_layer_to_layer) is FitHuBERT-style like feat_narrow."""
+    cfg = compose("feat_narrow", ["task.data=D", "criterion.teacher_checkpoint=T", "model=tiny_narrow",
+                                  "feat=tiny_layer_to_layer"])
+    assert cfg.criterion.feat_loss == "mse" and cfg.model.feat_head_hidden_dim == 0
+    assert cfg.model.feat_student_layers == cfg.model.feat_target_layers == [1, 2, 3, 4, 5, 6]
+    assert cfg.model.init_from_teacher is None

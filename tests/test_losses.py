@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import dicehubert_fairseq  # noqa: F401
 from dicehubert_fairseq.losses import (
-    count_correct, cosine_logits, feature_distillation_loss, hard_cross_entropy, soft_cross_entropy,
+    count_correct, cosine_logits, feature_distillation_loss, feature_mse_loss, hard_cross_entropy, soft_cross_entropy,
 )
 
 
@@ -127,6 +127,41 @@ def test_feature_distillation_loss_hand_values_and_padding():
     assert pred.grad[0, :2].abs().sum() > 0
     # without the mask the padded frame would dominate
     assert feature_distillation_loss(pred.detach(), target, None)[0].item() > 10
+
+
+def test_feature_mse_loss_hand_values_and_padding():
+    # frame 1: equal (0); frame 2: squared errors 0 and 4 -> mean 2; frame 3: padding
+    pred = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [100.0, 100.0]]], requires_grad=True)
+    target = torch.tensor([[[1.0, 0.0], [0.0, -1.0], [-5.0, 3.0]]])
+    pad = torch.tensor([[False, False, True]])
+    loss = feature_mse_loss(pred, target, pad)
+    assert loss.item() == pytest.approx((0.0 + 2.0) / 2)
+    loss.backward()
+    assert torch.equal(pred.grad[0, 2], torch.zeros(2))  # the padded frame gets no gradient
+    # d/dpred of mean over 2 frames x 2 dims of (pred - target)^2: 2 * (pred - target) / 4
+    assert torch.allclose(pred.grad[0, 1], torch.tensor([0.0, 1.0]))
+    # without the mask the padded frame counts: (0 + 2 + (105^2 + 97^2) / 2) / 3
+    assert feature_mse_loss(pred.detach(), target, None).item() == pytest.approx((2.0 + (105 ** 2 + 97 ** 2) / 2) / 3)
+
+
+def test_feature_mse_loss_has_no_cosine_term():
+    """FitHuBERT's loss is the squared distance alone: a prediction in the teacher's direction
+    but twice as long costs its squared error; L1 + cos would add -log sigmoid(1) on top."""
+    target = torch.tensor([[[3.0, 4.0]]])
+    assert feature_mse_loss(2 * target, target, None).item() == pytest.approx((9.0 + 16.0) / 2)
+    assert feature_mse_loss(target, target, None).item() == 0.0
+    l1_cos = feature_distillation_loss(target, target, None)[0].item()
+    assert l1_cos == pytest.approx(math.log1p(math.exp(-1.0)))  # not 0: the cosine term never vanishes
+
+
+def test_feature_mse_loss_matches_fithubert_reduction_without_padding():
+    """FitHuBERT: ``F.mse_loss(pred, target, reduction="none")`` over ``(B, N, T, D)``, then ``.mean()``:
+    with no padding, the mean over N layers of this per-layer loss."""
+    g = torch.Generator().manual_seed(0)
+    preds, targets = torch.randn(3, 2, 7, 5, generator=g), torch.randn(3, 2, 7, 5, generator=g)  # N, B, T, D
+    ours = torch.stack([feature_mse_loss(p, t, None) for p, t in zip(preds, targets)]).mean()
+    fithubert = F.mse_loss(preds.transpose(0, 1), targets.transpose(0, 1), reduction="none").mean()
+    assert ours.item() == pytest.approx(fithubert.item(), rel=1e-6)
 
 
 DTYPES = [torch.float16, torch.bfloat16]

@@ -6,7 +6,7 @@ import torch
 
 import dicehubert_fairseq  # noqa: F401
 from dicehubert_fairseq.errors import InputError
-from tests.helpers.config import FEAT_TINY, batch_of, build, compose, tiny_student_cfg
+from tests.helpers.config import FEAT_DIM, FEAT_TINY, batch_of, build, compose, feat_cfg, tiny_student_cfg
 from tests.helpers.data import write_checkpoint, write_random_labels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -95,3 +95,50 @@ def test_ssl_forward_unchanged_by_the_feature_heads(feat_world):
     for key in ("logit_m_list", "logit_u_list", "target_m_list"):
         assert all(torch.equal(a, b) for a, b in zip(outs[0][key], outs[1][key]))
     assert "layer_states" not in outs[0] and len(outs[1]["layer_states"]) == 12 and len(outs[1]["feat_preds"]) == 3
+
+
+@pytest.mark.parametrize("name,depth", [("feat_shallow_l6", 2), ("feat_shallow_l4", 3), ("ssl_feat_shallow_l6", 2)])
+def test_distilhubert_rows_start_from_the_teachers_first_layers(feat_world, name, depth):
+    """DistilHuBERT's initialisation, on by default in its rows (s3prl's distiller copies the conv
+    front end, the positional convolution and the first ``encoder_layers`` teacher layers): every
+    tensor of the front end and of encoder layers 1..depth equals the teacher's; the pretraining
+    and distillation heads keep their own init; ``model.init_from_teacher=null`` turns it off."""
+    w = feat_world
+    cfg = feat_cfg(w, name)
+    assert cfg.model.encoder_layers == depth and cfg.model.init_from_teacher == w["teacher"]
+    teacher = torch.load(w["teacher"], weights_only=True)["model"]  # 12 layers
+    _, model, _ = build(cfg)
+    sd = model.state_dict()
+    front = [n for n in sd if n.startswith(("feature_extractor.", "layer_norm.", "encoder.pos_conv."))]
+    assert len(front) > 5
+    for n in front:
+        assert torch.equal(sd[n], teacher[n]), n
+    for i in range(depth):
+        layer = [n for n in sd if n.startswith(f"encoder.layers.{i}.")]
+        assert len(layer) > 10 and all(torch.equal(sd[n], teacher[n]) for n in layer), i
+    assert not any(n.startswith(f"encoder.layers.{depth}.") for n in sd)  # the student's depth, no more
+    heads = [n for n in sd if n.startswith(("feat_heads.", "final_proj.", "label_embs_concat"))]
+    assert any(n.startswith("feat_heads.") for n in heads)
+    assert name.startswith("feat_") or "label_embs_concat" in heads  # L_SSL + L_feat: the label heads too
+    for n in heads:  # never the teacher's (same name and shape for the label heads of the same stream)
+        assert n not in teacher or teacher[n].shape != sd[n].shape or not torch.equal(sd[n], teacher[n]), n
+    _, fresh, _ = build(feat_cfg(w, name, ["model.init_from_teacher=null"]))
+    for n in ("feature_extractor.conv_layers.0.0.weight", "encoder.layers.0.fc1.weight"):
+        assert not torch.equal(fresh.state_dict()[n], teacher[n]), n
+
+
+def test_distilhubert_rows_have_its_prediction_heads(feat_world):
+    """DistilHuBERT's heads are linear -> GELU -> linear at the student's width (s3prl's distiller:
+    ``Linear(D, D * n)`` -> GELU -> ``SplitLinear``, one MLP per target layer); FitHuBERT's
+    layer-to-layer projections are linear."""
+    from torch import nn
+
+    _, model, _ = build(feat_cfg(feat_world, "feat_shallow_l6"))
+    assert len(model.feat_heads) == 3
+    for head in model.feat_heads:
+        assert [type(m) for m in head] == [nn.Linear, nn.GELU, nn.Linear]
+        assert (head[0].in_features, head[0].out_features, head[2].out_features) == (FEAT_DIM, FEAT_DIM, FEAT_DIM)  # student width, teacher dim
+    _, linear, _ = build(feat_cfg(feat_world, "feat_shallow_l6", ["model.feat_head_hidden_dim=0"]))
+    assert all(type(h) is nn.Linear for h in linear.feat_heads)
+    _, narrow, _ = build(feat_cfg(feat_world, "feat_narrow"))
+    assert len(narrow.feat_heads) == 12 and all(type(h) is nn.Linear for h in narrow.feat_heads)

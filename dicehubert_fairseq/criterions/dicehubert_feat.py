@@ -4,8 +4,10 @@ The paper's baseline and its combination with DiceHuBERT's objective:
 
 * ``ssl_weight: 0`` -- L_feat alone (DistilHuBERT / FitHuBERT): the student sees the unmasked
   waveform; each of its prediction heads (``model.feat_target_layers``) regresses one teacher
-  layer with L1 + lambda * (-log sigmoid(cos)) (:func:`~dicehubert_fairseq.losses.feature_distillation_loss`),
-  averaged over non-padded frames.  No labels are needed (``task.labels: []``).
+  layer, averaged over non-padded frames, with ``feat_loss``: ``mse`` (FitHuBERT,
+  :func:`~dicehubert_fairseq.losses.feature_mse_loss`) or ``l1_cos``, L1 + lambda * (-log sigmoid(cos))
+  (DistilHuBERT, :func:`~dicehubert_fairseq.losses.feature_distillation_loss`).  No labels are
+  needed (``task.labels: []``).
 * ``ssl_weight > 0`` -- L_SSL + ``feat_weight`` * L_feat: one student forward with span
   masking gives both the ``dicehubert`` criterion's masked prediction loss (computed by that
   criterion's own code) and the layer states the heads read, so on masked frames the student
@@ -20,11 +22,12 @@ and fairseq's ``criterion.half()`` / ``.to(device)`` never touch it.
 
 import logging
 from dataclasses import dataclass, field
-from typing import List
+from typing import Dict, List, Tuple
 
 import torch
 
 from fairseq.criterions import register_criterion
+from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 from omegaconf import II, MISSING
 
@@ -32,10 +35,13 @@ from ..checkpoint import load_model
 from ..errors import InputError
 from ..frames import conv_layers, frame_stride
 from ..hidden_states import hidden_states
-from ..losses import feature_distillation_loss
+from ..losses import feature_distillation_loss, feature_mse_loss
 from .dicehubert import DiceHubertCriterion, DiceHubertCriterionConfig
 
 logger = logging.getLogger(__name__)
+
+#: Per-layer L_feat: ``mse`` (FitHuBERT), ``l1_cos`` (DistilHuBERT: L1 + cos_weight * (-log sigmoid(cos))).
+FEAT_LOSS_CHOICES = ChoiceEnum(["mse", "l1_cos"])
 
 
 @dataclass
@@ -50,8 +56,15 @@ class DiceHubertFeatCriterionConfig(DiceHubertCriterionConfig):
                           "input, no labels needed"},
     )
     feat_weight: float = field(default=1.0, metadata={"help": "weight of L_feat"})
+    feat_loss: FEAT_LOSS_CHOICES = field(
+        default="mse",
+        metadata={"help": "per-layer feature loss, averaged over non-padded frames: mse (FitHuBERT: mean "
+                          "squared error, no cosine term) or l1_cos (DistilHuBERT: L1 + cos_weight * "
+                          "(-log sigmoid(cos)))"},
+    )
     cos_weight: float = field(
-        default=1.0, metadata={"help": "lambda of L1 + lambda * (-log sigmoid(cos)) (DistilHuBERT: 1)"}
+        default=1.0, metadata={"help": "lambda of l1_cos, L1 + lambda * (-log sigmoid(cos)) (DistilHuBERT: 1); "
+                                       "unused by mse"}
     )
     target_layers: List[int] = field(
         default=II("model.feat_target_layers"),
@@ -124,9 +137,10 @@ def check_teacher(path: str, n_layers: int, dim: int, conv_feature_layers: str, 
 class DiceHubertFeatCriterion(DiceHubertCriterion):
     """L_feat (feature distillation from a frozen teacher), alone or added to L_SSL.
 
-    Logged per target layer ``k``: ``feat_loss_L{k}``, ``feat_l1_L{k}``, ``feat_cos_L{k}``
-    (the -log sigmoid(cos) term), each averaged over non-padded frames; ``feat_loss`` is the
-    mean over target layers (L_feat).
+    Logged per target layer ``k``, each averaged over non-padded frames: ``feat_loss_L{k}``, and
+    its terms: ``feat_mse_L{k}`` (``feat_loss: mse``) or ``feat_l1_L{k}`` and ``feat_cos_L{k}``
+    (the -log sigmoid(cos) term, ``feat_loss: l1_cos``); ``feat_loss`` is the mean over target
+    layers (L_feat).
     """
 
     def __init__(self, cfg: DiceHubertFeatCriterionConfig, task):
@@ -140,8 +154,11 @@ class DiceHubertFeatCriterion(DiceHubertCriterion):
                       list(cfg.target_layers), cfg.teacher_dim, cfg.student_conv_feature_layers, cfg.normalize)
         self.target_layers = list(cfg.target_layers)
         self._teacher = _Frozen(teacher)
-        logger.info(f"teacher {path}: layers {self.target_layers} -> L_feat "
-                    f"(ssl_weight={cfg.ssl_weight}, feat_weight={cfg.feat_weight}); kept out of checkpoints")
+        self.feat_loss_kind = str(cfg.feat_loss)
+        if self.feat_loss_kind not in ("mse", "l1_cos"):  # a plain string from a hand-made config
+            raise InputError([f"criterion.feat_loss={self.feat_loss_kind}: expected mse or l1_cos"])
+        logger.info(f"teacher {path}: layers {self.target_layers} -> L_feat ({self.feat_loss_kind}, "
+                    f"ssl_weight={cfg.ssl_weight}, feat_weight={cfg.feat_weight}); kept out of checkpoints")
 
     @property
     def teacher(self) -> torch.nn.Module:
@@ -165,6 +182,22 @@ class DiceHubertFeatCriterion(DiceHubertCriterion):
         layers = hidden_states(teacher, source, padding_mask, output_layer=max(self.target_layers)).layers
         return [layers[k - 1] for k in self.target_layers]
 
+    def layer_loss(self, pred, target, padding_mask) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """One target layer's loss (``criterion.feat_loss``) and its logged terms.
+
+        Args:
+            pred, target: ``(B, T, D_teacher)`` student prediction and teacher features.
+            padding_mask: ``(B, T)`` bool, True on padding (left out of every mean).
+
+        Returns:
+            ``(loss, terms)``: the scalar loss and ``{"mse": ...}`` or ``{"l1": ..., "cos": ...}``.
+        """
+        if self.feat_loss_kind == "mse":
+            loss = feature_mse_loss(pred, target, padding_mask)
+            return loss, {"mse": loss}
+        loss, l1, cos = feature_distillation_loss(pred, target, padding_mask, self.cfg.cos_weight)
+        return loss, {"l1": l1, "cos": cos}
+
     def feat_loss(self, model, preds, padding_mask, sample, logging_output):
         """Mean over target layers of the per-layer distillation loss; logs every layer's terms.
 
@@ -179,11 +212,11 @@ class DiceHubertFeatCriterion(DiceHubertCriterion):
         n_frames = int((~padding_mask).sum().item())
         total = 0.0
         for k, pred, target in zip(self.target_layers, preds, targets):
-            loss, l1, cos = feature_distillation_loss(pred[:, :T], target[:, :T], padding_mask, self.cfg.cos_weight)
+            loss, terms = self.layer_loss(pred[:, :T], target[:, :T], padding_mask)
             total = total + loss
             logging_output[f"feat_loss_L{k}"] = loss.item() * n_frames
-            logging_output[f"feat_l1_L{k}"] = l1.item() * n_frames
-            logging_output[f"feat_cos_L{k}"] = cos.item() * n_frames
+            for name, value in terms.items():
+                logging_output[f"feat_{name}_L{k}"] = value.item() * n_frames
         total = total / len(self.target_layers)
         logging_output["feat_loss"] = total.item() * n_frames
         logging_output["feat_frames"] = n_frames

@@ -8,7 +8,8 @@ It *is* fairseq's ``HubertModel`` (same modules, same state-dict names, same mas
   can mix hard and soft label streams,
 * optional initialisation from a teacher checkpoint (every tensor whose name and shape match,
   conv front end included; pretraining heads excluded),
-* optional feature-distillation heads (``feat_target_layers``): with them, ``forward`` also
+* optional feature-distillation heads (``feat_target_layers``, linear or DistilHuBERT's
+  two-layer MLP: ``feat_head_hidden_dim``): with them, ``forward`` also
   returns every transformer layer's output and the heads' predictions, for the
   ``dicehubert_feat`` criterion (L_feat, DistilHuBERT / FitHuBERT style). With
   ``feat_target_layers`` empty (the default) the model and its state dict are exactly the
@@ -62,6 +63,23 @@ class DiceHubertStudentConfig(HubertConfig):
         default=768,
         metadata={"help": "hidden size of the teacher the heads predict (HuBERT Base: 768)"},
     )
+    feat_head_hidden_dim: int = field(
+        default=0,
+        metadata={"help": "0: each feature-distillation head is one linear layer (FitHuBERT); N > 0: "
+                          "linear -> GELU -> linear with N hidden units (DistilHuBERT: N = the student's width)"},
+    )
+
+
+def feat_head(dim: int, teacher_dim: int, hidden: int = 0) -> nn.Module:
+    """One feature-distillation head, ``(B, T, dim)`` -> ``(B, T, teacher_dim)``.
+
+    ``hidden == 0``: a linear layer (FitHuBERT's layer-wise projection).  ``hidden > 0``:
+    linear -> GELU -> linear, DistilHuBERT's prediction head (s3prl's distiller builds all heads
+    as one ``Linear(dim, hidden * n)`` -> GELU -> ``SplitLinear``: the same maths, one MLP per head).
+    """
+    if hidden == 0:
+        return nn.Linear(dim, teacher_dim)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, teacher_dim))
 
 
 def init_from_state_dict(model: torch.nn.Module, teacher_state: Dict[str, torch.Tensor]) -> Tuple[List[str], List[str]]:
@@ -130,8 +148,11 @@ class DiceHubertStudent(HubertModel):
             raise InputError([f"model.feat_target_layers={targets}: layers are 1-based, found {bad}"])
         self.feat_target_layers = targets
         self.feat_student_layers = sources or [n] * len(targets)
+        hidden = int(getattr(cfg, "feat_head_hidden_dim", 0) or 0)
+        if hidden < 0:
+            raise InputError([f"model.feat_head_hidden_dim={hidden}: expected 0 (linear heads) or a positive width"])
         self.feat_heads = (
-            nn.ModuleList([nn.Linear(cfg.encoder_embed_dim, cfg.feat_teacher_dim) for _ in targets])
+            nn.ModuleList([feat_head(cfg.encoder_embed_dim, cfg.feat_teacher_dim, hidden) for _ in targets])
             if targets else None
         )
 

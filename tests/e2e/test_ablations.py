@@ -190,6 +190,19 @@ def test_every_row_trains(name, overrides, from_docs, world, tmp_path):
     assert not any("teacher" in k for k in state["model"])
     if cfg.criterion._name == "dicehubert_feat":
         assert any(k.startswith("feat_heads.") for k in state["model"])
+        # the published recipe the row follows, as the run saved it: layer-to-layer rows are
+        # FitHuBERT (MSE, random init, linear projections), heads on the last layer DistilHuBERT
+        # (L1 + cos with lambda 1, init from the criterion's teacher, MLP heads); the row's own
+        # overrides may turn either off
+        given = dict(o.partition("=")[::2] for o in overrides)
+        saved_model, saved_crit = state["cfg"]["model"], state["cfg"]["criterion"]
+        fithubert = bool(cfg.model.feat_student_layers)
+        assert saved_crit["feat_loss"] == given.get("criterion.feat_loss", "mse" if fithubert else "l1_cos")
+        assert saved_crit["cos_weight"] == 1.0
+        init = None if fithubert or given.get("model.init_from_teacher") == "null" else world["teacher"]
+        assert saved_model["init_from_teacher"] == init
+        mlp = not fithubert and given.get("model.feat_head_hidden_dim") != "0"
+        assert any(k.startswith("feat_heads.0.2.") for k in state["model"]) == mlp
 
 
 # --------------------------------------------------------------------------- the table itself

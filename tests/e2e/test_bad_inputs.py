@@ -431,6 +431,9 @@ def _feat_cfg(w, teacher):
                                     + tiny_model_overrides())
     cfg = _COMPOSED["feat"].copy()
     cfg.task.data, cfg.criterion.teacher_checkpoint = w.data, teacher
+    # the criterion's own check: the row's default init from the same teacher (checked above as
+    # model.init_from_teacher) is off, or it would report the checkpoint first
+    cfg.model.init_from_teacher = None
     return cfg
 
 

@@ -214,6 +214,29 @@ def test_librispeech_label_and_probe_commands_are_supported(libri_calls):
             probe_parser().parse_args(args)
             seen.add("probe")
     assert {"fit", "dump", "merge", "check", "probe"} <= seen, seen
+    # the paper's K = 100 for the teacher's k-means (and HuBERT iteration 1's K = 100 for MFCC)
+    fits = [labels_parser().parse_args(argv[1:]) for argv in libri_calls if argv[:2] == ["dicehubert-labels", "fit"]]
+    assert sorted((bool(ns.mfcc), ns.n_clusters) for ns in fits) == [(False, 100), (True, 100)]
+
+
+def test_librispeech_k500_is_an_override(tmp_path):
+    """``K=500 2_labels.sh``: fairseq's HuBERT iteration-2 setting for the teacher's k-means."""
+    from dicehubert_fairseq.labels.cli import build_parser as labels_parser
+
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "dicehubert-labels").write_text(STUB)
+    (stubs / "dicehubert-labels").chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    env = _env(STUB_LOG=str(log), WORK=str(tmp_path / "work"), NGPU="1", K="500", STAGES="fit",
+               TEACHER=str(tmp_path / "hubert_base_ls960.pt"))
+    env["PATH"] = str(stubs) + os.pathsep + env["PATH"]
+    proc = subprocess.run(["bash", os.path.join(LIBRI, "2_labels.sh")], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    ns = labels_parser().parse_args(calls[0][1:])
+    assert len(calls) == 1 and ns.command == "fit" and ns.n_clusters == 500 and ns.out.endswith("l9_k500.joblib")
 
 
 def test_librispeech_training_lines_compose(libri_calls):
