@@ -6,7 +6,7 @@
 #   1. corpus   espeak-ng speech with phone transcripts ({split}.tsv + {split}.phn in WORKDIR),
 #               unless WORKDIR already holds a corpus in that format (then it is checked, used as is)
 #   2. teachers HuBERT iteration 1 on MFCC k-means labels, iteration 2 on k-means of an
-#               iteration-1 layer (fairseq's own hubert task, model and criterion)
+#               iteration-1 layer (fairseq's HuBERT objective: config/tiny_teacher.yaml)
 #   3. labels   k-means of a teacher-N2 layer, hard and soft (dicehubert-labels)
 #   4. students dicehubert_narrow, dicehubert_narrow_soft, dicehubert_shallow, feat_narrow,
 #               scratch_narrow: same update budget each (fairseq-hydra-train, config/ rows)
