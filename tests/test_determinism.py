@@ -196,3 +196,20 @@ def test_two_fresh_runs_log_identical_losses(row, long_corpus, tmp_path):
     assert "loss" in keys and "gnorm" in keys
     assert [[r[k] for k in keys] for r in first] == [[r[k] for k in keys] for r in second]
     assert len({r["loss"] for r in first}) > 5  # real, changing numbers
+
+
+def test_checkpoint_without_task_seed_still_loads(long_corpus, tmp_path):
+    """Checkpoints written before ``task.seed`` existed: the seed comes from their common.seed."""
+    from fairseq import checkpoint_utils
+
+    from dicehubert_fairseq.testing import write_checkpoint
+
+    path = str(tmp_path / "student.pt")
+    write_checkpoint(path, long_corpus["data"], long_corpus["labels"], model="dicehubert_student", task="dicehubert")
+    state = torch.load(path, weights_only=True)
+    assert state["cfg"]["task"]["seed"] == state["cfg"]["common"]["seed"]
+    del state["cfg"]["task"]["seed"]
+    state["cfg"]["common"]["seed"] = 5
+    torch.save(state, path)
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path])
+    assert task.cfg.seed == 5 and models[0].seed == 5
