@@ -17,6 +17,7 @@ command logged different losses from the first log line.  Here:
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -176,7 +177,8 @@ def _train(row, corpus, run_dir):
     assert proc.returncode == 0, out[-4000:]
     rows = [json.loads(line.split(" - ", 1)[1]) for line in out.splitlines()
             if "[train_inner]" in line and " - {" in line]
-    assert "data_buffer_size" not in " ".join(cmd)
+    buffer = re.search(r"'data_buffer_size': (\d+)", out)  # fairseq logs its config at start
+    assert buffer and int(buffer.group(1)) > 0, "prefetching must be on"
     return rows
 
 
