@@ -11,7 +11,7 @@ command logged different losses from the first log line.  Here:
 * the student: masks are a function of (``common.seed``, update number, forward within the
   update) alone, the same after a resume as in an uninterrupted run;
 * end to end: two fresh ``fairseq-hydra-train`` runs of the tiny recipe (random crops, several
-  utterances per batch, prefetching on) log identical losses for 30 updates, for a student row
+  utterances per batch, prefetching on) log identical losses for 42 updates (3 epochs), for a student row
   and for the tiny teacher's config.
 """
 
@@ -32,7 +32,10 @@ from dicehubert_fairseq.testing import tiny_model_overrides, write_corpus, write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-UPDATES = 30
+#: 3 epochs of the 60-utterance corpus below (14 batches each): stopping mid-epoch leaves fairseq's
+#: prefetch thread collating while the interpreter exits, which once aborted a run at exit
+#: ("terminate called without an active exception", fairseq's daemon thread, not the training)
+UPDATES = 42
 
 
 # ----------------------------------------------------------------------------- the dataset's crops
@@ -150,6 +153,31 @@ def test_masks_depend_on_seed_and_update_only(long_corpus):
     assert 0.3 < first[:2].float().mean() < 0.9
 
 
+def test_short_padded_rows_are_masked_without_stopping_the_run(long_corpus):
+    """A padded row of one or two real frames: fairseq's compute_mask_indices covers all of it in
+    about two draws in three and raises; the student draws again (deterministically), so no
+    update stops training. A row of padding only still raises, naming the row."""
+    cfg = compose("dicehubert_narrow", [f"task.data={long_corpus['data']}",
+                                        f"task.label_dir={long_corpus['labels']}", "run=cpu"]
+                  + tiny_model_overrides())
+    _, model, _ = build(cfg)
+    x = torch.zeros(3, 60, model.encoder.embedding_dim)
+    pad = torch.zeros(3, 60, dtype=torch.bool)
+    pad[1, 2:] = True  # two real frames
+    pad[2, 1:] = True  # one
+    masks = []
+    for update in range(30):
+        model.set_num_updates(update)
+        m = model.apply_mask(x.clone(), pad, None)[1]
+        assert not (m & pad).any() and (~m[1:] & ~pad[1:]).any(dim=1).all()  # a real frame left unmasked
+        masks.append(m)
+    model.set_num_updates(3)
+    assert torch.equal(model.apply_mask(x.clone(), pad, None)[1], masks[3])  # redraws are deterministic
+    pad[2] = True
+    with pytest.raises(ValueError, match="the entire sequence is masked. sz=0.*index=2"):
+        model.apply_mask(x.clone(), pad, None)
+
+
 # ----------------------------------------------------------------------------- two fresh runs
 
 
@@ -163,7 +191,8 @@ def _env():
 
 
 def _train(row, corpus, run_dir):
-    """The tiny recipe (``run=tiny``), 1 s crops, about four utterances per batch, 30 updates.
+    """The tiny recipe (``run=tiny``), 1 s crops, four utterances per batch, :data:`UPDATES`
+    updates ending on an epoch boundary.
 
     Prefetching stays on (fairseq's default ``dataset.data_buffer_size``)."""
     cmd = [os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", "config/"] + row + [
@@ -179,6 +208,8 @@ def _train(row, corpus, run_dir):
             if "[train_inner]" in line and " - {" in line]
     buffer = re.search(r"'data_buffer_size': (\d+)", out)  # fairseq logs its config at start
     assert buffer and int(buffer.group(1)) > 0, "prefetching must be on"
+    epochs = [json.loads(line.split(" - ", 1)[1]) for line in out.splitlines() if "[train][INFO] - {" in line]
+    assert [int(e["train_num_updates"]) for e in epochs] == [UPDATES // 3 * k for k in (1, 2, 3)], epochs
     return rows
 
 

@@ -63,7 +63,8 @@ def test_nan_under_fp16_loss_scaling_warns_and_skips_the_batch(corpus, monkeypat
     assert next(trainer.model.parameters()).dtype == torch.float16  # fairseq cast the model to half
     scale = trainer.optimizer.scaler.loss_scale
     hook = trainer.model.register_forward_hook(_nan_logit)
-    with caplog.at_level(logging.INFO):
+    # (fairseq's INFO lines too, whatever level another test left on the "fairseq" logger)
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="fairseq.trainer"):
         log = trainer.train_step([sample])
     hook.remove()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "non-finite loss" in r.getMessage()]

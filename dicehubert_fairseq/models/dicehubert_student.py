@@ -33,6 +33,10 @@ from ..losses import cosine_logits
 
 logger = logging.getLogger(__name__)
 
+#: Draws of a batch's span masks before fairseq's "entire sequence is masked" error is let through
+#: (a row with 1-2 real frames fails a draw with probability about 2/3: 50 draws, about 1e-9).
+MASK_REDRAWS = 50
+
 #: Parameters that belong to a teacher's own label set, never copied into a student.
 PRETRAINING_HEADS = ("label_embs_concat", "final_proj.", "target_glu.", "feat_heads.")
 
@@ -340,7 +344,11 @@ class DiceHubertStudent(HubertModel):
         so it masks differently in two runs with the same seed.  Here ``compute_mask_indices``
         gets a seed from :meth:`mask_seed` (``task.seed``, i.e. ``common.seed``, and the update
         number), never from a global RNG that fairseq's data-prefetch thread also draws from;
-        otherwise the same masks (same spans, ``min_masks=2``, channel masking).
+        otherwise the same masks (same spans, ``min_masks=2``, channel masking). One difference:
+        where fairseq's ``compute_mask_indices`` raises because its spans covered every real frame
+        of a row (a padded row of one or two frames: about two draws in three), the spans are
+        drawn again (up to :data:`MASK_REDRAWS` times), so such a batch trains instead of
+        stopping the run at random.
 
         Args:
             x: ``(B, T, C)`` features (masked in place).
@@ -354,11 +362,19 @@ class DiceHubertStudent(HubertModel):
         indices = torch.arange(B)
         mask_indices = None
         if self.mask_prob > 0:
-            mask = compute_mask_indices(
-                (B, T), padding_mask, self.mask_prob, self.mask_length, self.mask_selection,
-                self.mask_other, min_masks=2, no_overlap=self.no_mask_overlap,
-                min_space=self.mask_min_space, seed=seed, epoch=0, indices=indices,
-            )
+            for attempt in range(MASK_REDRAWS):
+                try:
+                    mask = compute_mask_indices(
+                        (B, T), padding_mask, self.mask_prob, self.mask_length, self.mask_selection,
+                        self.mask_other, min_masks=2, no_overlap=self.no_mask_overlap,
+                        min_space=self.mask_min_space, seed=seed, epoch=2 * attempt, indices=indices,
+                    )
+                    break
+                except ValueError as e:
+                    # a row with a few real frames (padded beside a long one) drew spans covering
+                    # all of them: fairseq raises; draw again (a row of padding only always raises)
+                    if "entire sequence is masked" not in str(e) or attempt == MASK_REDRAWS - 1:
+                        raise
             mask_indices = torch.from_numpy(mask).to(x.device)
             x[mask_indices] = self.mask_emb
         if self.mask_channel_prob > 0:
