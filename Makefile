@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup tiny test test-all bench clean
+.PHONY: setup tiny test test-unit test-all bench clean
 setup: $(STAMP)
 
 $(STAMP): setup.py
@@ -26,6 +26,10 @@ tiny: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# the unit tests alone (tests/test_<module>.py), without the end-to-end tests of tests/e2e
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests --ignore=tests/e2e
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q --runslow tests

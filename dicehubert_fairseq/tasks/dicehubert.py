@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import List
 
 import numpy as np
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import II
 
 from fairseq.tasks import register_task
@@ -23,14 +24,7 @@ logger = logging.getLogger(__name__)
 
 def _under_fairseq_cli() -> bool:
     """True inside ``fairseq-hydra-train`` / ``fairseq-train`` (not when used as a library)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return os.path.basename(sys.argv[0] or "").startswith("fairseq-")
+    return HydraConfig.initialized() or os.path.basename(sys.argv[0] or "").startswith("fairseq-")
 
 
 @contextlib.contextmanager
