@@ -4,9 +4,11 @@ Unit tests are ``tests/test_<module>.py``; end-to-end tests (subprocesses, real 
 ``tests/e2e/`` and marked ``e2e``; long ones are also marked ``slow`` (run with ``--runslow``).
 """
 
+import logging
 import os
 
 import pytest
+import soundfile as sf
 import torch
 from threadpoolctl import threadpool_limits
 
@@ -66,6 +68,22 @@ def corpus(tmp_path):
     return str(tmp_path / "data"), str(tmp_path / "labels"), sizes
 
 
+@pytest.fixture
+def flawed(tmp_path):
+    """Train split (5 utterances, labels 'km' K=12) with two flaws: utterance 2 is 8 kHz audio (its
+    header), utterance 3's label line is 10 labels (0.2 s) too long."""
+    data, labels = tmp_path / "data", tmp_path / "labels"
+    sizes = write_corpus(str(data), {"train": 5, "valid": 2}, seconds=(0.8, 1.2), seed=71)
+    write_random_labels(str(labels), sizes, "km", 12, 50, seed=71)
+    wav = data / "wav" / "train_0002.wav"
+    audio, _ = sf.read(str(wav), dtype="float32")
+    sf.write(str(wav), audio, 8000, subtype="PCM_16")  # same samples, wrong rate in the header
+    lines = (labels / "train.km").read_text().splitlines()
+    lines[3] += " 1" * 10
+    (labels / "train.km").write_text("\n".join(lines) + "\n")
+    return {"data": str(data), "labels": str(labels), "wav": str(wav), "km": str(labels / "train.km")}
+
+
 @pytest.fixture(scope="module")
 def feat_world(tmp_path_factory):
     """A corpus, labels 'km' (K=20) and two random hubert teachers (12 x 32 and 2 x 32) for L_feat."""
@@ -82,10 +100,8 @@ def feat_world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tones(tmp_path_factory):
     """Tone corpus (60/15/15 utterances, 4 tones) and a random tiny hubert checkpoint (2 x 32)."""
-    root = tmp_path_factory.mktemp("tones")
-    data, ckpt = str(root / "data"), str(root / "hubert.pt")
-    write_tone_world(data, str(root / "labels"), ckpt, {"train": 60, "valid": 15, "test": 15})
-    return {"data": data, "labels": str(root / "labels"), "ckpt": ckpt, "root": root}
+    return write_tone_world(str(tmp_path_factory.mktemp("tones") / "data"),
+                            {"train": 60, "valid": 15, "test": 15}, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +118,20 @@ def one_openmp_thread():
     """sklearn's OpenMP loops spin badly on 2 shared cores; one thread is much faster there."""
     with threadpool_limits(limits=1):
         yield
+
+
+@pytest.fixture
+def restore_process_state():
+    """The CLIs' main() configure logging and torch threads, as a CLI does; undo it for the other tests."""
+    root = logging.getLogger()
+    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
+    levels = {name: logging.getLogger(name).level for name in ("fairseq", "fairseq.tasks", "fairseq.models")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, lvl in levels.items():
+        logging.getLogger(name).setLevel(lvl)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -1,9 +1,13 @@
-"""config/: every experiment composes and builds with its preset's size; overlays and label streams change only what they name."""
+"""config/: every experiment composes and builds with its preset's size (the Conformer's as docs/ablations.md
+states it); overlays and label streams change only what they name."""
+
+import os
+import re
 
 import pytest
 
 import dicehubert_fairseq  # noqa: F401
-from tests.helpers.config import build, compose
+from tests.helpers.config import CONFIG_DIR, build, compose
 from tests.helpers.data import write_corpus, write_random_labels
 
 
@@ -43,6 +47,26 @@ def test_config_composes_builds_and_has_preset_size(name, k100):
     heads = ("label_embs_concat", "final_proj")  # the pretraining heads, whose size follows K
     n = sum(p.numel() for k, p in model.named_parameters() if not k.startswith(heads))
     assert abs(n - PRESET_PARAMS[name]) / PRESET_PARAMS[name] < 0.01, n
+
+
+def _doc_millions(pattern):
+    with open(os.path.join(os.path.dirname(CONFIG_DIR), "docs", "ablations.md"), encoding="utf-8") as f:
+        m = re.search(pattern, f.read())
+    assert m, pattern
+    return float(m.group(1)) * 1e6
+
+
+def test_conformer_parameter_count_as_documented(k100):
+    data, labels = k100
+    heads = ("label_embs_concat", "final_proj")
+    counts = {}
+    for name in ("dicehubert_conformer", "dicehubert_narrow"):
+        _, model, _ = build(compose(name, [f"task.data={data}", f"task.label_dir={labels}", "run=cpu"]))
+        counts[name] = sum(p.numel() for k, p in model.named_parameters() if not k.startswith(heads))
+    conformer = _doc_millions(r"conformer layers x 384 \(([\d.]+)M parameters")
+    narrow = _doc_millions(r"\(\d+\.\dM parameters, narrow: ([\d.]+)M\)")
+    assert abs(counts["dicehubert_conformer"] - conformer) <= 0.05e6, counts
+    assert abs(counts["dicehubert_narrow"] - narrow) <= 0.05e6, counts
 
 
 def test_run_overlays_compose(k100):

@@ -2,8 +2,12 @@
 
 The teacher is frozen and outside every module tree (no gradient, not in any checkpoint, on
 the student's device and dtype), the loss ignores padded frames, and a teacher or a label
-stream that cannot serve the student is an error before training.
+stream that cannot serve the student is an error before training. L_SSL + L_feat is checked from
+outside: one student forward per batch, ``sample_size`` the masked real frames, and L_feat
+recomputed independently of the criterion's code.
 """
+
+import math
 
 import numpy as np
 import pytest
@@ -121,6 +125,75 @@ def test_ssl_plus_feat_reuses_the_ssl_loss(feat_world):
     ssl = log["loss_m_0"] + log["loss_features_pen"]
     feat = log["feat_loss"] / log["feat_frames"]
     assert loss.item() == pytest.approx(ssl + 0.5 * feat * sample_size, rel=1e-5)
+
+
+def test_ssl_plus_feat_one_masked_forward_serves_both_losses(feat_world):
+    """L_SSL + L_feat (``ssl_feat_shallow_l6``): the student is called once per batch;
+    ``sample_size`` is the number of masked, non-padded frames (L_SSL on masked frames only);
+    L_feat is recomputed here: the heads applied by hand to the layer states of *that masked
+    forward*, the teacher's layers from fairseq's own ``HubertModel.extract_features`` on the
+    unmasked waveform, and DistilHuBERT's L1 + lambda * (-log sigmoid(cos)) written out,
+    averaged over real frames and target layers."""
+    from fairseq import checkpoint_utils
+
+    cos_weight, feat_weight, ssl_weight = 0.7, 0.5, 1.0
+    task, model, criterion = build(feat_cfg(feat_world, "ssl_feat_shallow_l6", [
+        "task.pad_audio=true", "task.max_sample_size=40000", f"criterion.cos_weight={cos_weight}",
+        f"criterion.feat_weight={feat_weight}", f"criterion.ssl_weight={ssl_weight}"]))
+    assert criterion.cfg.pred_nomask_weight == 0  # L_SSL on masked frames only (the recipe)
+    batch = batch_of(task)
+    assert batch["net_input"]["padding_mask"].any(), "the test needs a padded batch"
+
+    calls, outputs = [], []
+    pre = model.register_forward_pre_hook(lambda _m, _args: calls.append(1))
+    post = model.register_forward_hook(lambda _m, _args, out: outputs.append(out))
+    model.eval()  # no dropout: the heads can be re-applied exactly
+    try:
+        with torch.no_grad():
+            loss, sample_size, log = criterion(model, batch)
+    finally:
+        pre.remove()
+        post.remove()
+    assert len(calls) == 1, f"{len(calls)} student forwards for one batch"
+    out = outputs[0]
+
+    pad, masked = out["padding_mask"], out["mask_indices"]
+    assert masked.any() and pad.any()
+    assert sample_size == int((masked & ~pad).sum())
+
+    # L_feat by hand: heads on the masked forward's layer states, teacher layers from fairseq
+    states = out["layer_states"]
+    teacher = checkpoint_utils.load_model_ensemble_and_task([feat_world["teacher"]])[0][0].eval()
+    src, src_pad = batch["net_input"]["source"], batch["net_input"]["padding_mask"]
+    layers = list(model.feat_target_layers)
+    assert layers == [4, 8, 12]
+    real = ~pad
+    per_layer = []
+    with torch.no_grad():
+        for head, k in zip(model.feat_heads, layers):
+            pred = F.linear(states[-1], head.weight, head.bias).double()  # DistilHuBERT: heads on the last layer
+            target, _ = teacher.extract_features(src, padding_mask=src_pad, mask=False, output_layer=k)
+            T = min(pred.shape[1], target.shape[1])
+            pred, target = pred[:, :T][real[:, :T]], target[:, :T].double()[real[:, :T]]
+            l1 = (pred - target).abs().mean(-1).mean()
+            cos = (pred * target).sum(-1) / (pred.norm(dim=-1) * target.norm(dim=-1))
+            term = -torch.log(torch.sigmoid(cos)).mean()
+            per_layer.append((l1 + cos_weight * term).item())
+            assert log[f"feat_loss_L{k}"] / log["feat_frames"] == pytest.approx(per_layer[-1], rel=1e-5)
+    feat = sum(per_layer) / len(per_layer)
+    assert log["feat_loss"] / log["feat_frames"] == pytest.approx(feat, rel=1e-5)
+    ssl = log["loss_m_0"] + log.get("loss_features_pen", 0.0)
+    assert loss.item() == pytest.approx(ssl_weight * ssl + feat_weight * feat * sample_size, rel=1e-5)
+    assert math.isfinite(loss.item()) and feat_weight * feat * sample_size > 0.01 * loss.item()
+
+    # the states were the masked forward's: an unmasked forward gives other states (and other L_feat)
+    with torch.no_grad():
+        unmasked, _ = model.extract_features(src, padding_mask=src_pad, mask=False)
+    assert unmasked.shape == states[-1].shape
+    assert not torch.allclose(unmasked[real], states[-1][real], atol=1e-4)
+    # (and the masked frames are where they differ most: the mask embedding replaced their input)
+    gap = (unmasked - states[-1]).abs().mean(-1)
+    assert gap[masked & real].mean() > gap[~masked & real].mean()
 
 
 def _fails(w, *fragments, name="feat_shallow_l6", extra=(), teacher=None):

@@ -25,8 +25,8 @@ TOL = 1e-4
 def tone_teacher(tmp_path_factory):
     """Tone corpus and a perturbed tiny hubert (2 x 32, stride 320) with task.normalize, exported to HF."""
     root = tmp_path_factory.mktemp("tones")
-    data, ckpt = str(root / "data"), str(root / "hubert.pt")
-    write_tone_world(data, str(root / "labels"), ckpt, {"train": 24, "valid": 8, "test": 8})
+    world = write_tone_world(str(root / "data"), {"train": 24, "valid": 8, "test": 8})
+    data, ckpt = world["data"], world["ckpt"]
     perturb_checkpoint(ckpt, normalize=True, seed=3)
     hf = str(root / "hubert_hf")
     assert main([ckpt, "--to", "hf", hf, "-q"]) == 0

@@ -197,3 +197,17 @@ def test_bad_audio_in_a_shard_names_the_real_manifest_line(tmp_path, capsys, mfc
     code, errors, err = run(capsys, *base, "--rank", "1")  # rows [2, 4)
     assert code == 1 and any("train.tsv:5: " in e and "bad.wav has 2 channels" in e for e in errors), err
     assert run(capsys, *base, "--rank", "0")[0] == 0  # rows [0, 2) are fine
+
+
+def test_check_options(flawed, capsys):
+    """``check --no-audio-headers`` skips the header check, ``--tolerance`` widens the label length check."""
+    w = flawed
+    base = ["check", "--manifest-dir", w["data"], "--label-dir", w["labels"], "--split", "train"]
+    code, _, err = run(capsys, *base)
+    assert code == 1 and "8000 Hz" in err and f"{w['km']}:4:" in err
+    code, _, err = run(capsys, *base, "--no-audio-headers")
+    assert code == 1 and "8000" not in err and f"{w['km']}:4:" in err
+    code, _, err = run(capsys, *base, "--tolerance", "0.3")
+    assert code == 1 and "8000 Hz" in err and f"{w['km']}:4:" not in err
+    code, _, err = run(capsys, *base, "--no-audio-headers", "--tolerance", "0.3")
+    assert code == 0, err

@@ -1,4 +1,5 @@
-"""dicehubert-labels fit/dump/merge: label values, soft labels, shards, resume, fairseq agreement."""
+"""dicehubert-labels fit/dump/merge: label values, soft labels, shards, resume, fairseq agreement; the
+``--max-batch-seconds``, ``--max-chunk`` and ``merge --out-dir`` options."""
 
 import glob
 import importlib.util
@@ -13,6 +14,7 @@ from dicehubert_fairseq.data.files import SoftLabels, read_dictionary_symbols, r
 from dicehubert_fairseq.labels.cli import main
 from dicehubert_fairseq.labels.features import MfccFeatureReader, TeacherFeatureReader
 from dicehubert_fairseq.labels.fit import load_kmeans
+from tests.helpers.data import num_frames
 
 pytestmark = pytest.mark.usefixtures("one_openmp_thread")
 
@@ -177,3 +179,61 @@ def test_changed_options_do_not_reuse_parts(tiny_corpus, mfcc_km, tmp_path, caps
                  "--block-size", "2", "--no-progress"]) == 0
     assert "different inputs or options; starting over" in capsys.readouterr().err
     assert len(_lines(os.path.join(out, "valid.km"))) == 4
+
+
+@pytest.fixture(scope="module")
+def teacher_km(tmp_path_factory, tiny_teacher, tiny_corpus):
+    """k-means (K=4) of layer 1 of the tiny teacher, fitted on the tiny corpus."""
+    km = str(tmp_path_factory.mktemp("teacher_km") / "km.joblib")
+    assert main(["fit", "--manifest-dir", tiny_corpus["data"], "--checkpoint", tiny_teacher, "--layer", "1",
+                 "--n-clusters", "4", "--n-init", "1", "--no-progress", "--out", km]) == 0
+    return km
+
+
+def _teacher_dump(tiny_corpus, tiny_teacher, km, label_dir, *extra):
+    assert main(["dump", "--manifest-dir", tiny_corpus["data"], "--split", "train", "--checkpoint", tiny_teacher,
+                 "--layer", "1", "--km", km, "--label-dir", str(label_dir), "--no-progress"] + list(extra)) == 0
+    with open(os.path.join(label_dir, "train.km")) as f:
+        return [line.split() for line in f.read().splitlines()]
+
+
+def test_dump_max_batch_seconds_and_max_chunk(tiny_corpus, tiny_teacher, teacher_km, tmp_path, monkeypatch,
+                                              one_torch_thread):
+    batches = []
+    real = TeacherFeatureReader.features_torch
+
+    def counting(self, wavs):
+        batches.append(len(wavs))
+        return real(self, wavs)
+
+    monkeypatch.setattr(TeacherFeatureReader, "features_torch", counting)
+    default = _teacher_dump(tiny_corpus, tiny_teacher, teacher_km, tmp_path / "default")
+    n_default = list(batches)
+    batches.clear()
+    one_by_one = _teacher_dump(tiny_corpus, tiny_teacher, teacher_km, tmp_path / "small_batches",
+                               "--max-batch-seconds", "0.01")
+    sizes = tiny_corpus["sizes"]["train"]
+    assert batches == [1] * len(sizes) and len(n_default) < len(sizes)  # the flag sets the batches
+    assert one_by_one == default  # and the labels do not depend on them
+    assert [len(x) for x in default] == [num_frames(s, 50) for s in sizes]
+    # --max-chunk: utterances longer than it are cut into independent chunks (as fairseq's
+    # dump_hubert_feature max_chunk): each chunk loses its own edge frames
+    chunk = 12000
+    chunked = _teacher_dump(tiny_corpus, tiny_teacher, teacher_km, tmp_path / "chunked", "--max-chunk", str(chunk))
+    want = [sum(num_frames(min(chunk, s - a), 50) for a in range(0, s, chunk)) for s in sizes]
+    assert [len(x) for x in chunked] == want
+    assert any(s > chunk for s in sizes) and want != [len(x) for x in default]
+
+
+def test_merge_out_dir(tiny_corpus, tiny_teacher, teacher_km, tmp_path, one_torch_thread):
+    shards = tmp_path / "shards"
+    for rank in (0, 1):
+        assert main(["dump", "--manifest-dir", tiny_corpus["data"], "--split", "train", "--checkpoint", tiny_teacher,
+                     "--layer", "1", "--km", teacher_km, "--label-dir", str(shards), "--nshard", "2", "--rank",
+                     str(rank), "--no-progress"]) == 0
+    out = tmp_path / "merged"
+    assert main(["merge", "--label-dir", str(shards), "--split", "train", "--nshard", "2", "--name", "km",
+                 "--manifest-dir", tiny_corpus["data"], "--out-dir", str(out)]) == 0
+    assert (out / "train.km").is_file() and not (shards / "train.km").exists()
+    whole = _teacher_dump(tiny_corpus, tiny_teacher, teacher_km, tmp_path / "whole")
+    assert [line.split() for line in (out / "train.km").read_text().splitlines()] == whole

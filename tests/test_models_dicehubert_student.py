@@ -1,4 +1,5 @@
-"""Model ``dicehubert_student``: init from a teacher, reproducible masks, label rate vs frame rate, feature heads."""
+"""Model ``dicehubert_student``: init from a teacher (never its heads), masks reproducible from (seed, update)
+alone, short padded rows, label rate vs frame rate, feature heads."""
 
 import numpy as np
 import pytest
@@ -28,23 +29,99 @@ def test_init_from_teacher_copies_matching_tensors(corpus, tmp_path):
     assert not torch.equal(fresh.state_dict()["encoder.layers.1.fc1.weight"], state["encoder.layers.1.fc1.weight"])
 
 
-def test_masks_follow_the_numpy_seed(corpus):
-    """fairseq's compute_mask_indices uses OS entropy unless seeded; our student is reproducible."""
+def test_init_from_teacher_leaves_final_proj_even_when_shapes_match(corpus, tmp_path):
+    """The teacher's pretraining heads (``final_proj``, label embeddings) are never copied, even
+    from a teacher of the student's own architecture."""
+    data, labels, _ = corpus
+    teacher = str(tmp_path / "teacher.pt")
+    write_checkpoint(teacher, data, labels, model="dicehubert_student", task="dicehubert",
+                     model_overrides={"untie_final_proj": True})
+    state = torch.load(teacher, weights_only=True)["model"]
+    _, model, _ = build(tiny_student_cfg(data, labels, [f"model.init_from_teacher={teacher}"]))
+    student = model.state_dict()
+    assert set(student) == set(state)  # the same architecture: every tensor could be copied
+    for key in ("final_proj.weight", "final_proj.bias", "label_embs_concat"):
+        assert student[key].shape == state[key].shape and not torch.equal(student[key], state[key]), key
+    copied = [k for k in student if torch.equal(student[k], state[k])]
+    assert "feature_extractor.conv_layers.0.0.weight" in copied and "encoder.layers.1.fc1.weight" in copied
+    assert not any(k.startswith(("final_proj", "label_embs_concat")) for k in copied)
+
+
+def _masks(model, n_calls=1, B=3, T=60):
+    x = torch.zeros(B, T, model.encoder.embedding_dim)
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[2, 40:] = True
+    return [model.apply_mask(x.clone(), pad, None)[1] for _ in range(n_calls)]
+
+
+def test_masks_depend_on_seed_and_update_only(corpus):
+    """Masks are a function of (``common.seed``, update number, forward within the update) alone,
+    never of numpy's global RNG (which fairseq's prefetch thread shares), the same after a resume."""
+    data, labels, _ = corpus
+    _, model, _ = build(tiny_student_cfg(data, labels, ["common.seed=3"]))
+    _, twin, _ = build(tiny_student_cfg(data, labels, ["common.seed=3"]))
+    _, other_seed, _ = build(tiny_student_cfg(data, labels, ["common.seed=4"]))
+    for m in (model, twin, other_seed):
+        m.set_num_updates(7)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    first, second = _masks(model, 2)  # two forwards in one update (update_freq > 1)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    np.random.rand(5)
+    # same seed, same update, same forward: same masks, whatever the global RNGs hold
+    t_first, t_second = _masks(twin, 2)
+    assert torch.equal(first, t_first) and torch.equal(second, t_second)
+    assert not torch.equal(first, second)
+    assert not torch.equal(first, _masks(other_seed)[0])
+    # the next update draws new masks; a model resumed at update 8 draws the same as one that got there
+    model.set_num_updates(8)
+    eighth = _masks(model)[0]
+    assert not torch.equal(first, eighth)
+    twin.set_num_updates(8)
+    assert torch.equal(eighth, _masks(twin)[0])
+    # still HuBERT's masks: padding never masked, about mask_prob (0.8) * T / mask_length spans of 10 frames
+    assert not first[2, 40:].any()
+    assert 0.3 < first[:2].float().mean() < 0.9
+
+
+def test_short_padded_rows_are_masked_without_stopping_the_run(corpus):
+    """A padded row of one or two real frames: fairseq's compute_mask_indices covers all of it in
+    about two draws in three and raises; the student draws again (deterministically), so no
+    update stops training. A row of padding only still raises, naming the row."""
     data, labels, _ = corpus
     _, model, _ = build(tiny_student_cfg(data, labels))
-    x = torch.zeros(3, 50, 32)
-    pad = torch.zeros(3, 50, dtype=torch.bool)
-    pad[2, 30:] = True
+    x = torch.zeros(3, 60, model.encoder.embedding_dim)
+    pad = torch.zeros(3, 60, dtype=torch.bool)
+    pad[1, 2:] = True  # two real frames
+    pad[2, 1:] = True  # one
+    masks = []
+    for update in range(30):
+        model.set_num_updates(update)
+        m = model.apply_mask(x.clone(), pad, None)[1]
+        assert not (m & pad).any() and (~m[1:] & ~pad[1:]).any(dim=1).all()  # a real frame left unmasked
+        masks.append(m)
+    model.set_num_updates(3)
+    assert torch.equal(model.apply_mask(x.clone(), pad, None)[1], masks[3])  # redraws are deterministic
+    pad[2] = True
+    with pytest.raises(ValueError, match="the entire sequence is masked. sz=0.*index=2"):
+        model.apply_mask(x.clone(), pad, None)
 
-    def masks(seed):
-        np.random.seed(seed)
-        return model.apply_mask(x.clone(), pad, None)[1]
 
-    a, b, c = masks(5), masks(5), masks(6)
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert not a[2, 30:].any()  # padding never masked
-    # about mask_prob (0.8) * T / mask_length spans of 10 frames: a large share of frames
-    assert 0.3 < a[:2].float().mean() < 0.9
+def test_checkpoint_without_task_seed_still_loads(corpus, tmp_path):
+    """Checkpoints written before ``task.seed`` existed: the seed comes from their common.seed."""
+    from fairseq import checkpoint_utils
+
+    data, labels, _ = corpus
+    path = str(tmp_path / "student.pt")
+    write_checkpoint(path, data, labels, model="dicehubert_student", task="dicehubert")
+    state = torch.load(path, weights_only=True)
+    assert state["cfg"]["task"]["seed"] == state["cfg"]["common"]["seed"]
+    del state["cfg"]["task"]["seed"]
+    state["cfg"]["common"]["seed"] = 5
+    torch.save(state, path)
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path])
+    assert task.cfg.seed == 5 and models[0].seed == 5
 
 
 @pytest.mark.parametrize("label_rate,conv,ok", [

@@ -1,7 +1,7 @@
-"""dicehubert-probe: it learns tones and writes its JSON; bad data, checkpoints and options give one-line errors."""
+"""dicehubert-probe: it learns tones and writes its JSON; the test PER is the best-valid-epoch head's and
+``--patience`` stops early; the split flags; bad data, checkpoints and options give one-line errors."""
 
 import json
-import logging
 import os
 import random
 
@@ -11,9 +11,10 @@ import torch
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.probe.cli import main
 from dicehubert_fairseq.probe.run import ProbeConfig, run_probe
-from tests.helpers.tones import copy_data
+from tests.helpers.tones import copy_data, write_tone_corpus, write_tone_world
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# main() configures logging and torch threads, as a CLI does: restore_process_state undoes it
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "restore_process_state")
 
 
 JSON_KEYS = {"per", "valid_per", "layer_weights", "epochs", "best_epoch", "checkpoint", "num_phones", "phones",
@@ -21,19 +22,6 @@ JSON_KEYS = {"per", "valid_per", "layer_weights", "epochs", "best_epoch", "check
 
 
 FAST = ["--epochs", "2", "--max-train-utterances", "8", "--threads", "1", "-q"]
-
-
-@pytest.fixture(autouse=True)
-def restore_process_state():
-    """main() configures logging and torch threads, as a CLI does; undo it for the other tests."""
-    root = logging.getLogger()
-    handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
-    fairseq_level = logging.getLogger("fairseq").level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.getLogger("fairseq").setLevel(fairseq_level)
-    torch.set_num_threads(threads)
 
 
 def run(capsys, *argv):
@@ -74,6 +62,67 @@ def test_probe_learns_tones_and_writes_json(tones, tmp_path, capsys):
         f.write("\n".join(lines) + "\n")
     control = run_probe(tones["ckpt"], shuffled, cfg=ProbeConfig(epochs=60, batch_size=4))
     assert control["per"] > result["per"] + 0.1, (control["per"], result["per"])
+
+
+@pytest.fixture(scope="module")
+def noisy_tones(tmp_path_factory):
+    """Tones (40/15/4 utterances) and a random tiny hubert on which, at ``--lr 0.1``, the valid PER
+    goes up and down from epoch to epoch (its last epoch is not its best)."""
+    return write_tone_world(str(tmp_path_factory.mktemp("noisy_tones") / "data"),
+                            {"train": 40, "valid": 15, "test": 4}, seed=3)
+
+
+def test_test_per_is_the_best_valid_epochs_and_patience_stops_early(noisy_tones, tmp_path, capsys):
+    """Run with the valid split also as the test split, the reported test PER must be the lowest
+    valid PER of the history, which a run whose last epoch is not its best tells apart from the
+    last head's."""
+    epochs = 25
+
+    def probe(*extra):
+        out = tmp_path / f"probe{len(list(tmp_path.iterdir()))}.json"
+        code, _, err, _ = run(capsys, "--checkpoint", noisy_tones["ckpt"], "--data", noisy_tones["data"], "--json",
+                              out, "--epochs", epochs, "--batch-size", 4, "--lr", 0.1, "--threads", 1, "-q",
+                              "--valid-split", "valid", "--test-split", "valid", *extra)
+        assert code == 0, err
+        return json.loads(out.read_text())
+
+    full = probe("--patience", 0)
+    history = [h["valid_per"] for h in full["history"]]
+    assert full["epochs"] == len(history) == epochs  # patience 0: every epoch
+    best = min(history)
+    assert history[-1] > best + 0.01, history  # the precondition: the last epoch is not the best
+    assert full["best_epoch"] == history.index(best) + 1
+    # test split == valid split: the test PER is the best epoch's valid PER, not the last epoch's
+    assert full["per"] == pytest.approx(best, abs=1e-12)
+    assert full["valid_per"] == best
+
+    patience = 3
+    early = probe("--patience", patience)
+    assert early["history"] == full["history"][: early["epochs"]]  # same seed: the same epochs so far
+    assert early["epochs"] < epochs, "the test needs a run that stops early"
+    # stopped after `patience` epochs without a better valid PER (counted once it is below 1)
+    assert early["epochs"] == early["best_epoch"] + patience
+    tail = [h["valid_per"] for h in early["history"][early["best_epoch"]:]]
+    assert len(tail) == patience and all(v >= early["valid_per"] for v in tail)
+    assert early["per"] == pytest.approx(early["valid_per"], abs=1e-12)
+
+
+def test_split_flags(tmp_path, tiny_teacher, capsys):
+    """``--train-split/--valid-split/--test-split`` name the splits read; without them the default
+    names are looked for."""
+    data = str(tmp_path / "tones")
+    write_tone_corpus(data, splits={"tr": 12, "dev": 5, "ev": 3}, seed=4)
+    out = tmp_path / "probe.json"
+    opts = ["--checkpoint", tiny_teacher, "--data", data, "--epochs", 1, "--threads", 1, "-q"]
+    code, stdout, err, _ = run(capsys, *opts, "--train-split", "tr", "--valid-split", "dev", "--test-split", "ev",
+                               "--json", out)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["splits"] == {"train": "tr", "valid": "dev", "test": "ev"}
+    assert result["utterances"] == {"train": 12, "valid": 5, "test": 3}
+    assert "on ev (3 utterances" in stdout
+    code, _, err, _ = run(capsys, *opts)
+    assert code == 1 and os.path.join(data, "train.tsv") in err
 
 
 def _missing_phn(d):

@@ -1,7 +1,8 @@
-"""Task ``dicehubert``: soft-label streams from the files to the criterion, and the preflight checks."""
+"""Task ``dicehubert``: soft-label streams from the files to the criterion (and into the loss), and the
+preflight checks with their options."""
 
 import os
-import shutil
+import re
 
 import numpy as np
 import pytest
@@ -11,30 +12,12 @@ import dicehubert_fairseq  # noqa: F401
 from dicehubert_fairseq.data.files import SoftLabelWriter
 from dicehubert_fairseq.errors import InputError
 from tests.helpers.config import FEAT_TINY, build, compose, tiny_student_cfg
-from tests.helpers.data import num_frames, write_random_labels
-
-
-def _write_soft(labels, sizes, name="km", k=3, K=12, seed=0):
-    rng = np.random.default_rng(seed)
-    for split, lens in sizes.items():
-        w = SoftLabelWriter(labels, split, name, n_clusters=K, top_k=k, meta={"temperature": 5.0})
-        hard_lines = []
-        for size in lens:
-            T = num_frames(size, 50)
-            ids = np.stack([rng.permutation(K)[:k] for _ in range(T)])
-            p = rng.dirichlet(np.ones(k), size=T)
-            order = np.argsort(-p, axis=1)
-            ids, p = np.take_along_axis(ids, order, 1), np.take_along_axis(p, order, 1)
-            w.add(ids, p)
-            hard_lines.append(" ".join(map(str, ids[:, 0])))
-        w.close()
-        with open(os.path.join(labels, f"{split}.{name}"), "w") as f:
-            f.write("\n".join(hard_lines) + "\n")
+from tests.helpers.data import num_frames, write_corpus, write_random_labels, write_soft_labels
 
 
 def test_soft_labels_reach_the_criterion(corpus):
     data, labels, sizes = corpus
-    _write_soft(labels, sizes)
+    write_soft_labels(labels, sizes)
     cfg = tiny_student_cfg(data, labels, ["task.soft_labels=[km]"])
     task, model, criterion = build(cfg)
     task.load_dataset("train")
@@ -61,8 +44,7 @@ def test_soft_labels_reach_the_criterion(corpus):
 
 def test_hard_and_soft_streams_together(corpus):
     data, labels, sizes = corpus
-    _write_soft(labels, sizes, name="kmsoft")
-    shutil.copy(os.path.join(labels, "dict.km.txt"), os.path.join(labels, "dict.kmsoft.txt"))
+    write_soft_labels(labels, sizes, name="kmsoft")
     cfg = tiny_student_cfg(data, labels, ["task.labels=[km,kmsoft]", "task.soft_labels=[kmsoft]",
                                    "model.untie_final_proj=true", "criterion.label_weights=[1.0,0.5]"])
     task, model, criterion = build(cfg)
@@ -76,6 +58,78 @@ def test_hard_and_soft_streams_together(corpus):
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.fixture(scope="module")
+def soft_world(tmp_path_factory):
+    """A tiny student on soft labels ``km`` (K=12, top 3), padded batches, unmasked frames weighed 0.5."""
+    root = tmp_path_factory.mktemp("softloss")
+    data, labels = str(root / "data"), str(root / "labels")
+    sizes = write_corpus(data, {"train": 4, "valid": 2}, seconds=(0.8, 1.4), seed=41)
+    write_soft_labels(labels, sizes, seed=41)
+    task, model, criterion = build(tiny_student_cfg(data, labels, [
+        "task.soft_labels=[km]", "task.pad_audio=true", "criterion.pred_nomask_weight=0.5"]))
+    task.load_dataset("train")
+    return {"model": model, "criterion": criterion, "ds": task.datasets["train"]}
+
+
+def _forward(world, batch, update=5):
+    """The criterion on ``batch`` with the masks of ``update``; also the model's output."""
+    model, criterion = world["model"], world["criterion"]
+    model.set_num_updates(update + 1000)  # leave the update: the mask counter restarts below
+    model.set_num_updates(update)
+    seen = []
+    hook = model.register_forward_hook(lambda _m, _args, out: seen.append(out))
+    try:
+        loss, sample_size, log = criterion(model, batch)
+    finally:
+        hook.remove()
+    assert len(seen) == 1
+    return loss, sample_size, log, seen[0]
+
+
+def _expected_soft_loss(out, batch, tag):
+    """``-sum p * log_softmax(logits)[ids]`` over the frames of ``tag`` ('m' or 'u'), from the
+    dataset's soft labels, the model's mask and logits."""
+    pad, masked = out["padding_mask"], out["mask_indices"]
+    selected = ~pad & (masked if tag == "m" else ~masked)
+    ids, probs = batch["soft_target_list"][0]
+    T = pad.shape[1]  # label rate = frame rate: frame t reads label t
+    ids, probs = ids[:, :T][selected], probs[:, :T][selected]
+    logits = out[f"logit_{tag}_list"][0]
+    assert logits.shape[0] == int(selected.sum()) > 0
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return -(probs.double() * logp.gather(1, ids)).sum().item()
+
+
+def test_soft_labels_reach_the_loss(soft_world, one_torch_thread):
+    """The logged loss of a soft stream is ``-sum p * log_softmax(logits)[ids]``, recomputed from
+    the model's logits and mask and the soft labels *as the dataset delivered them*; changing
+    only the non-top probabilities changes it (training on the arg-max would not)."""
+    ds = soft_world["ds"]
+    batch = ds.collater([ds[i] for i in range(4)])
+    assert batch["soft_target_list"][0] is not None
+    soft_world["model"].train()
+    loss, sample_size, log, out = _forward(soft_world, batch)
+    for tag in ("m", "u"):
+        assert log[f"loss_{tag}_0"] == pytest.approx(_expected_soft_loss(out, batch, tag), rel=1e-5), tag
+    # not the arg-max: the hard cross-entropy with the top class is another number
+    hard = torch.nn.functional.cross_entropy(out["logit_m_list"][0].double(), out["target_m_list"][0],
+                                             reduction="sum").item()
+    assert abs(hard - log["loss_m_0"]) > 1e-4 * abs(hard)  # 10x the tolerance above
+
+    # only the non-top probabilities change (the top class and its probability stay): the loss changes
+    ids, probs = batch["soft_target_list"][0]
+    swapped = probs.clone()
+    swapped[..., 1], swapped[..., 2] = probs[..., 2], probs[..., 1]
+    assert torch.equal(swapped[..., 0], probs[..., 0]) and not torch.equal(swapped, probs)
+    changed = dict(batch, soft_target_list=[(ids, swapped)])
+    loss2, _, log2, out2 = _forward(soft_world, changed)
+    assert torch.equal(out2["mask_indices"], out["mask_indices"])  # same masks: only the targets differ
+    assert torch.equal(out2["target_m_list"][0], out["target_m_list"][0])
+    assert log2["loss_m_0"] == pytest.approx(_expected_soft_loss(out2, changed, "m"), rel=1e-5)
+    assert abs(log2["loss_m_0"] - log["loss_m_0"]) > 1e-4 * log["loss_m_0"]
+    assert abs(loss2.item() - loss.item()) > 1e-4 * loss.item()
+
+
 def test_soft_labels_must_be_listed_in_labels(corpus):
     data, labels, _ = corpus
     with pytest.raises(InputError, match="soft_labels"):
@@ -85,6 +139,7 @@ def test_soft_labels_must_be_listed_in_labels(corpus):
 def _load(data, labels, extra=()):
     task, _, _ = build(tiny_student_cfg(data, labels, extra))
     task.load_dataset("train")
+    return task.datasets["train"]
 
 
 def _expect(data, labels, *fragments, extra=()):
@@ -158,6 +213,33 @@ def test_preflight_reports_every_problem(corpus):
     with pytest.raises(InputError) as e:
         _load(data, labels)
     assert "train_0001.wav" in str(e.value) and "train_0004.wav" in str(e.value)
+
+
+def test_task_preflight_options(flawed):
+    """``task.preflight_audio_headers``, ``task.label_length_tolerance`` and ``task.preflight``
+    (README, "Bad input"), each with the effect documented."""
+    w = flawed
+    with pytest.raises(InputError) as e:
+        _load(w["data"], w["labels"])
+    msg = str(e.value)
+    assert f"{w['wav']} has sample rate 8000 Hz" in msg and f"{w['km']}:4:" in msg
+    # headers off: only the label problem is left
+    with pytest.raises(InputError) as e:
+        _load(w["data"], w["labels"], ["task.preflight_audio_headers=false"])
+    assert "8000" not in str(e.value) and f"{w['km']}:4:" in str(e.value)
+    # a tolerance above the 0.2 s mismatch: only the header problem is left
+    with pytest.raises(InputError) as e:
+        _load(w["data"], w["labels"], ["task.label_length_tolerance=0.3"])
+    assert "8000 Hz" in str(e.value) and f"{w['km']}:4:" not in str(e.value)
+    with pytest.raises(InputError, match=re.escape(f"{w['km']}:4:")):
+        _load(w["data"], w["labels"], ["task.preflight_audio_headers=false", "task.label_length_tolerance=0.15"])
+    ds = _load(w["data"], w["labels"], ["task.preflight_audio_headers=false", "task.label_length_tolerance=0.3"])
+    assert len(ds) == 5
+    # no preflight at all: the split loads, and the bad file fails only when fairseq reads it
+    ds = _load(w["data"], w["labels"], ["task.preflight=false"])
+    assert len(ds) == 5
+    with pytest.raises(Exception, match="8000"):
+        ds[2]
 
 
 def test_soft_labels_whose_k_differs_from_the_dictionary(feat_world):

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from fairseq.data.data_utils import compute_mask_indices
@@ -37,6 +38,10 @@ from ..hidden_states import hidden_states
 from ..losses import cosine_logits
 
 logger = logging.getLogger(__name__)
+
+#: Draws of a batch's span masks before fairseq's "entire sequence is masked" error is let through
+#: (a row with 1-2 real frames fails a draw with probability about 2/3: 50 draws, about 1e-9).
+MASK_REDRAWS = 50
 
 #: Parameters that belong to a teacher's own label set, never copied into a student.
 PRETRAINING_HEADS = ("label_embs_concat", "final_proj.", "target_glu.", "feat_heads.")
@@ -127,6 +132,15 @@ def check_label_rate(label_rate: float, sample_rate: int, conv_feature_layers: s
         ])
 
 
+def _task_seed(task_cfg) -> int:
+    """``task.seed`` (linked to ``common.seed``) of the ``dicehubert`` task; 1 (fairseq's default
+    ``common.seed``) for a task without one, such as fairseq's ``hubert_pretraining``."""
+    try:
+        return int(task_cfg.seed)
+    except (AttributeError, KeyError, TypeError, ValueError, OmegaConfBaseException):
+        return 1
+
+
 @register_model("dicehubert_student", dataclass=DiceHubertStudentConfig)
 class DiceHubertStudent(HubertModel):
     """HuBERT student (narrow, shallow, or any size) for DiceHuBERT."""
@@ -148,6 +162,9 @@ class DiceHubertStudent(HubertModel):
             raise InputError([f"model.feat_target_layers={targets}: layers are 1-based, found {bad}"])
         self.feat_target_layers = targets
         self.feat_student_layers = sources or [n] * len(targets)
+        self.seed = _task_seed(task_cfg)
+        self.num_updates = 0
+        self._masks_in_update = 0
         hidden = int(getattr(cfg, "feat_head_hidden_dim", 0) or 0)
         if hidden < 0:
             raise InputError([f"model.feat_head_hidden_dim={hidden}: expected 0 (linear heads) or a positive width"])
@@ -176,14 +193,38 @@ class DiceHubertStudent(HubertModel):
                               "heads (set it, e.g. [4,8,12], to train with criterion dicehubert_feat)"])
         return [head(states[k - 1]) for head, k in zip(self.feat_heads, self.feat_student_layers)]
 
-    def apply_mask(self, x, padding_mask, target_list):
-        """HuBERT's span masking, reproducible under ``common.seed``.
+    def set_num_updates(self, num_updates):
+        """fairseq's trainer calls this before every forward of an update (the masks' second seed)."""
+        super().set_num_updates(num_updates)
+        if num_updates != self.num_updates:
+            self.num_updates = num_updates
+            self._masks_in_update = 0
 
-        fairseq's ``compute_mask_indices`` draws spans from ``np.random.default_rng(None)``
-        (OS entropy) unless it is given ``seed``/``epoch``/``indices``, so fairseq's own
-        ``HubertModel`` masks differently in two runs with the same seed.  We draw the seed
-        from the global numpy RNG, which fairseq seeds with ``common.seed``; same masks
-        otherwise (same spans, ``min_masks=2``, channel masking).
+    def mask_seed(self) -> int:
+        """Seed of the next ``apply_mask``: a function of (seed, data-parallel rank, update, call).
+
+        ``call`` counts the masks drawn since the update number last changed (several batches
+        per update under ``update_freq``, validation batches); a run resumed from a checkpoint
+        of update ``u`` draws exactly what an uninterrupted run draws from update ``u`` on.
+        """
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        key = [self.seed % 2**32, rank, self.num_updates, self._masks_in_update]
+        self._masks_in_update += 1
+        return int(np.random.SeedSequence(key).generate_state(1)[0] % (2**31 - 1))
+
+    def apply_mask(self, x, padding_mask, target_list):
+        """HuBERT's span masking, reproducible: the same masks for the same seed and update.
+
+        fairseq's ``HubertModel`` draws spans from ``np.random.default_rng(None)`` (OS entropy),
+        so it masks differently in two runs with the same seed.  Here ``compute_mask_indices``
+        gets a seed from :meth:`mask_seed` (``task.seed``, i.e. ``common.seed``, and the update
+        number), never from a global RNG that fairseq's data-prefetch thread also draws from;
+        otherwise the same masks (same spans, ``min_masks=2``, channel masking). One difference:
+        where fairseq's ``compute_mask_indices`` raises because its spans covered every real frame
+        of a row (a padded row of one or two frames: about two draws in three), the spans are
+        drawn again (up to :data:`MASK_REDRAWS` times), so such a batch trains instead of
+        stopping the run at random.
 
         Args:
             x: ``(B, T, C)`` features (masked in place).
@@ -193,15 +234,23 @@ class DiceHubertStudent(HubertModel):
             ``(x, mask_indices)`` with ``mask_indices`` ``(B, T)`` bool (None if mask_prob is 0).
         """
         B, T, C = x.shape
-        seed = int(np.random.randint(1, 2**31 - 1))
+        seed = self.mask_seed()
         indices = torch.arange(B)
         mask_indices = None
         if self.mask_prob > 0:
-            mask = compute_mask_indices(
-                (B, T), padding_mask, self.mask_prob, self.mask_length, self.mask_selection,
-                self.mask_other, min_masks=2, no_overlap=self.no_mask_overlap,
-                min_space=self.mask_min_space, seed=seed, epoch=0, indices=indices,
-            )
+            for attempt in range(MASK_REDRAWS):
+                try:
+                    mask = compute_mask_indices(
+                        (B, T), padding_mask, self.mask_prob, self.mask_length, self.mask_selection,
+                        self.mask_other, min_masks=2, no_overlap=self.no_mask_overlap,
+                        min_space=self.mask_min_space, seed=seed, epoch=2 * attempt, indices=indices,
+                    )
+                    break
+                except ValueError as e:
+                    # a row with a few real frames (padded beside a long one) drew spans covering
+                    # all of them: fairseq raises; draw again (a row of padding only always raises)
+                    if "entire sequence is masked" not in str(e) or attempt == MASK_REDRAWS - 1:
+                        raise
             mask_indices = torch.from_numpy(mask).to(x.device)
             x[mask_indices] = self.mask_emb
         if self.mask_channel_prob > 0:

@@ -9,6 +9,7 @@ from typing import List
 
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import II
 
 from fairseq.tasks import register_task
 from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig, HubertPretrainingTask, LabelEncoder
@@ -57,6 +58,11 @@ class DiceHubertConfig(HubertPretrainingConfig):
     label_length_tolerance: float = field(
         default=0.1,
         metadata={"help": "seconds a label sequence may differ from its audio's duration"},
+    )
+    seed: int = field(
+        default=II("common.seed"),
+        metadata={"help": "seed of the random crops (with the epoch and the utterance) and of the "
+                          "student's span masks (with the update number); linked to common.seed"},
     )
 
 
@@ -153,4 +159,5 @@ class DiceHubertTask(HubertPretrainingTask):
             soft_labels=soft,
             soft_luts=luts,
             hard_pads=pads,
+            seed=self.cfg.seed,
         )

@@ -6,7 +6,7 @@
 #   1. corpus   espeak-ng speech with phone transcripts ({split}.tsv + {split}.phn in WORKDIR),
 #               unless WORKDIR already holds a corpus in that format (then it is checked, used as is)
 #   2. teachers HuBERT iteration 1 on MFCC k-means labels, iteration 2 on k-means of an
-#               iteration-1 layer (fairseq's own hubert task, model and criterion)
+#               iteration-1 layer (fairseq's HuBERT objective: config/tiny_teacher.yaml)
 #   3. labels   k-means of a teacher-N2 layer, hard and soft (dicehubert-labels)
 #   4. students dicehubert_narrow, dicehubert_narrow_soft, dicehubert_shallow, feat_narrow,
 #               scratch_narrow: same update budget each (fairseq-hydra-train, config/ rows)
@@ -21,7 +21,8 @@
 #   TINY_SEED=1 TINY_MINUTES=10 TINY_JOBS=2 TINY_TEACHER_UPDATES TINY_TEACHER_UPDATES2
 #   TINY_STUDENT_UPDATES TINY_K_MFCC TINY_K TINY_LAYER_IT1 TINY_LAYER_IT2 TINY_TEMPERATURE
 #   TINY_REPLICAS TINY_REPLICATE TINY_PROBE_EPOCHS TINY_OVERRIDES (extra hydra overrides)
-#   TINY_PRESET=ci: a reduced run (small corpus, a handful of updates) for the test suite.
+#   TINY_PRESET=ci: a reduced run (small corpus, a handful of updates) for the test suite; its
+#   corpus and probe epochs are sized so that the teachers' PER stays clearly below chance.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -30,8 +31,8 @@ WORKDIR="$(realpath -m "${1:-$HERE/work}")"
 PYTHON="${PYTHON:-python}"
 
 if [[ "${TINY_PRESET:-full}" == ci ]]; then
-  : "${TINY_MINUTES:=1.5}" "${TINY_TEACHER_UPDATES:=8}" "${TINY_STUDENT_UPDATES:=6}"
-  : "${TINY_K_MFCC:=8}" "${TINY_K:=8}" "${TINY_PROBE_EPOCHS:=2}" "${TINY_REPLICAS:=2}"
+  : "${TINY_MINUTES:=3}" "${TINY_TEACHER_UPDATES:=8}" "${TINY_STUDENT_UPDATES:=6}"
+  : "${TINY_K_MFCC:=8}" "${TINY_K:=8}" "${TINY_PROBE_EPOCHS:=20}" "${TINY_REPLICAS:=2}"
 fi
 : "${TINY_SEED:=1}" "${TINY_MINUTES:=12}"
 export TINY_SEED TINY_MINUTES   # pipeline.py reads the TINY_* knobs (set or not) from the environment

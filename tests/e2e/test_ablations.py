@@ -5,7 +5,10 @@ editing this file) and each command line of the docs table, with its overlays, i
 exactly as ``fairseq-hydra-train`` composes it, made tiny, and trained for 5 updates by
 fairseq's own ``train.main`` in this process (a subprocess per row would spend most of its
 time importing fairseq). Labels, soft labels and a 12-layer teacher are generated on demand
-for whatever each row asks for.
+for whatever each row asks for. Each row's task, model and criterion must also carry what the
+row claims (:func:`row_claims`, from the row's name and command line alone): the encoder layer
+class, the teacher's weights under init-from-teacher (never its ``final_proj``), the label
+streams, soft targets in the batch and the model's output, the criterion's weights and heads.
 """
 
 import glob
@@ -13,7 +16,6 @@ import os
 import re
 import shlex
 
-import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -21,9 +23,8 @@ from omegaconf import OmegaConf
 import dicehubert_fairseq  # noqa: F401
 from fairseq import checkpoint_utils
 from tests.helpers.config import CONFIG_DIR, build, compose
-from dicehubert_fairseq.data.files import SoftLabelWriter, write_dictionary
 from tests.helpers.data import (
-    num_frames, tiny_model_overrides, write_checkpoint, write_corpus, write_random_labels,
+    tiny_model_overrides, write_checkpoint, write_corpus, write_random_labels, write_soft_labels,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,24 +73,6 @@ def cases():
 # --------------------------------------------------------------------------- data on demand
 
 
-def write_soft_labels(label_dir, sizes, name, n_clusters=K, top_k=3, label_rate=50, seed=0):
-    """Random soft labels of stream ``name`` (and their arg-max as the hard labels)."""
-    rng = np.random.default_rng(seed)
-    for split, lens in sizes.items():
-        w = SoftLabelWriter(label_dir, split, name, n_clusters=n_clusters, top_k=top_k, meta={"temperature": 1.0})
-        lines = []
-        for size in lens:
-            T = num_frames(size, label_rate)
-            ids = np.stack([rng.permutation(n_clusters)[:top_k] for _ in range(T)])
-            p = np.sort(rng.dirichlet(np.ones(top_k), size=T), axis=1)[:, ::-1]
-            w.add(ids, p)
-            lines.append(" ".join(map(str, ids[:, 0])))
-        w.close()
-        with open(os.path.join(label_dir, f"{split}.{name}"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-    write_dictionary(os.path.join(label_dir, f"dict.{name}.txt"), n_clusters)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny corpus, a label directory filled on demand, and a 12-layer x 32 hubert teacher."""
@@ -109,7 +92,8 @@ def ensure_labels(world, cfg):
         if os.path.isfile(os.path.join(world["labels"], done)):
             continue
         if soft:
-            write_soft_labels(world["labels"], world["sizes"], name, label_rate=cfg.task.label_rate, seed=i)
+            write_soft_labels(world["labels"], world["sizes"], name, n_clusters=K, label_rate=cfg.task.label_rate,
+                              seed=i, temperature=1.0)
         else:
             write_random_labels(world["labels"], world["sizes"], name, K, cfg.task.label_rate, seed=i)
 
@@ -203,6 +187,93 @@ def test_every_row_trains(name, overrides, from_docs, world, tmp_path):
         assert saved_model["init_from_teacher"] == init
         mlp = not fithubert and given.get("model.feat_head_hidden_dim") != "0"
         assert any(k.startswith("feat_heads.0.2.") for k in state["model"]) == mlp
+    check_row_claims(name, overrides, cfg, world)
+
+
+# --------------------------------------------------------------------------- what each row claims
+
+
+def row_claims(name, overrides):
+    """What a row changes, from its name and command line alone (the docs table's "What it
+    changes"), so that a config file that silently lost its change fails the test."""
+    ov = dict(o.split("=", 1) for o in overrides)
+    feat_only = name.startswith("feat_")
+    multilayer = "multilayer" in name
+    if feat_only:
+        labels = []
+    elif "task.labels" in ov:
+        labels = ov["task.labels"].strip("[]").split(",")
+    elif name in ("scratch_narrow", "hubert_base_scratch") or ov.get("+data") == "mfcc":
+        labels = ["mfcc"]
+    elif multilayer:
+        labels = ["it2_l6", "it2_l9", "it2_l12"]
+    else:
+        labels = ["km"]
+    weights = ov.get("criterion.label_weights")
+    return {
+        "conformer": name == "dicehubert_conformer",
+        # DistilHuBERT's rows (heads on the last layer) initialise from the teacher by default
+        "init": (name.endswith("_init") or "+init" in ov
+                 or (name.startswith(("feat_shallow", "ssl_feat_shallow")) and ov.get("model.init_from_teacher") != "null")),
+        "labels": labels,
+        "label_rate": 100 if labels == ["mfcc"] else 50,
+        "soft": name.endswith("_soft"),
+        "label_weights": [float(w) for w in weights.strip("[]").split(",")] if weights else [1.0] * len(labels),
+        "feat": name.startswith(("feat_", "ssl_feat_")),
+        "ssl": not feat_only,
+        "feat_weight": float(ov.get("criterion.feat_weight", 1.0)),
+        "layer_to_layer": name in ("feat_narrow", "ssl_feat_narrow"),
+    }
+
+
+def check_row_claims(name, overrides, cfg, world):
+    """The task, model and criterion built from the row's config carry what the row claims."""
+    from fairseq.models.wav2vec.wav2vec2 import TransformerSentenceEncoderLayer
+    from fairseq.modules.conformer_layer import ConformerWav2Vec2EncoderLayer
+
+    claims = row_claims(name, overrides)
+    task, model, criterion = build(cfg)
+    # encoder layers
+    layer_class = ConformerWav2Vec2EncoderLayer if claims["conformer"] else TransformerSentenceEncoderLayer
+    assert {type(layer) for layer in model.encoder.layers} == {layer_class}, name
+    # initialisation from the teacher: conv front end and first layer copied, heads never
+    teacher = torch.load(world["teacher"], weights_only=True)["model"]
+    student = model.state_dict()
+    for key in ("feature_extractor.conv_layers.0.0.weight", "encoder.layers.0.fc1.weight"):
+        same = key in student and student[key].shape == teacher[key].shape and torch.equal(student[key], teacher[key])
+        assert same == claims["init"], (name, key)
+    if claims["init"] and claims["ssl"]:
+        assert student["final_proj.weight"].shape == teacher["final_proj.weight"].shape  # it could be copied,
+        assert not torch.equal(student["final_proj.weight"], teacher["final_proj.weight"])  # but it is not
+    # label streams (names, rate, soft), projections and weights
+    assert list(task.cfg.labels) == claims["labels"], name
+    assert list(task.cfg.soft_labels) == (claims["labels"] if claims["soft"] else []), name
+    if claims["labels"]:
+        assert task.cfg.label_rate == claims["label_rate"]
+        # one projection per stream (every preset unties them, as fairseq's HuBERT Base recipe)
+        assert model.untie_final_proj and len(model.num_classes) == len(claims["labels"])
+        task.load_dataset("train")
+        ds = task.datasets["train"]
+        batch = ds.collater([ds[i] for i in range(2)])
+        assert len(batch["target_list"]) == len(claims["labels"])
+        soft = batch.get("soft_target_list") or [None] * len(claims["labels"])
+        assert [s is not None for s in soft] == [claims["soft"]] * len(claims["labels"]), name
+        model.eval()
+        with torch.no_grad():
+            out = model(target_list=batch["target_list"], soft_target_list=batch.get("soft_target_list"),
+                        **batch["net_input"])
+        assert len(out["logit_m_list"]) == len(claims["labels"])
+        assert [s is not None for s in out["soft_m_list"]] == [claims["soft"]] * len(claims["labels"]), name
+    # the criterion
+    assert (cfg.criterion._name == "dicehubert_feat") == claims["feat"], name
+    if claims["ssl"]:
+        assert criterion.label_weights == claims["label_weights"], name
+    if claims["feat"]:
+        assert (criterion.cfg.ssl_weight > 0) == claims["ssl"], name
+        assert criterion.cfg.feat_weight == claims["feat_weight"], name
+        targets = list(model.feat_target_layers)
+        assert targets == (list(range(1, TEACHER_LAYERS + 1)) if claims["layer_to_layer"] else [4, 8, 12]), name
+        assert model.feat_student_layers == (targets if claims["layer_to_layer"] else [len(model.encoder.layers)] * 3)
 
 
 # --------------------------------------------------------------------------- the table itself

@@ -1,9 +1,11 @@
 """examples/tiny (a reduced run of the whole pipeline, bad corpora) and examples/librispeech.
 
-* ``test_reduced_tiny_run``: ``examples/tiny/run.sh`` with ``TINY_PRESET=ci`` (a 1.5-minute
-  corpus, a handful of updates per model) end to end: results.json/md/png exist and every model
-  of the paper's table has a finite PER.  Run twice in the same WORKDIR, the second run skips
-  every stage.
+* ``test_reduced_tiny_run``: ``examples/tiny/run.sh`` with ``TINY_PRESET=ci`` (a 3-minute
+  corpus, a handful of updates per model) end to end: results.json/md/png exist, every model of
+  the paper's table has a finite PER, and both teachers' PER is clearly below chance (the best
+  hypothesis that ignores the audio).  Run twice in the same WORKDIR, the second run skips every
+  stage.  Under CI (``CI=true``, as ``.ci/run`` sets) missing espeak-ng or sox fail the test
+  instead of skipping it, so the end-to-end run cannot quietly drop out of CI.
 * bad corpora (missing ``.phn``, a ``.phn`` whose line count differs from its manifest, an empty
   split): a clear message, a non-zero exit, and nothing trained.
 * the LibriSpeech scripts parse (``bash -n``), and, run with stub ``dicehubert-labels``,
@@ -22,6 +24,8 @@ import subprocess
 import sys
 
 import pytest
+
+from dicehubert_fairseq.probe.head import phone_error_rate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "examples", "tiny")
@@ -52,9 +56,45 @@ def run_sh(workdir, **extra):
 # ------------------------------------------------------------------------- the reduced run
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("sox") is None,
-                    reason="espeak-ng and sox are needed (make setup installs them)")
+#: how far below chance (the best audio-independent hypothesis) the teachers' PER must be
+CHANCE_MARGIN = 0.05
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_speech_tools():
+    """Skip without espeak-ng/sox -- except in CI, where the end-to-end run must not drop out."""
+    missing = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
+    if missing:
+        msg = f"{' and '.join(missing)} not found: needed to synthesise the corpus (make setup installs them)"
+        if in_ci():
+            pytest.fail(f"CI=true: {msg}")
+        pytest.skip(msg)
+
+
+def chance_per(phn_path):
+    """PER of the best hypothesis that ignores the audio: one phone repeated n times, the same
+    for every utterance (the empty output scores 1.0), minimised over the phone and n."""
+    with open(phn_path) as f:
+        refs = [line.split() for line in f.read().splitlines()]
+    phones = sorted({p for r in refs for p in r})
+    longest = max(len(r) for r in refs)
+    return min([1.0] + [phone_error_rate(refs, [[p] * n] * len(refs)) for p in phones for n in range(1, longest + 1)])
+
+
+def test_chance_per_hand_computed(tmp_path):
+    path = tmp_path / "t.phn"
+    path.write_text("a b a\na a\n")
+    # "a a" for both: 1 deletion (b) on the first; nothing on the second -> 1/5
+    assert chance_per(str(path)) == pytest.approx(1 / 5)
+    path.write_text("a\nb\nc\n")
+    assert chance_per(str(path)) == pytest.approx(2 / 3)
+
+
 def test_reduced_tiny_run(tmp_path):
+    require_speech_tools()
     work = tmp_path / "work"
     proc = run_sh(work, TINY_PRESET="ci")
     out = proc.stdout + proc.stderr
@@ -74,6 +114,11 @@ def test_reduced_tiny_run(tmp_path):
     assert by["dicehubert_narrow"]["layers"] == t["layers"] and by["dicehubert_narrow"]["dim"] * 2 == t["dim"]
     assert by["dicehubert_shallow"]["layers"] * 6 == t["layers"] and by["dicehubert_shallow"]["dim"] == t["dim"]
     assert by["dicehubert_narrow"]["params"] == by["scratch_narrow"]["params"] == by["dicehubert_narrow_soft"]["params"]
+    # the teachers learned something a probe can read: clearly below chance on the test split
+    chance = chance_per(str(work / "test.phn"))
+    assert 0.5 < chance <= 1.0
+    for name in ("teacher_n1", "teacher_n2"):
+        assert by[name]["per"] <= chance - CHANCE_MARGIN, (name, by[name]["per"], chance)
     md = (work / "results.md").read_text()
     for name in MODELS:
         assert f"| {name} |" in md
@@ -92,6 +137,21 @@ def test_reduced_tiny_run(tmp_path):
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "start " not in again.stdout and "skip   teacher_n1" in again.stdout
     assert "using the corpus already in" in again.stdout
+
+
+def test_ci_fails_instead_of_skipping_without_speech_tools(tmp_path):
+    """Without espeak-ng and sox on PATH: skipped on a workstation, a failure under CI=true."""
+    outcomes = {}
+    for ci in ("", "true"):
+        env = _env(CI=ci, PATH=BIN)  # the project's environment only: no /usr/bin/espeak-ng, sox
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", REPO,
+                               f"{__file__}::test_reduced_tiny_run", "-rsf"], cwd=str(tmp_path), env=env,
+                              capture_output=True, text=True, timeout=300)
+        outcomes[ci] = (proc.returncode, proc.stdout)
+    code, out = outcomes[""]
+    assert code == 0 and "1 skipped" in out and "espeak-ng and sox not found" in out, out[-2000:]
+    code, out = outcomes["true"]
+    assert code == 1 and "1 failed" in out and "CI=true: espeak-ng and sox not found" in out, out[-2000:]
 
 
 # ------------------------------------------------------------------------- bad corpora

@@ -5,7 +5,7 @@ path and to measure speed.  ``examples/tiny`` synthesises real speech with espea
 """
 
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import soundfile as sf
@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 import dicehubert_fairseq  # noqa: F401  (registers our task/model)
-from dicehubert_fairseq.data.files import write_dictionary
+from dicehubert_fairseq.data.files import SoftLabelWriter, write_dictionary
 from dicehubert_fairseq.frames import conv_layers, conv_output_length
 from fairseq import tasks
 from fairseq.dataclass.configs import FairseqConfig
@@ -87,6 +87,52 @@ def write_random_labels(
             for size in lens:
                 f.write(" ".join(map(str, rng.integers(0, n_clusters, num_frames(size, label_rate)))) + "\n")
     write_dictionary(os.path.join(label_dir, f"dict.{name}.txt"), n_clusters)
+
+
+def write_soft_labels(
+    label_dir: str,
+    sizes: Dict[str, List[int]],
+    name: str = "km",
+    n_clusters: int = 12,
+    top_k: int = 3,
+    label_rate: float = 50,
+    seed: int = 0,
+    temperature: float = 5.0,
+    probs_of: Optional[Callable[[int, int], np.ndarray]] = None,
+) -> Dict[str, List[Tuple[np.ndarray, np.ndarray]]]:
+    """Random soft labels of stream ``name``, their arg-max as its hard labels ``{split}.{name}``,
+    and ``dict.{name}.txt``.
+
+    Args:
+        probs_of: ``probs_of(row, T)`` gives the ``(T, top_k)`` probabilities of manifest row
+            ``row`` (most likely first); default: random, sorted.
+
+    Returns:
+        per split, per manifest row, the ``((T, top_k) cluster ids, (T, top_k) probabilities)`` written.
+    """
+    rng = np.random.default_rng(seed)
+    os.makedirs(label_dir, exist_ok=True)
+    written = {}
+    for split, lens in sizes.items():
+        w = SoftLabelWriter(label_dir, split, name, n_clusters=n_clusters, top_k=top_k,
+                            meta={"temperature": temperature})
+        rows, lines = [], []
+        for row, size in enumerate(lens):
+            T = num_frames(size, label_rate)
+            ids = np.stack([rng.permutation(n_clusters)[:top_k] for _ in range(T)])
+            if probs_of is None:
+                p = np.sort(rng.dirichlet(np.ones(top_k), size=T), axis=1)[:, ::-1]
+            else:
+                p = probs_of(row, T)
+            w.add(ids, p)
+            rows.append((ids, p))
+            lines.append(" ".join(map(str, ids[:, 0])))
+        w.close()
+        with open(os.path.join(label_dir, f"{split}.{name}"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        written[split] = rows
+    write_dictionary(os.path.join(label_dir, f"dict.{name}.txt"), n_clusters)
+    return written
 
 
 def tiny_model_overrides(layers: int = 2, dim: int = 32, conv_dim: int = 32) -> List[str]:

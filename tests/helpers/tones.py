@@ -114,6 +114,22 @@ def copy_data(data: str, directory: str) -> str:
     return d
 
 
+def write_tone_world(directory: str, splits: Dict[str, int], seed: int = 0) -> Dict[str, str]:
+    """A tone corpus in ``directory``, random labels for it in ``directory/labels`` and a randomly
+    initialised 2 x 32 fairseq ``hubert`` checkpoint ``directory/hubert.pt`` (seeded by ``seed``).
+
+    Returns:
+        ``{"data": directory, "labels": ..., "ckpt": ...}``.
+    """
+    write_tone_corpus(directory, splits, seed=seed)
+    sizes = {s: read_manifest(os.path.join(directory, f"{s}.tsv")).sizes for s in ("train", "valid")}
+    labels = os.path.join(directory, "labels")
+    write_random_labels(labels, sizes)
+    ckpt = os.path.join(directory, "hubert.pt")
+    write_checkpoint(ckpt, directory, labels, seed=seed)
+    return {"data": directory, "labels": labels, "ckpt": ckpt}
+
+
 def main(argv=None) -> int:
     """``python -m tests.helpers.tones OUT``: a tone corpus and a random tiny checkpoint.
 
@@ -128,8 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--test", type=int, default=15, help="test utterances (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus and the checkpoint (default: %(default)s)")
     args = p.parse_args(argv)
-    write_tone_world(args.out, os.path.join(args.out, "labels"), os.path.join(args.out, "hubert.pt"),
-                     {"train": args.train, "valid": args.valid, "test": args.test}, seed=args.seed)
+    write_tone_world(args.out, {"train": args.train, "valid": args.valid, "test": args.test}, seed=args.seed)
     return 0
 
 
