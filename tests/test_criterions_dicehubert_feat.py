@@ -171,7 +171,7 @@ def test_ssl_plus_feat_one_masked_forward_serves_both_losses(feat_world):
     per_layer = []
     with torch.no_grad():
         for head, k in zip(model.feat_heads, layers):
-            pred = F.linear(states[-1], head.weight, head.bias).double()  # DistilHuBERT: heads on the last layer
+            pred = head(states[-1]).double()  # DistilHuBERT: heads (MLPs) on the last layer
             target, _ = teacher.extract_features(src, padding_mask=src_pad, mask=False, output_layer=k)
             T = min(pred.shape[1], target.shape[1])
             pred, target = pred[:, :T][real[:, :T]], target[:, :T].double()[real[:, :T]]
