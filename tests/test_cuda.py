@@ -205,11 +205,11 @@ def test_probe_features_on_cuda_equal_cpu(tones, exact_fp32):
 def test_probe_runs_on_cuda(tones):
     from dicehubert_fairseq.probe.run import ProbeConfig, run_probe
 
-    cfg = dict(epochs=3, max_train_utterances=24)
+    cfg = dict(epochs=30, max_train_utterances=24)  # on the CPU: test PER 0.50 (0.94 after 3 epochs)
     cpu = run_probe(tones["ckpt"], tones["data"], cfg=ProbeConfig(**cfg))
     gpu = run_probe(tones["ckpt"], tones["data"], cfg=ProbeConfig(device="cuda", **cfg))
-    assert math.isfinite(gpu["per"]) and 0 <= gpu["per"] <= 1.5
     assert sum(gpu["layer_weights"]) == pytest.approx(1.0, abs=1e-5)
     assert len(gpu["layer_weights"]) == len(cpu["layer_weights"])
+    assert gpu["per"] < 0.8, gpu["per"]  # the head learned on the GPU
     # same features and init; only float rounding of the CTC head's training differs
-    assert abs(gpu["per"] - cpu["per"]) <= 0.1, (gpu["per"], cpu["per"])
+    assert abs(gpu["per"] - cpu["per"]) <= 0.15, (gpu["per"], cpu["per"])

@@ -98,8 +98,8 @@ echo "== working tree (tracked + untracked, not ignored): $((tree_kib / 1024)) M
      "the device tool's limit is 64 MiB for both together"
 [ $((tree_kib + whl_kib)) -lt $((60 * 1024)) ] || { echo "too large to travel" >&2; exit 1; }
 cat <<'MSG'
-== ready. The device call (one command, about 5 minutes; nothing else needed):
-   run(command="bash benchmarks/gpu/run.sh", carry=[".whl"], timeout_s=420)
+== ready. The device call (one command; expected about 5 minutes, not yet measured; its steps stop themselves within 8):
+   run(command="bash benchmarks/gpu/run.sh", carry=[".whl"], timeout_s=540)
    Results come back under the call's files: gpu_results.md (the table for benchmarks/README.md),
    gpu_results.json, and the logs of each step.
 MSG

@@ -60,8 +60,8 @@ def markdown(res):
     env, steps = res.get("env") or {}, res["steps"]
     head = (f"{env.get('gpu', 'no GPU')}, driver {env.get('driver', '?')}, torch {env.get('torch', '?')} "
             f"(CUDA {env.get('torch_cuda', '?')}), Python {env.get('python', '?')}, fairseq {env.get('fairseq', '?')}")
-    lines = [f"### GPU checks: {res['date']}", "", head, "", f"Mode: {res['mode']}. Command: `bash benchmarks/gpu/run.sh`.",
-             "", "| step | what | result | time (limit) |", "|---|---|---|---|"]
+    lines = [f"### GPU checks: {res['date']}", "", head, "",
+             f"Mode: {res['mode']}. Command: `bash benchmarks/gpu/run.sh`.", "", "| step | what | result | time (limit) |", "|---|---|---|---|"]
     for s in steps:
         verdict = "ok" if s["exit"] == 0 else ("timed out" if s["exit"] in (124, 137) else f"FAILED (exit {s['exit']})")
         lines.append(f"| {s['name']} | {s['what']} | {verdict} | {s['seconds']} s ({s['limit_s']} s) |")
@@ -99,7 +99,8 @@ def markdown(res):
                   "peak allocated | nvidia-smi peak (baseline) | GPU util | overflows skipped | loss (first -> last) |",
                   "|---|---|---|---|---|---|---|---|",
                   f"| {t['num_updates']} | {_fmt(t['ups_median'])} | {_fmt(t['ups_wall'])} "
-                  f"| {_fmt(t.get('peak_allocated_gb'), '.1f', ' GB')} | {_fmt(t['nvidia_smi_peak_mib'], '.0f', ' MiB')} "
+                  f"| {_fmt(t.get('peak_allocated_gb'), '.1f', ' GB')} "
+                  f"| {_fmt(t['nvidia_smi_peak_mib'], '.0f', ' MiB')} "
                   f"({_fmt(t['nvidia_smi_baseline_mib'], '.0f', ' MiB')}) | {_fmt(t['gpu_util_mean'], '.0f', ' %')} "
                   f"| {t['overflows']} | {loss} |",
                   "", "Checks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in tr["checks"].items())]

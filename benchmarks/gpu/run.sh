@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks in one command, about 5 minutes on one H200 (benchmarks/README.md, "GPU checks"):
+# The GPU checks in one command (benchmarks/README.md, "GPU checks"); expected about 5 minutes on one
+# H200, never measured yet (each step has a time limit, 440 s in all):
 #
 #   a. the tests that need CUDA:   pytest -m cuda tests/test_cuda.py
 #   b. labels on the GPU against fairseq's own feature dump:
@@ -121,7 +122,8 @@ step tests 110 "$OUT/tests.log" "pytest -m cuda tests/test_cuda.py" \
 # b. dicehubert-labels on the GPU in fp16 against fairseq's simple_kmeans (its feature dump on the GPU)
 case $MODE in
   gpu) LABEL_ARGS=(--device cuda --dtype float16 --agreement --scales $LABEL_SCALES) ;;
-  cpu-dry-run) LABEL_ARGS=(--device cpu --dtype float32 --agreement --scales 3 --seconds 1 2 --n-clusters 5 --layer 2) ;;
+  cpu-dry-run)
+    LABEL_ARGS=(--device cpu --dtype float32 --agreement --scales 3 --seconds 1 2 --n-clusters 5 --layer 2) ;;
   *) LABEL_ARGS=() ;;
 esac
 if [ $MODE != no-gpu ]; then

@@ -116,12 +116,14 @@ def main():
     write_checkpoint(teacher, data, os.path.join(work, "teacher_labels"), model_overrides=TEACHER, seed=0)
     audio_s = sum(sizes["train"]) / 16000
     result["corpus"] = {"utterances": args.utterances, "audio_s": audio_s, "seconds": time.time() - t0}
-    print(f"corpus: {args.utterances} utterances, {audio_s / 60:.1f} min of audio ({time.time() - t0:.0f} s)", flush=True)
+    print(f"corpus: {args.utterances} utterances, {audio_s / 60:.1f} min of audio ({time.time() - t0:.0f} s)",
+          flush=True)
 
     src = ["--manifest-dir", data, "--checkpoint", teacher, "--layer", "4", *device, "--no-progress"]
     km = os.path.join(work, "km.joblib")
     steps = [("fit", ["fit", *src, "--split", "train", "--n-clusters", "100", "--percent", "0.1", "--out", km])]
-    steps += [(f"dump_{s}", ["dump", *src, "--split", s, "--km", km, "--label-dir", labels]) for s in ("train", "valid")]
+    steps += [(f"dump_{s}", ["dump", *src, "--split", s, "--km", km, "--label-dir", labels])
+              for s in ("train", "valid")]
     result["labels"] = {}
     for name, argv in steps:  # in this process: no start-up cost per step
         t1 = time.time()
