@@ -133,10 +133,12 @@ def main():
         if rc != 0:
             result["checks"]["labels"] = False
             return finish(result, args, work)
+    total_gib = None
     if not args.cpu:
         import torch
 
         torch.cuda.empty_cache()  # this process keeps its CUDA context: nvidia-smi's baseline below
+        total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30  # fairseq's total_memory_in_GB
 
     overrides = [
         f"common.user_dir={os.path.join(REPO, 'dicehubert_fairseq')}", f"task.data={data}", f"task.label_dir={labels}",
@@ -179,9 +181,9 @@ def main():
         "nvidia_smi_total_mib": smi[0][1] if smi else None,
         "gpu_util_mean": statistics.mean(s[2] for s in smi) if smi else None,
     }
-    if train["gb_free_min"] is not None and train["nvidia_smi_total_mib"]:
+    if train["gb_free_min"] is not None and total_gib is not None:
         # fairseq: gb_free = total_memory / 2**30 - torch.cuda.max_memory_allocated() / 2**30 (rounded to 0.1)
-        train["peak_allocated_gb"] = train["nvidia_smi_total_mib"] / 1024 - train["gb_free_min"]
+        train["peak_allocated_gb"] = total_gib - train["gb_free_min"]
     result["train"] = train
     values = [x for _, x in losses]
     result["checks"] = {
