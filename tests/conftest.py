@@ -1,7 +1,8 @@
 """Shared fixtures: synthetic corpora, tiny checkpoints and thread limits (no network, nothing committed).
 
 Unit tests are ``tests/test_<module>.py``; end-to-end tests (subprocesses, real training runs) are in
-``tests/e2e/`` and marked ``e2e``; long ones are also marked ``slow`` (run with ``--runslow``).
+``tests/e2e/`` and marked ``e2e``; long ones are also marked ``slow`` (run with ``--runslow``); tests that
+need a GPU are marked ``cuda`` and skip themselves without one (``tests/test_cuda.py``).
 """
 
 import logging
@@ -26,6 +27,7 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long end-to-end test, run with --runslow (make test-all)")
     config.addinivalue_line("markers", "e2e: end-to-end test (tests/e2e: subprocesses, real training runs)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one (benchmarks/gpu/run.sh runs them)")
 
 
 def pytest_collection_modifyitems(config, items):
