@@ -6,7 +6,7 @@
 * ``run=slurm`` composes to the same launcher settings plus the Slurm fields, and its resources
   match fairseq's distributed settings (no Slurm here: composed, not launched);
 * the default overlay ``run=gpu`` on a machine without a GPU stops in one line before anything
-  is built (``dicehubert_fairseq/run_checks.py``).
+  is built (``task.cpu``, linked to ``common.cpu``, checked by the ``dicehubert`` task's setup).
 """
 
 import dataclasses
@@ -115,9 +115,8 @@ def test_slurm_overlay_is_the_local_launch_plus_slurm_fields():
     for key in ("name", "submitit_folder", "timeout_min", "stderr_to_stdout"):
         assert s[key] == loc[key], key
     assert s["name"] == "${hydra.job.config_name}/${hydra.job.override_dirname}"
-    # and the same sweep directory and the same device check in the job
+    # and the same sweep directory
     assert slurm.hydra.sweep == local.hydra.sweep
-    assert slurm.hydra.callbacks == local.hydra.callbacks and "require_device" in slurm.hydra.callbacks
 
 
 def test_slurm_resources_match_fairseqs_distributed_settings():
@@ -146,15 +145,21 @@ def test_default_overlay_without_gpu_stops_in_one_line_before_building(corpus, t
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("dicehubert: this run trains on a GPU") and "add run=cpu" in last, last
     assert "Traceback" not in proc.stderr + proc.stdout
-    # nothing was built: fairseq never started (no config printed, no model, no checkpoint dir)
-    log = (run_dir / "hydra_train.log").read_text() if (run_dir / "hydra_train.log").exists() else ""
-    assert "fairseq_cli.train" not in log + proc.stdout and not (run_dir / "checkpoints").exists()
+    # nothing was built: fairseq stopped at the task (no task, model or criterion logged, no checkpoint)
+    out = proc.stdout + proc.stderr
+    assert "'_name': 'dicehubert_student'" in out  # fairseq printed the config: it did start
+    for built in ("task: DiceHubertTask", "model: DiceHubertStudent", "criterion: DiceHubertCriterion",
+                  "num. shared model params"):
+        assert built not in out, built
+    assert not list(run_dir.glob("checkpoints/*.pt"))
 
 
-def test_device_check_lets_cpu_runs_through():
-    from dicehubert_fairseq.run_checks import missing_gpu_message
+def test_device_check_follows_common_cpu():
+    """task.cpu is the run's common.cpu; only a GPU run on a machine without a GPU is stopped."""
+    from dicehubert_fairseq.tasks.dicehubert import missing_gpu_message
 
-    assert missing_gpu_message(_compose("cpu")) == ""
-    assert missing_gpu_message(_compose("cpu_torchrun")) == ""
-    gpu = missing_gpu_message(_compose("gpu"))
-    assert (gpu == "") == torch.cuda.is_available()
+    for run, cpu in (("cpu", True), ("cpu_torchrun", True), ("submitit_local", True), ("gpu", False), ("slurm", False)):
+        cfg = _compose(run)
+        assert cfg.task.cpu is cpu is cfg.common.cpu, run
+        assert (missing_gpu_message(cfg.task.cpu) == "") == (cpu or torch.cuda.is_available()), run
+    assert missing_gpu_message(None) == ""  # a task config from elsewhere (an old checkpoint): not checked
