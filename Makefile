@@ -13,7 +13,7 @@ PYTHON312 ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/nu
 VENV312 ?= .venv312
 STAMP312 := $(VENV312)/.installed
 
-.PHONY: setup setup-py312 tiny test test-py312 test-all bench clean
+.PHONY: setup setup-py312 tiny test test-unit test-py312 test-all bench clean
 setup: $(STAMP)
 setup-py312: $(STAMP312)
 
@@ -44,6 +44,10 @@ tiny: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# the unit tests alone (tests/test_<module>.py), without the end-to-end tests of tests/e2e
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests --ignore=tests/e2e
 
 test-py312: $(STAMP312)
 	$(VENV312)/bin/python -m pytest -q tests

@@ -29,10 +29,15 @@ setup(
         f"ve-fairseq==0.12.3; {_VE_FAIRSEQ}",
         f"fairseq-fixed==0.12.3.1; {_FAIRSEQ_FIXED}",
         "numpy>=1.24",
-        "scikit-learn>=1.3",
+        # labels/kmeans.py rescales MiniBatchKMeans._counts (private): the range tested to mean what it
+        # uses (tests/test_labels_kmeans.py::test_sklearn_private_counts_still_mean_what_we_rescale)
+        "scikit-learn>=1.3,<1.10",
+        "threadpoolctl>=2.0",
         "joblib>=1.2",
         "soundfile>=0.12",
         "tqdm>=4.60",
+        # the probe's PER (fairseq's CTC criterion uses it too)
+        "editdistance>=0.6,<0.9",
         "hydra-core>=1.3,<1.4",
         "omegaconf>=2.3,<2.4",
     ],

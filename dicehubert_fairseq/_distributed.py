@@ -10,7 +10,7 @@ of itself and allocates them, when missing or too small, with ``torch.cuda.ByteT
 :func:`install` (run when this package is imported, i.e. by ``common.user_dir``, before the
 trainer exists) wraps that function: when the process group's backend is not NCCL, it first
 gives it CPU buffers of the size it would have allocated, then calls fairseq's function
-unchanged. Under NCCL nothing changes. Tested by ``tests/test_distributed.py``, which trains
+unchanged. Under NCCL nothing changes. Tested by ``tests/e2e/test_distributed.py``, which trains
 with two processes; everything else fairseq needs for CPU processes is configuration
 (``config/run/cpu_torchrun.yaml``).
 """

@@ -1,6 +1,19 @@
+"""Shared fixtures: synthetic corpora, tiny checkpoints and thread limits (no network, nothing committed).
+
+Unit tests are ``tests/test_<module>.py``; end-to-end tests (subprocesses, real training runs) are in
+``tests/e2e/`` and marked ``e2e``; long ones are also marked ``slow`` (run with ``--runslow``).
+"""
+
 import os
 
 import pytest
+import torch
+from threadpoolctl import threadpool_limits
+
+from dicehubert_fairseq.data.files import read_manifest
+from dicehubert_fairseq.labels.cli import main as labels_main
+from tests.helpers.data import write_checkpoint, write_corpus, write_random_labels
+from tests.helpers.tones import write_tone_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -11,6 +24,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long end-to-end test, run with --runslow (make test-all)")
+    config.addinivalue_line("markers", "e2e: end-to-end test (tests/e2e: subprocesses, real training runs)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,8 +44,6 @@ def repo_root():
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """Synthetic corpus (train 8 / valid 4 utterances) with random 50 Hz labels 'km' (K=20)."""
-    from dicehubert_fairseq.testing import write_corpus, write_random_labels
-
     root = tmp_path_factory.mktemp("corpus")
     data, labels = str(root / "data"), str(root / "labels")
     sizes = write_corpus(data)
@@ -42,17 +54,65 @@ def tiny_corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_corpus, tmp_path_factory):
     """A randomly initialised fairseq `hubert` checkpoint (2 x 32) in fairseq's saved format."""
-    from dicehubert_fairseq.testing import write_checkpoint
-
     path = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
     write_checkpoint(path, tiny_corpus["data"], tiny_corpus["labels"])
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A private corpus (train 6 / valid 2) with random 50 Hz labels 'km' (K=12): tests may mutate it."""
+    sizes = write_corpus(str(tmp_path / "data"), {"train": 6, "valid": 2}, seed=3)
+    write_random_labels(str(tmp_path / "labels"), sizes, "km", 12, 50, seed=3)
+    return str(tmp_path / "data"), str(tmp_path / "labels"), sizes
+
+
+@pytest.fixture(scope="module")
+def feat_world(tmp_path_factory):
+    """A corpus, labels 'km' (K=20) and two random hubert teachers (12 x 32 and 2 x 32) for L_feat."""
+    root = tmp_path_factory.mktemp("feat")
+    data, labels = str(root / "data"), str(root / "labels")
+    sizes = write_corpus(data, {"train": 6, "valid": 2}, seconds=(0.6, 1.4), seed=5)
+    write_random_labels(labels, sizes, "km", 20, 50)
+    deep, shallow = str(root / "teacher12.pt"), str(root / "teacher2.pt")
+    write_checkpoint(deep, data, labels, model_overrides={"encoder_layers": 12}, seed=1)
+    write_checkpoint(shallow, data, labels, model_overrides={"encoder_layers": 2}, seed=2)
+    return {"root": root, "data": data, "labels": labels, "sizes": sizes, "teacher": deep, "shallow": shallow}
+
+
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory):
+    """Tone corpus (60/15/15 utterances, 4 tones) and a random tiny hubert checkpoint (2 x 32)."""
+    root = tmp_path_factory.mktemp("tones")
+    data = str(root / "data")
+    write_tone_corpus(data, splits={"train": 60, "valid": 15, "test": 15}, seed=0)
+    sizes = {s: read_manifest(os.path.join(data, f"{s}.tsv")).sizes for s in ("train", "valid")}
+    write_random_labels(str(root / "labels"), sizes)
+    ckpt = str(root / "hubert.pt")
+    write_checkpoint(ckpt, data, str(root / "labels"), seed=0)
+    return {"data": data, "labels": str(root / "labels"), "ckpt": ckpt, "root": root}
+
+
+@pytest.fixture(scope="module")
+def mfcc_km(tiny_corpus, tmp_path_factory):
+    """K=12 k-means fitted on the MFCC of the tiny train split."""
+    path = str(tmp_path_factory.mktemp("km") / "mfcc.joblib")
+    assert labels_main(["fit", "--manifest-dir", tiny_corpus["data"], "--split", "train", "--mfcc", "--n-clusters",
+                        "12", "--out", path, "--n-init", "3", "--no-progress"]) == 0
     return path
 
 
 @pytest.fixture(scope="module")
 def one_openmp_thread():
     """sklearn's OpenMP loops spin badly on 2 shared cores; one thread is much faster there."""
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(limits=1):
         yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: a second torch thread mostly spin-waits on a shared 2-core machine (measured 10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,34 +3,22 @@
 import glob
 import importlib.util
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
+from dicehubert_fairseq.data.audio import read_audio
 from dicehubert_fairseq.data.files import SoftLabels, read_dictionary_symbols, read_manifest
 from dicehubert_fairseq.labels.cli import main
-from dicehubert_fairseq.labels.features import MfccFeatureReader, TeacherFeatureReader, read_audio
-from dicehubert_fairseq.labels.kmeans import load_kmeans
-
-SIMPLE_KMEANS = os.path.join(os.path.dirname(importlib.util.find_spec("fairseq").origin),
-                             "examples", "hubert", "simple_kmeans")
-
+from dicehubert_fairseq.labels.features import MfccFeatureReader, TeacherFeatureReader
+from dicehubert_fairseq.labels.fit import load_kmeans
 
 pytestmark = pytest.mark.usefixtures("one_openmp_thread")
 
 
-@pytest.fixture(scope="module")
-def mfcc_km(tiny_corpus, tmp_path_factory):
-    """K=12 k-means fitted on the MFCC of the tiny train split."""
-    path = str(tmp_path_factory.mktemp("km") / "mfcc.joblib")
-    assert main(["fit", "--manifest-dir", tiny_corpus["data"], "--split", "train", "--mfcc", "--n-clusters", "12",
-                 "--out", path, "--n-init", "3", "--no-progress"]) == 0
-    return path
+SIMPLE_KMEANS = os.path.join(os.path.dirname(importlib.util.find_spec("fairseq").origin),
+                             "examples", "hubert", "simple_kmeans")
 
 
 def _lines(path):
@@ -177,35 +165,6 @@ def test_same_seed_same_labels(tiny_corpus, tmp_path):
     assert not np.array_equal(outs[0][0], outs[2][0])
 
 
-def test_killed_dump_resumes_to_identical_bytes(tiny_corpus, mfcc_km, tmp_path):
-    data = tiny_corpus["data"]
-    args = ["dump", "--manifest-dir", data, "--split", "train", "--mfcc", "--km", mfcc_km, "--soft", "--top-k", "3",
-            "--block-size", "1", "--no-progress"]
-    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
-    assert main(args + ["--label-dir", ref]) == 0
-    env = dict(os.environ, DICEHUBERT_LABELS_SLOW_BLOCK="0.7")
-    proc = subprocess.Popen([sys.executable, "-m", "dicehubert_fairseq.labels", *args, "--label-dir", out],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts = os.path.join(out, "train.km.parts")
-    deadline = time.time() + 120
-    while len(glob.glob(os.path.join(parts, "block_*.npz"))) < 3:
-        assert proc.poll() is None and time.time() < deadline, "dump ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    done = len(glob.glob(os.path.join(parts, "block_*.npz")))
-    assert 3 <= done < 8
-    finals = ["train.km", "train.km.soft_ids.npy", "train.km.soft_probs.npy", "train.km.soft_offsets.npy",
-              "train.km.soft.json", "dict.km.txt"]
-    assert not any(os.path.exists(os.path.join(out, f)) for f in finals)  # nothing truncated under a final name
-    assert main(args + ["--label-dir", out]) == 0
-    for f in finals:
-        with open(os.path.join(ref, f), "rb") as a, open(os.path.join(out, f), "rb") as b:
-            assert a.read() == b.read(), f
-    assert sorted(os.listdir(out)) == sorted(finals)  # parts and temporaries cleaned up
-
-
 def test_changed_options_do_not_reuse_parts(tiny_corpus, mfcc_km, tmp_path, capsys):
     data, out = tiny_corpus["data"], str(tmp_path / "out")
     parts = os.path.join(out, "valid.km.parts")
@@ -218,45 +177,3 @@ def test_changed_options_do_not_reuse_parts(tiny_corpus, mfcc_km, tmp_path, caps
                  "--block-size", "2", "--no-progress"]) == 0
     assert "different inputs or options; starting over" in capsys.readouterr().err
     assert len(_lines(os.path.join(out, "valid.km"))) == 4
-
-
-def test_fairseq_dump_km_label_agrees_on_our_model(tiny_corpus, mfcc_km, tmp_path):
-    """fairseq's own dump_km_label.py (subprocess) and its ApplyKmeans read our joblib model."""
-    data = tiny_corpus["data"]
-    feats = _features(data, "train", MfccFeatureReader())
-    feat_dir, lab_dir, ours = tmp_path / "feat", tmp_path / "fairseq_lab", str(tmp_path / "ours")
-    feat_dir.mkdir()
-    np.save(feat_dir / "train_0_1.npy", np.concatenate(feats))  # fairseq's feature layout
-    (feat_dir / "train_0_1.len").write_text("".join(f"{len(f)}\n" for f in feats))
-    subprocess.run([sys.executable, os.path.join(SIMPLE_KMEANS, "dump_km_label.py"), str(feat_dir), "train", mfcc_km,
-                    "1", "0", str(lab_dir)], check=True, capture_output=True)
-    assert main(["dump", "--manifest-dir", data, "--split", "train", "--mfcc", "--km", mfcc_km, "--label-dir", ours,
-                 "--no-progress"]) == 0
-    theirs = _lines(lab_dir / "train_0_1.km")
-    mine = _lines(os.path.join(ours, "train.km"))
-    assert [len(x) for x in theirs] == [len(x) for x in mine]
-    agree = np.mean(np.concatenate(theirs) == np.concatenate(mine))
-    assert agree == 1.0
-    spec = importlib.util.spec_from_file_location("fairseq_dump_km_label", os.path.join(SIMPLE_KMEANS, "dump_km_label.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    apply = mod.ApplyKmeans(mfcc_km)
-    assert apply(feats[0]).tolist() == mine[0]
-    assert apply(torch.from_numpy(feats[1])).tolist() == mine[1]
-
-
-def test_fit_streams_past_the_pool(tiny_corpus, tmp_path, capsys):
-    """A sample larger than the pool: initial fit on the pool, then partial_fit on the rest of the stream."""
-    data, km_path = tiny_corpus["data"], str(tmp_path / "km.joblib")
-    assert main(["fit", "--manifest-dir", data, "--mfcc", "--n-clusters", "12", "--out", km_path, "--batch-size", "100",
-                 "--pool-size", "300", "--n-init", "3", "--block-size", "3", "--threads", "1", "--no-progress"]) == 0
-    assert "held-out on" in capsys.readouterr().out
-    km, meta = load_kmeans(km_path)
-    assert meta["pool_size"] == 300 and meta["passes"] == 2 and meta["init_frames"] == 300
-    assert meta["partial_fit_steps"] >= 10 and meta["frames"] == sum(
-        1 + (s - 400) // 160 for s in tiny_corpus["sizes"]["train"])
-    from dicehubert_fairseq.labels.kmeans import new_kmeans, objective_of
-
-    X = np.concatenate(_features(data, "train", MfccFeatureReader()))
-    full = new_kmeans(12, seed=0, batch_size=100, n_init=3).fit(X)
-    assert objective_of(km.cluster_centers_, X) <= 1.15 * objective_of(full.cluster_centers_, X)

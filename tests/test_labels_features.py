@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from dicehubert_fairseq.data.files import read_manifest
+from dicehubert_fairseq.data.audio import read_audio
+from dicehubert_fairseq.frames import conv_output_length
 from dicehubert_fairseq.labels.features import (
-    MfccFeatureReader, TeacherFeatureReader, compute_deltas, conv_num_frames, kaldi_mfcc,
-    length_sorted_batches, mfcc_39, read_audio,
+    MfccFeatureReader, TeacherFeatureReader, compute_deltas, kaldi_mfcc, length_sorted_batches, mfcc_39,
 )
 
 
@@ -58,7 +59,7 @@ def test_teacher_long_utterances_are_chunked_like_fairseq(tiny_teacher, utts):
         ref = _fairseq_layer(reader.model, w, 2, max_chunk=12000)
         assert got.shape == ref.shape
         np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
-        assert len(got) == sum(conv_num_frames(min(12000, len(w) - s), reader._conv) for s in range(0, len(w), 12000))
+        assert len(got) == sum(conv_output_length(min(12000, len(w) - s), reader._conv) for s in range(0, len(w), 12000))
 
 
 def test_teacher_forward_stops_at_layer(tiny_teacher, utts):
@@ -212,7 +213,7 @@ def test_mfcc_known_properties():
 
 def test_student_checkpoint_is_a_valid_teacher(tiny_corpus, utts, tmp_path):
     """Our own dicehubert_student checkpoints (next DiceHuBERT round) feed the same reader."""
-    from dicehubert_fairseq.testing import write_checkpoint
+    from tests.helpers.data import write_checkpoint
 
     path = str(tmp_path / "student.pt")
     write_checkpoint(path, tiny_corpus["data"], tiny_corpus["labels"], model="dicehubert_student", task="dicehubert",

@@ -8,12 +8,13 @@ Ours: ``dicehubert-labels fit`` -> ``dicehubert-labels dump``.  Clustering quali
 objective (mean squared distance of every frame to its nearest centroid) of both models on the
 same features, fairseq's dumped features of the whole corpus.
 
-    python benchmarks/labels/run.py [--scales 20 80] [--layer 9] [--n-clusters 100] [--percent 0.1]
+    python -m benchmarks.labels.run [--scales 20 80] [--layer 9] [--n-clusters 100] [--percent 0.1]
 
 Writes ``results.json`` and ``results.md`` in ``--workdir`` and prints the table.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -23,6 +24,10 @@ import sys
 import time
 
 import numpy as np
+
+from dicehubert_fairseq.labels.fit import load_kmeans
+from dicehubert_fairseq.labels.kmeans import objective_of
+from tests.helpers.data import write_checkpoint, write_corpus, write_random_labels
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -35,8 +40,6 @@ HUBERT_BASE = {
 
 
 def simple_kmeans_dir() -> str:
-    import importlib.util
-
     return os.path.join(os.path.dirname(importlib.util.find_spec("fairseq").origin), "examples", "hubert",
                         "simple_kmeans")
 
@@ -72,8 +75,6 @@ def dir_bytes(*paths):
 
 
 def run_scale(n, args, teacher, work):
-    from dicehubert_fairseq.testing import write_corpus
-
     d = os.path.join(work, f"n{n}")
     shutil.rmtree(d, ignore_errors=True)
     data = os.path.join(d, "data")
@@ -111,7 +112,6 @@ def run_scale(n, args, teacher, work):
         }
 
     # clustering quality on the same features: fairseq's dump of the whole corpus
-    from dicehubert_fairseq.labels.kmeans import load_kmeans, objective_of
 
     feats = np.load(os.path.join(d, "fs_feat", "train_0_1.npy"), mmap_mode="r")
     objective = {"fairseq": objective_of(load_kmeans(os.path.join(d, "fs_km.bin"))[0].cluster_centers_, feats)}
@@ -186,8 +186,6 @@ def main():
     os.makedirs(args.workdir, exist_ok=True)
     teacher = os.path.join(args.workdir, "hubert_base_random.pt")
     if not os.path.isfile(teacher):
-        from dicehubert_fairseq.testing import write_checkpoint, write_random_labels
-
         lab = os.path.join(args.workdir, "teacher_labels")
         write_random_labels(lab, {}, n_clusters=100)
         write_checkpoint(teacher, os.path.join(args.workdir, "n20", "data"), lab, model_overrides=HUBERT_BASE)

@@ -28,10 +28,12 @@ from fairseq.criterions import register_criterion
 from fairseq.logging import metrics
 from omegaconf import II, MISSING
 
+from ..checkpoint import load_model
 from ..errors import InputError
+from ..frames import conv_layers, frame_stride
+from ..hidden_states import hidden_states
 from ..losses import feature_distillation_loss
-from ..models.dicehubert_student import frame_stride, layer_states
-from .dicehubert import DiceHubertCriterion, DiceHubertCriterionConfig, loss_scaled, check_finite
+from .dicehubert import DiceHubertCriterion, DiceHubertCriterionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -78,23 +80,6 @@ class _Frozen:
         self.module = module
 
 
-class _LayerStateTap:
-    """Stands in for the model in :meth:`DiceHubertCriterion.forward`: calls the model with
-    ``return_layer_states=True`` and keeps its output, so L_SSL is computed by that criterion's
-    own code and L_feat reuses the same forward pass."""
-
-    def __init__(self, model):
-        self.model = model
-        self.net_output = None
-
-    def __call__(self, **kwargs):
-        self.net_output = self.model(return_layer_states=True, **kwargs)
-        return self.net_output
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
 def check_teacher(path: str, n_layers: int, dim: int, conv_feature_layers: str, normalize: bool,
                   target_layers: List[int], teacher_dim: int, student_conv_feature_layers: str,
                   task_normalize: bool) -> None:
@@ -121,7 +106,8 @@ def check_teacher(path: str, n_layers: int, dim: int, conv_feature_layers: str, 
     if int(dim) != int(teacher_dim):
         problems.append(f"{path}: the teacher's hidden size is {dim}, but model.feat_teacher_dim={teacher_dim} "
                         f"(set model.feat_teacher_dim={dim})")
-    t_stride, s_stride = frame_stride(conv_feature_layers), frame_stride(student_conv_feature_layers)
+    t_stride = frame_stride(conv_layers(conv_feature_layers))
+    s_stride = frame_stride(conv_layers(student_conv_feature_layers))
     if t_stride != s_stride:
         problems.append(f"{path}: the teacher's frames are {t_stride} samples apart, the student's "
                         f"{s_stride} samples apart (model.conv_feature_layers): L_feat needs frame-aligned "
@@ -147,8 +133,6 @@ class DiceHubertFeatCriterion(DiceHubertCriterion):
         super().__init__(cfg, task)
         if cfg.ssl_weight > 0 and not task.cfg.labels:
             raise InputError(["criterion.ssl_weight > 0 needs label streams, but task.labels is empty"])
-        from ..checkpoint import load_model
-
         path = cfg.teacher_checkpoint
         teacher, tcfg = load_model(path)  # eval mode, every parameter frozen
         check_teacher(path, len(teacher.encoder.layers), teacher.encoder.embedding_dim,
@@ -178,8 +162,8 @@ class DiceHubertFeatCriterion(DiceHubertCriterion):
         """``(B, T, D_teacher)`` teacher outputs of every ``target_layers`` entry (no gradient)."""
         teacher = self._place_teacher(model)
         teacher.eval()
-        out = layer_states(teacher, source, padding_mask, mask=False, max_layer=max(self.target_layers))
-        return [out["layer_states"][k - 1] for k in self.target_layers]
+        layers = hidden_states(teacher, source, padding_mask, output_layer=max(self.target_layers)).layers
+        return [layers[k - 1] for k in self.target_layers]
 
     def feat_loss(self, model, preds, padding_mask, sample, logging_output):
         """Mean over target layers of the per-layer distillation loss; logs every layer's terms.
@@ -205,26 +189,27 @@ class DiceHubertFeatCriterion(DiceHubertCriterion):
         logging_output["feat_frames"] = n_frames
         return total, n_frames
 
-    def forward(self, model, sample, reduce=True):
+    def model_inputs(self, sample) -> dict:
+        if self.cfg.ssl_weight > 0:  # one masked forward serves L_SSL and L_feat
+            return super().model_inputs(sample)
+        return dict(sample["net_input"], mask=False)  # L_feat alone: unmasked input, no labels
+
+    def compute_loss(self, model, net_output, sample):
+        """``ssl_weight`` * L_SSL + ``feat_weight`` * L_feat of one model output.
+
+        L_feat, a mean over frames, is scaled by ``sample_size`` like L_SSL's sum: the masked
+        frames with L_SSL, the non-padded frames alone.
+        """
+        logging_output = {}
         if self.cfg.ssl_weight > 0:
-            tap = _LayerStateTap(model)
-            ssl_loss, sample_size, logging_output = super().forward(tap, sample, reduce)
-            out = tap.net_output
-            feat, _ = self.feat_loss(model, out["feat_preds"], out["padding_mask"], sample, logging_output)
-            # L_SSL is summed over sample_size frames: scale the frame-averaged L_feat alike
+            ssl_loss, sample_size, logging_output = super().compute_loss(model, net_output, sample)
+        feat, n_frames = self.feat_loss(model, net_output["feat_preds"], net_output["padding_mask"], sample,
+                                        logging_output)
+        if self.cfg.ssl_weight > 0:
             loss = self.cfg.ssl_weight * ssl_loss + self.cfg.feat_weight * feat * sample_size
         else:
-            net_input = sample["net_input"]
-            # through forward (not a helper method), so that a DDP wrapper sees the call
-            out = model(source=net_input["source"], padding_mask=net_input.get("padding_mask"), mask=False,
-                        return_layer_states=True)
-            logging_output = {}
-            feat, n_frames = self.feat_loss(model, out["feat_preds"], out["padding_mask"], sample, logging_output)
             sample_size = n_frames  # summed over frames, as fairseq's other criteria: sum / sample_size
             loss = self.cfg.feat_weight * feat * n_frames
-            logging_output.update(ntokens=n_frames, nsentences=sample["id"].numel(), sample_size=sample_size)
-        check_finite(loss, sample, scaled=loss_scaled(model))
-        logging_output["loss"] = loss.item()
         return loss, sample_size, logging_output
 
     @staticmethod

@@ -32,23 +32,24 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from omegaconf import MISSING
+from tqdm import tqdm
 
-from ..data.files import (Manifest, SoftLabelWriter, atomic_write, read_manifest, soft_label_paths,
+from ..data.files import (SoftLabels, SoftLabelWriter, atomic_write, read_manifest, soft_label_paths,
                           write_dictionary)
 from ..data.preflight import check_audio, require_valid
 from ..errors import InputError
-from .kmeans import Assigner, load_kmeans
+from .features import FeatureConfig, iter_features, make_reader
+from .fit import load_kmeans
+from .kmeans import Assigner
 
 logger = logging.getLogger(__name__)
-
-#: Test hook: seconds to sleep after each finished block (lets a test kill a run mid-way).
-_SLOW_BLOCK_ENV = "DICEHUBERT_LABELS_SLOW_BLOCK"
 
 #: The soft files' kept probability mass is summed in integer units of 2**-32 per frame: an exact,
 #: order-free sum, so blocks, shards and their merge all give the same statistic.
@@ -84,31 +85,6 @@ def shard_range(total: int, nshard: int, rank: int, what: str = "") -> Tuple[int
     return start, end
 
 
-def check_audio_rows(manifest: Manifest, sample_rate: int, rows: Sequence[int]) -> List[str]:
-    """:func:`~dicehubert_fairseq.data.preflight.check_audio` (headers read) on some rows only.
-
-    Args:
-        manifest: the whole manifest.
-        sample_rate: the rate every file must have.
-        rows: 0-based rows to check (a shard, a fit sample).
-
-    Returns:
-        every problem, naming the real manifest line of each row.
-    """
-    rows = [int(r) for r in rows]
-    if rows == list(range(len(manifest))):
-        return check_audio(manifest, sample_rate, headers=True)
-    sub = Manifest(manifest.path, manifest.root, [manifest.names[i] for i in rows], [manifest.sizes[i] for i in rows])
-    prefix = re.compile(re.escape(manifest.path) + r":(\d+):")
-    out = []
-    for msg in check_audio(sub, sample_rate, headers=True):
-        m = prefix.match(msg)
-        if m:  # line j + 2 of the sub-manifest is row rows[j] of the manifest
-            msg = f"{manifest.path}:{rows[int(m.group(1)) - 2] + 2}:" + msg[m.end():]
-        out.append(msg)
-    return out
-
-
 def split_tag(split: str, nshard: int = 1, rank: int = 0) -> str:
     """``split`` or, for a shard, fairseq's ``{split}_{rank}_{nshard}``."""
     return split if nshard == 1 else f"{split}_{rank}_{nshard}"
@@ -140,40 +116,35 @@ def _read_block(path: str) -> Dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def dump_labels(
-    reader,
-    manifest_path: str,
-    km_path: str,
-    label_dir: str,
-    split: str,
-    name: str = "km",
-    soft: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 5,
-    normalize: bool = False,
-    nshard: int = 1,
-    rank: int = 0,
-    block_size: int = 200,
-    max_batch_samples: int = 1_600_000,
-    check_headers: bool = True,
-    progress: bool = True,
-) -> Dict[str, object]:
+@dataclass
+class DumpConfig:
+    """What ``dicehubert-labels dump`` writes; each field is an option."""
+
+    km: str = field(default=MISSING, metadata={"help": "k-means model (from fit, or fairseq's learn_kmeans)"})
+    label_dir: str = field(default=MISSING, metadata={"help": "output directory"})
+    name: str = field(default="km", metadata={"help": "label name: {split}.{name}, dict.{name}.txt"})
+    soft: bool = field(default=False, metadata={"help": "also write soft labels (top-k ids + probabilities)"})
+    temperature: float = field(default=1.0, metadata={"help": "T of softmax(-d^2/T)"})
+    top_k: int = field(default=10, metadata={"help": "clusters kept per frame for --soft"})
+    normalize: bool = field(default=False, metadata={"help": "L2-normalise features and centroids first"})
+    nshard: int = field(default=1, metadata={"help": "number of shards"})
+    rank: int = field(default=0, metadata={"help": "0-based shard to write"})
+    block_size: int = field(default=200, metadata={
+        "help": "utterances per resumable block; keep it equal when resuming"})
+
+
+def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: DumpConfig,
+                check_headers: bool = True, progress: bool = True) -> Dict[str, object]:
     """Write hard (and optionally soft) labels of a manifest (or one shard of it).
 
+    Everything cheap (options, manifest, shard, k-means model) is checked before the teacher is
+    loaded; with ``check_headers``, the shard's audio headers too, before any feature is read.
+
     Args:
-        reader: a :class:`~dicehubert_fairseq.labels.features.FeatureReader` (teacher layer / MFCC).
         manifest_path: ``{split}.tsv``.
-        km_path: joblib k-means model (from ``fit`` or fairseq's ``learn_kmeans.py``).
-        label_dir: output directory.
         split: split name used in the output file names.
-        name: label stream name (``{split}.{name}``, ``dict.{name}.txt``).
-        soft: also write soft labels.
-        temperature: T of ``softmax(-d^2 / T)``.
-        top_k: ids kept per frame for soft labels.
-        normalize: L2-normalise features and centroids before distances (hard and soft).
-        nshard / rank: fairseq sharding (0-based ranks, fairseq's ranges).
-        block_size: manifest rows per resumable block.
-        max_batch_samples: padded audio samples per inference batch.
+        features: the features to assign (teacher layer or MFCC, as the model was fitted on).
+        cfg: model, output, soft-label and shard settings (see :class:`DumpConfig`).
         check_headers: check every file's header (rate, channels, length) before starting.
         progress: tqdm bar (frames/s).
 
@@ -182,13 +153,13 @@ def dump_labels(
         ``mean_kept_mass`` (soft only), ``seconds``.
 
     Raises:
-        InputError: bad manifest / shard / model / audio, feature dimension != the model's.
+        InputError: bad options / manifest / shard / model / audio / teacher, feature dimension
+            != the model's.
     """
-    from tqdm import tqdm
-
-    from .features import iter_features
-
     t0 = time.time()
+    km_path, label_dir, name, soft, temperature, top_k, normalize, nshard, rank, block_size = (
+        cfg.km, cfg.label_dir, cfg.name, cfg.soft, cfg.temperature, cfg.top_k, cfg.normalize, cfg.nshard,
+        cfg.rank, cfg.block_size)
     if soft and not temperature > 0:
         raise InputError([f"--temperature must be > 0, found {temperature}"])
     if soft and top_k < 1:
@@ -198,6 +169,9 @@ def dump_labels(
     km, meta = load_kmeans(km_path)
     centers = np.asarray(km.cluster_centers_, dtype=np.float32)
     K, D = centers.shape
+    if soft and top_k > K:
+        raise InputError([f"--top-k {top_k} is larger than the number of clusters K={K} in {km_path}"])
+    reader = make_reader(features)
     if D != reader.dim:
         raise InputError([f"{km_path}: centroids have dimension {D}, but the features have {reader.dim} "
                           f"({reader.description.get('type')}); was the model fitted on other features?"])
@@ -205,11 +179,10 @@ def dump_labels(
     for key in ("type", "layer"):
         if key in feats_meta and feats_meta[key] != reader.description.get(key):
             logger.warning(f"{km_path}: fitted on {key}={feats_meta[key]}, dumping {key}={reader.description.get(key)}")
-    if soft and top_k > K:
-        raise InputError([f"--top-k {top_k} is larger than the number of clusters K={K} in {km_path}"])
     rows = list(range(start, end))
     if check_headers:
-        require_valid(check_audio_rows(manifest, reader.sample_rate, rows), manifest.path)
+        require_valid(check_audio(manifest, reader.sample_rate, headers=True, rows=rows), manifest.path)
+    max_batch_samples = int(features.max_batch_seconds * reader.sample_rate)
 
     tag = split_tag(split, nshard, rank)
     os.makedirs(label_dir, exist_ok=True)
@@ -258,7 +231,6 @@ def dump_labels(
         logger.info(f"resuming {label_path}: {resumed} of {len(blocks)} blocks already done")
 
     assigner = Assigner(centers, normalize=normalize, device=str(reader.device))
-    slow = float(os.environ.get(_SLOW_BLOCK_ENV, "0") or 0)
     bar = tqdm(total=sum(frames_of_block), initial=sum(f for f, d in zip(frames_of_block, done) if d),
                unit="frame", unit_scale=True, desc=f"dump {tag}", disable=not progress, smoothing=0.1)
     for b, blk in enumerate(blocks):
@@ -286,8 +258,6 @@ def dump_labels(
             cat_soft = (np.concatenate([soft_out[r][0] for r in blk]).astype(id_dtype),
                         np.concatenate([soft_out[r][1] for r in blk]).astype(np.float32))
         _write_block(block_path[b], lengths, cat_hard, cat_soft, kept_units)
-        if slow:
-            time.sleep(slow)
     bar.close()
 
     total_frames, kept_units = _assemble(block_path, label_dir, tag, name, label_path, K, soft,
@@ -368,6 +338,8 @@ def merge_shards(label_dir: str, split: str, name: str, nshard: int, manifest_pa
         InputError: a missing shard (all are named), soft files on some shards only, different
             K / top-k across shards, line count != manifest.
     """
+    if nshard < 1:
+        raise InputError([f"--nshard must be at least 1, found {nshard}"])
     out_dir = out_dir or label_dir
     tags = [split_tag(split, nshard, r) for r in range(nshard)] if nshard > 1 else [split]
     hard_paths = [os.path.join(label_dir, f"{t}.{name}") for t in tags]
@@ -392,8 +364,6 @@ def merge_shards(label_dir: str, split: str, name: str, nshard: int, manifest_pa
     label_path = os.path.join(out_dir, f"{split}.{name}")
     frames = 0
     if soft:
-        from ..data.files import SoftLabels
-
         shards = [SoftLabels(label_dir, t, name) for t in tags]
         Ks = {s.n_clusters for s in shards}
         ks = {s.top_k for s in shards}

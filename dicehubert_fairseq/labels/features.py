@@ -19,76 +19,27 @@ Two readers with one interface (:class:`FeatureReader`):
 Audio is read with soundfile as float32 in [-1, 1] (as fairseq's readers do).
 """
 
+import contextlib
 import logging
 import math
 import os
-from dataclasses import dataclass
-from typing import Collection, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from ..errors import InputError, where
+from ..checkpoint import load_model
+from ..data.audio import read_audio
 from ..data.files import Manifest
+from ..errors import InputError
+from ..frames import conv_layers, conv_output_length, frame_stride
+from ..hidden_states import hidden_states
 
 logger = logging.getLogger(__name__)
 
 #: fairseq dump_hubert_feature's default ``max_chunk`` (100 s at 16 kHz).
 MAX_CHUNK = 1_600_000
-
-
-# ----------------------------------------------------------------------------------- audio
-
-
-def read_audio(manifest: Manifest, i: int, sample_rate: int = 16000) -> np.ndarray:
-    """Read row ``i`` of ``manifest`` as float32 mono samples in [-1, 1].
-
-    Args:
-        manifest: a parsed ``{split}.tsv``.
-        i: 0-based row index.
-        sample_rate: the rate the audio must have.
-
-    Returns:
-        ``(S,)`` float32 waveform.
-
-    Raises:
-        InputError: unreadable/corrupt file, wrong sample rate, more than one channel (message
-            names the manifest line and the file).
-    """
-    import soundfile as sf
-
-    path = manifest.audio_path(i)
-    loc = where(manifest.path, i + 2)
-    try:
-        wav, sr = sf.read(path, dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises RuntimeError / LibsndfileError / TypeError
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise InputError([f"{loc}: cannot read audio {path} ({msg})"]) from None
-    if sr != sample_rate:
-        raise InputError([f"{loc}: {path} has sample rate {sr} Hz, expected {sample_rate} Hz"])
-    if wav.shape[1] != 1:
-        raise InputError([f"{loc}: {path} has {wav.shape[1]} channels, expected mono"])
-    if abs(len(wav) - manifest.sizes[i]) > 160:
-        logger.warning(f"{loc}: {path} has {len(wav)} samples, the manifest says {manifest.sizes[i]}")
-    return np.ascontiguousarray(wav[:, 0])
-
-
-def conv_num_frames(num_samples: int, layers: Sequence[Tuple[int, int]]) -> int:
-    """Output frames of a stack of un-padded 1-d convolutions.
-
-    Args:
-        num_samples: input length.
-        layers: ``(kernel, stride)`` of each layer.
-
-    Returns:
-        ``floor((n - k) / s) + 1`` applied layer by layer (0 if the input is too short).
-    """
-    n = int(num_samples)
-    for k, s in layers:
-        if n < k:
-            return 0
-        n = (n - k) // s + 1
-    return n
 
 
 class FeatureReader:
@@ -170,8 +121,6 @@ class TeacherFeatureReader(FeatureReader):
 
     def __init__(self, checkpoint: str, layer: int, device: str = "cpu", dtype: Optional[str] = None,
                  max_chunk: int = MAX_CHUNK):
-        from ..checkpoint import load_model
-
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError([f"--device {device}: CUDA is not available on this machine"])
         self.autocast_dtype = _dtype(dtype)
@@ -190,10 +139,8 @@ class TeacherFeatureReader(FeatureReader):
         self.normalize_wav = bool(task_cfg.get("normalize", False))
         model_cfg = cfg["model"]
         self.extractor_mode = str(model_cfg.get("extractor_mode", "default"))
-        self._conv = [(int(block[0].kernel_size[0]), int(block[0].stride[0]))
-                      for block in self.model.feature_extractor.conv_layers]
-        stride = int(np.prod([s for _, s in self._conv]))
-        self.frame_rate = self.sample_rate / stride
+        self._conv = conv_layers(self.model)
+        self.frame_rate = self.sample_rate / frame_stride(self._conv)
         self.dim = int(self.model.encoder.embedding_dim if hasattr(self.model.encoder, "embedding_dim")
                        else model_cfg["encoder_embed_dim"])
         # fp16 weights on CUDA halve memory; bf16 on CPU stays under autocast with fp32 weights
@@ -203,7 +150,6 @@ class TeacherFeatureReader(FeatureReader):
             self._input_dtype = torch.float16
         else:
             self._input_dtype = torch.float32
-        # the encoder keeps every layer's output in `layer_results`; they die with the batch
         self.description = {
             "type": "hubert", "checkpoint": os.path.abspath(checkpoint), "layer": self.layer,
             "dim": self.dim, "frame_rate": self.frame_rate, "sample_rate": self.sample_rate,
@@ -221,7 +167,7 @@ class TeacherFeatureReader(FeatureReader):
         return [(s, min(s + self.max_chunk, num_samples)) for s in range(0, num_samples, self.max_chunk)]
 
     def num_frames(self, num_samples: int) -> int:
-        return sum(conv_num_frames(b - a, self._conv) for a, b in self._chunks(num_samples))
+        return sum(conv_output_length(b - a, self._conv) for a, b in self._chunks(num_samples))
 
     def _prepare(self, wav: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.asarray(wav, dtype=np.float32)).to(self._device)
@@ -229,37 +175,16 @@ class TeacherFeatureReader(FeatureReader):
             x = torch.nn.functional.layer_norm(x, x.shape)
         return x
 
-    def _front_end(self, items: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Conv features ``(B, T, C)`` (zeros beyond each item's frames) and lengths ``(B,)``."""
-        fe = self.model.feature_extractor
-        lengths = [conv_num_frames(len(x), self._conv) for x in items]
-        T = max(lengths)
-        if self.extractor_mode == "default" and len(items) > 1:
-            # GroupNorm over time in the first conv layer: batching would change the statistics
-            outs = [fe(x[None].to(self._input_dtype)) for x in items]  # (1, C, T_b)
-            feats = outs[0].new_zeros(len(items), outs[0].shape[1], T)
-            for b, o in enumerate(outs):
-                feats[b, :, : o.shape[2]] = o[0]
-        else:
-            S = max(len(x) for x in items)
-            src = items[0].new_zeros(len(items), S, dtype=self._input_dtype)
-            for b, x in enumerate(items):
-                src[b, : len(x)] = x
-            feats = fe(src)[:, :, :T]
-            for b, n in enumerate(lengths):
-                feats[b, :, n:] = 0
-        return feats.transpose(1, 2), torch.tensor(lengths, device=feats.device)
-
     def _forward(self, items: List[torch.Tensor]) -> List[torch.Tensor]:
-        model = self.model
-        feats, lengths = self._front_end(items)
-        x = model.layer_norm(feats)
-        padding_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]
-        if model.post_extract_proj is not None:
-            x = model.post_extract_proj(x)
-        # same call as HubertModel.forward(features_only=True, mask=False, output_layer=L)
-        x, _ = model.encoder(x, padding_mask=padding_mask if padding_mask.any() else None, layer=self.layer - 1)
-        return [x[b, : int(n)].float() for b, n in enumerate(lengths)]
+        lengths = [len(x) for x in items]
+        src = items[0].new_zeros(len(items), max(lengths), dtype=self._input_dtype)
+        for b, x in enumerate(items):
+            src[b, : len(x)] = x
+        padding_mask = torch.arange(src.size(1), device=src.device)[None, :] >= torch.tensor(
+            lengths, device=src.device)[:, None]
+        # HubertModel.extract_features(output_layer=L), batched, each utterance as if alone
+        x = hidden_states(self.model, src, padding_mask, output_layer=self.layer, exact_padding=True).x
+        return [x[b, : conv_output_length(n, self._conv)].float() for b, n in enumerate(lengths)]
 
     def features_torch(self, wavs: Sequence[np.ndarray]) -> List[torch.Tensor]:
         items, owner = [], []
@@ -270,7 +195,7 @@ class TeacherFeatureReader(FeatureReader):
                 owner.append(u)
         with torch.inference_mode():
             ctx = (torch.autocast(self._device.type, dtype=self.autocast_dtype)
-                   if self.autocast_dtype is not None else _nullcontext())
+                   if self.autocast_dtype is not None else contextlib.nullcontext())
             with ctx:
                 outs = self._forward(items)
         per_utt: List[List[torch.Tensor]] = [[] for _ in wavs]
@@ -280,14 +205,6 @@ class TeacherFeatureReader(FeatureReader):
 
     def features(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
         return [f.cpu().numpy() for f in self.features_torch(wavs)]
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ------------------------------------------------------------------------------------ MFCC
@@ -425,8 +342,7 @@ class MfccFeatureReader(FeatureReader):
         self.description = {"type": "mfcc", "dim": 39, "frame_rate": 100.0, "sample_rate": self.sample_rate}
 
     def num_frames(self, num_samples: int) -> int:
-        size, shift = int(self.sample_rate * 0.025), int(self.sample_rate * 0.010)
-        return 0 if num_samples < size else 1 + (num_samples - size) // shift
+        return conv_output_length(num_samples, [(int(self.sample_rate * 0.025), int(self.sample_rate * 0.010))])
 
     def features(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
         with torch.inference_mode():
@@ -434,15 +350,44 @@ class MfccFeatureReader(FeatureReader):
                     for w in wavs]
 
 
-def make_reader(checkpoint: Optional[str] = None, layer: Optional[int] = None, mfcc: bool = False,
-                device: str = "cpu", dtype: Optional[str] = None, sample_rate: int = 16000,
-                max_chunk: int = MAX_CHUNK) -> FeatureReader:
-    """A :class:`TeacherFeatureReader` (``checkpoint`` + ``layer``) or :class:`MfccFeatureReader`."""
-    if mfcc:
-        return MfccFeatureReader(sample_rate)
-    if checkpoint is None or layer is None:
+@dataclass
+class FeatureConfig:
+    """Which features to read (a teacher layer or MFCC) and how; each field is a ``dicehubert-labels`` option."""
+
+    checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "fairseq hubert / dicehubert_student checkpoint (teacher)"})
+    mfcc: bool = field(default=False, metadata={"help": "39-dim Kaldi MFCC at 100 Hz instead of a teacher"})
+    layer: Optional[int] = field(default=None, metadata={
+        "help": "1-based transformer layer of --checkpoint (as fairseq's dump_hubert_feature)"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]"})
+    dtype: str = field(default="float32", metadata={
+        "help": "teacher compute precision: float16 on CUDA only; bfloat16 via autocast",
+        "choices": ("float32", "float16", "bfloat16")})
+    sample_rate: int = field(default=16000, metadata={"help": "audio sample rate for --mfcc"})
+    max_batch_seconds: float = field(default=50.0, metadata={"help": "padded audio per inference batch, in seconds"})
+    max_chunk: int = field(default=MAX_CHUNK, metadata={
+        "help": "longer utterances are cut into chunks of this many samples (fairseq's default)"})
+
+
+def make_reader(cfg: FeatureConfig) -> FeatureReader:
+    """A :class:`TeacherFeatureReader` (``checkpoint`` + ``layer``) or :class:`MfccFeatureReader` (``mfcc``).
+
+    Raises:
+        InputError: neither or both sources, ``--checkpoint`` without ``--layer`` or ``--mfcc``
+            with it, and everything :class:`TeacherFeatureReader` refuses.
+    """
+    if cfg.mfcc and cfg.checkpoint:
+        raise InputError(["give --checkpoint CKPT --layer L (teacher features) or --mfcc, not both"])
+    if cfg.mfcc:
+        if cfg.layer is not None:
+            raise InputError(["--layer applies to --checkpoint, not --mfcc"])
+        return MfccFeatureReader(cfg.sample_rate)
+    if cfg.checkpoint is None:
         raise InputError(["give --checkpoint CKPT --layer L (teacher features) or --mfcc"])
-    return TeacherFeatureReader(checkpoint, layer, device=device, dtype=dtype, max_chunk=max_chunk)
+    if cfg.layer is None:
+        raise InputError(["--checkpoint needs --layer L (1-based transformer layer)"])
+    return TeacherFeatureReader(cfg.checkpoint, cfg.layer, device=cfg.device,
+                                dtype=None if cfg.dtype == "float32" else cfg.dtype, max_chunk=cfg.max_chunk)
 
 
 # --------------------------------------------------------------------------------- batching

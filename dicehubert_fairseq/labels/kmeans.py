@@ -8,8 +8,8 @@ estimator with the same settings, fed from a stream:
 1. ``pool_size`` frames (default ``3 * batch_size``, sklearn's ``init_size``) are ``fit`` on
    exactly as fairseq does (``n_init`` k-means++ trials, best kept, then mini-batch steps with
    early stopping) -- for a sample of at most ``pool_size`` frames this *is* fairseq's
-   learn_kmeans on that sample.  :func:`fit_kmeans` gives it a uniform random sample of the whole
-   stream (:class:`ReservoirSample`, an extra pass over the features) when the sample is larger
+   learn_kmeans on that sample.  :func:`~dicehubert_fairseq.labels.fit.fit_kmeans` gives it a
+   uniform random sample of the whole stream (:class:`ReservoirSample`, an extra pass over the features) when the sample is larger
    than the pool; :meth:`StreamingKMeans.add` alone uses the first ``pool_size`` frames;
 2. every later frame goes through a shuffle pool of ``pool_size`` frames from which random
    mini-batches of ``batch_size`` frames are drawn and passed to ``partial_fit``; the pool is
@@ -21,22 +21,27 @@ estimator with the same settings, fed from a stream:
 
 Peak memory is ``O((pool_size + batch_size) * D)`` whatever the number of frames.
 
-The model is saved with ``joblib`` as a plain ``MiniBatchKMeans`` (fairseq's ``dump_km_label.py``
-loads it unchanged), carrying a ``dicehubert_meta_`` dict (features, seed, frames seen).
+This module is the algorithm only: fitting on a manifest and the model files are
+:mod:`dicehubert_fairseq.labels.fit`.
 """
 
 import logging
-import math
-import os
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
+from sklearn.cluster import MiniBatchKMeans
 
-from ..data.files import Manifest, atomic_write
 from ..errors import InputError
 
 logger = logging.getLogger(__name__)
+
+#: The one private scikit-learn attribute used: ``MiniBatchKMeans._counts``, the per-centre sample
+#: weights that ``partial_fit`` moves each centre by (``n_batch / (count + n_batch)``). setup.py
+#: bounds scikit-learn to the versions where it means that, and
+#: ``tests/test_labels_kmeans.py::test_sklearn_private_counts_still_mean_what_we_rescale`` fails
+#: if a version changes it.
+SKLEARN_COUNTS = "_counts"
 
 #: fairseq examples/hubert/simple_kmeans/learn_kmeans.py defaults.
 LEARN_KMEANS_SETTINGS = dict(
@@ -53,8 +58,6 @@ def new_kmeans(n_clusters: int, seed: int = 0, **overrides):
         seed: ``random_state`` (fairseq seeds numpy globally instead; we pass it explicitly).
         **overrides: any of :data:`LEARN_KMEANS_SETTINGS`.
     """
-    from sklearn.cluster import MiniBatchKMeans
-
     settings = dict(LEARN_KMEANS_SETTINGS, **overrides)
     return MiniBatchKMeans(n_clusters=n_clusters, compute_labels=False, init_size=None, verbose=0,
                            random_state=seed, **settings)
@@ -136,8 +139,8 @@ class StreamingKMeans:
         # fit() counted every frame once per epoch (~max_iter times): rescale the per-centre counts to
         # the frames actually seen, so each centre stays the running mean of every frame assigned to it
         # and the rest of the stream weighs as much as its size (else it could barely move the centres)
-        counts = getattr(self.km, "_counts", None)
-        if counts is not None and counts.sum() > 0:
+        counts = getattr(self.km, SKLEARN_COUNTS)  # private: see SKLEARN_COUNTS
+        if counts.sum() > 0:
             counts *= len(X) / counts.sum()
         self.init_objective = objective_of(self.km.cluster_centers_, X)
         self.init_frames = len(X)
@@ -310,131 +313,3 @@ class Assigner:
         probs = torch.softmax(top, dim=1)
         kept = torch.exp(torch.logsumexp(top, 1) - torch.logsumexp(logits, 1))
         return ids.cpu(), probs.float().cpu(), kept.float().cpu()
-
-
-# --------------------------------------------------------------------------- model files
-
-
-def save_kmeans(km, path: str, meta: Dict[str, object]) -> None:
-    """``joblib.dump`` the fitted ``MiniBatchKMeans`` atomically, with ``meta`` attached.
-
-    fairseq's ``dump_km_label.ApplyKmeans`` reads it (it only uses ``cluster_centers_``).
-    """
-    import joblib
-
-    km.dicehubert_meta_ = dict(meta)
-    with atomic_write(path, "wb") as f:
-        joblib.dump(km, f)
-
-
-def load_kmeans(path: str):
-    """Load a joblib k-means model (ours or fairseq's learn_kmeans).
-
-    Returns:
-        ``(model, meta)``: ``meta`` is our ``dicehubert_meta_`` dict (empty for fairseq's models).
-
-    Raises:
-        InputError: missing, unreadable, or without ``cluster_centers_``.
-    """
-    import joblib
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputError([f"{path}: k-means model not found (write it with 'dicehubert-labels fit')"])
-    try:
-        km = joblib.load(path)
-    except Exception as e:
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise InputError([f"{path}: not a readable joblib k-means model ({msg})"]) from None
-    centers = getattr(km, "cluster_centers_", None)
-    if not isinstance(centers, np.ndarray) or centers.ndim != 2:
-        raise InputError([f"{path}: not a fitted k-means model (expected a joblib MiniBatchKMeans with "
-                          f"cluster_centers_, found {type(km).__name__})"])
-    return km, dict(getattr(km, "dicehubert_meta_", {}) or {})
-
-
-# --------------------------------------------------------------------------- fitting
-
-
-def sample_rows(n: int, percent: float, seed: int) -> np.ndarray:
-    """Rows to fit on, in a seeded random order.
-
-    Args:
-        n: number of utterances.
-        percent: fraction in (0, 1] (fairseq's ``--percent``; ``<= 0`` or ``>= 1`` means all).
-        seed: RNG seed.
-
-    Returns:
-        ``ceil(n * percent)`` distinct row indices (all ``n`` when ``percent`` is out of (0, 1)):
-        the utterances fairseq's ``learn_kmeans.py --seed seed --percent percent`` samples from a
-        single shard (``np.random.seed(seed); np.random.choice(n, ceil(n * percent), replace=False)``).
-    """
-    rng = np.random.RandomState(seed)
-    if 0 < percent < 1:
-        return rng.choice(n, int(math.ceil(n * percent)), replace=False)
-    return rng.permutation(n)
-
-
-def fit_kmeans(reader, manifest: Manifest, n_clusters: int, percent: float = 1.0, seed: int = 0,
-               batch_size: int = 10000, pool_size: Optional[int] = None, max_batch_samples: int = 1_600_000,
-               block_size: int = 1000, progress: bool = True, **settings):
-    """Fit k-means on features of (a sample of) a manifest, streamed.
-
-    Args:
-        reader: a :class:`~dicehubert_fairseq.labels.features.FeatureReader`.
-        manifest: the utterances.
-        n_clusters: K.
-        percent: fraction of utterances to fit on (see :func:`sample_rows`).
-        seed: seeds the sample, the pool and sklearn.
-        batch_size: k-means mini-batch (frames).
-        pool_size: see :class:`StreamingKMeans`.
-        max_batch_samples: padded audio samples per inference batch.
-        block_size: utterances length-sorted together for inference.
-        progress: show a tqdm bar (frames/s).
-
-    Returns:
-        ``(model, stats)``: the fitted ``MiniBatchKMeans`` and a dict of numbers (frames,
-        utterances, objectives, steps).
-
-    Raises:
-        InputError: K larger than the number of frames in the sample.
-    """
-    from tqdm import tqdm
-
-    from .features import iter_features
-
-    rows = sample_rows(len(manifest), percent, seed)
-    frames = sum(reader.num_frames(manifest.sizes[i]) for i in rows)
-    if frames < n_clusters:
-        raise InputError([f"{manifest.path}: K={n_clusters} clusters but the {len(rows)} utterance(s) sampled "
-                          f"({percent:g} of {len(manifest)}) have only {frames} frames at "
-                          f"{reader.frame_rate:g} Hz (use fewer clusters or a larger --percent)"])
-    logger.info(f"fitting K={n_clusters} on {len(rows)} of {len(manifest)} utterances ({frames} frames)")
-    skm = StreamingKMeans(n_clusters, reader.dim, seed=seed, batch_size=batch_size, pool_size=pool_size, **settings)
-    two_pass = frames > skm.pool_size
-
-    def stream(consume, desc):
-        bar = tqdm(total=frames, unit="frame", unit_scale=True, desc=desc, disable=not progress, smoothing=0.1)
-        for s in range(0, len(rows), block_size):
-            block = [int(r) for r in rows[s : s + block_size]]
-            for _row, feats in iter_features(reader, manifest, block, max_batch_samples):
-                consume(feats)
-                bar.update(len(feats))
-        bar.close()
-
-    if two_pass:
-        # pass 1: a uniform sample of the whole stream for the initial fit (the first frames of a
-        # stream need not be representative); pass 2: every frame through partial_fit
-        logger.info(f"{frames} frames > pool of {skm.pool_size}: pass 1 samples the pool uniformly, pass 2 streams")
-        reservoir = ReservoirSample(skm.pool_size, reader.dim, seed=seed)
-        stream(reservoir.add, "fit 1/2")
-        skm.fit_initial(reservoir.data)
-        del reservoir
-        stream(skm.add, "fit 2/2")
-    else:
-        stream(skm.add, "fit")
-    km = skm.finish()
-    stats = {"utterances": len(rows), "frames": frames, "init_objective": skm.init_objective,
-             "init_frames": skm.init_frames, "stream_objective": skm.stream_objective,
-             "partial_fit_steps": skm.steps, "pool_size": skm.pool_size, "passes": 2 if two_pass else 1}
-    return km, stats

@@ -8,11 +8,13 @@ It *is* fairseq's ``HubertModel`` (same modules, same state-dict names, same mas
   can mix hard and soft label streams,
 * optional initialisation from a teacher checkpoint (every tensor whose name and shape match,
   conv front end included; pretraining heads excluded),
-* optional feature-distillation heads (``feat_target_layers``) and the hidden state of every
-  transformer layer (:func:`layer_states`, ``forward(..., return_layer_states=True)``) for the
+* optional feature-distillation heads (``feat_target_layers``): with them, ``forward`` also
+  returns every transformer layer's output and the heads' predictions, for the
   ``dicehubert_feat`` criterion (L_feat, DistilHuBERT / FitHuBERT style). With
   ``feat_target_layers`` empty (the default) the model and its state dict are exactly the
   L_SSL student's.
+
+Hidden states come from :func:`dicehubert_fairseq.hidden_states.hidden_states`, as everywhere.
 """
 
 import logging
@@ -27,7 +29,10 @@ from fairseq.data.data_utils import compute_mask_indices
 from fairseq.models import register_model
 from fairseq.models.hubert.hubert import HubertConfig, HubertModel
 
+from ..checkpoint import load_state, require_hubert_family
 from ..errors import InputError
+from ..frames import conv_layers, frame_stride
+from ..hidden_states import hidden_states
 from ..losses import cosine_logits
 
 logger = logging.getLogger(__name__)
@@ -78,11 +83,6 @@ def init_from_state_dict(model: torch.nn.Module, teacher_state: Dict[str, torch.
     return copied, skipped
 
 
-def frame_stride(conv_feature_layers: str) -> int:
-    """Samples per frame of a fairseq conv front end (``"[(dim, kernel, stride), ...]"``)."""
-    return int(np.prod([s for _, _, s in eval(conv_feature_layers)]))  # noqa: S307 (fairseq's format)
-
-
 def check_label_rate(label_rate: float, sample_rate: int, conv_feature_layers: str) -> None:
     """Labels at ``label_rate`` must map to the model's frames by an integer ratio, either way.
 
@@ -96,7 +96,7 @@ def check_label_rate(label_rate: float, sample_rate: int, conv_feature_layers: s
     """
     if label_rate <= 0:
         return
-    stride = frame_stride(conv_feature_layers)
+    stride = frame_stride(conv_layers(conv_feature_layers))
     frame_rate = sample_rate / stride
     ratio = label_rate / frame_rate
     ok = any(r >= 1 and abs(r - round(r)) < 1e-6 for r in (ratio, 1.0 / ratio))
@@ -107,141 +107,6 @@ def check_label_rate(label_rate: float, sample_rate: int, conv_feature_layers: s
             f"{sample_rate}): label_rate / frame_rate = {ratio:.4g}, expected an integer or 1/integer "
             f"(e.g. 50 Hz k-means labels or 100 Hz MFCC labels with a 50 Hz student)"
         ])
-
-
-def encoder_layer_states(
-    encoder: nn.Module, x: torch.Tensor, padding_mask: Optional[torch.Tensor], max_layer: Optional[int] = None
-) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """Run fairseq's ``TransformerEncoder`` and keep every layer's output.
-
-    A layer skipped by LayerDrop passes its input on, so its "output" is the previous one.
-    The outputs are taken by forward hooks on the layers, so fairseq's encoder (transformer,
-    conformer, checkpointed or not) runs unchanged.
-
-    Args:
-        encoder: the model's ``encoder``.
-        x: ``(B, T, D)`` encoder input.
-        padding_mask: ``(B, T)`` bool, True on padding (or None).
-        max_layer: stop after this layer (1-based); None: all layers.
-
-    Returns:
-        ``(x, states)``: the encoder output ``(B, T, D)`` (layer ``max_layer``'s output if given)
-        and a list of ``max_layer`` (or all) ``(B, T, D)`` layer outputs, layer 1 first.
-    """
-    n = len(encoder.layers) if max_layer is None else max_layer
-    T = x.size(1)
-    outputs: Dict[int, torch.Tensor] = {}
-    first_input: List[torch.Tensor] = []
-
-    def pre_hook(_module, args):
-        if not first_input:
-            first_input.append(args[0])
-
-    def make_hook(k):
-        def hook(_module, _args, out):
-            outputs[k] = out[0]
-        return hook
-
-    handles = []
-    for k, layer in enumerate(encoder.layers[:n]):
-        handles.append(layer.register_forward_pre_hook(pre_hook))
-        handles.append(layer.register_forward_hook(make_hook(k)))
-    try:
-        x, _ = encoder(x, padding_mask=padding_mask, layer=None if max_layer is None else max_layer - 1)
-    finally:
-        for h in handles:
-            h.remove()
-    # layer outputs are (T', B, D), T' possibly padded to required_seq_len_multiple
-    prev = first_input[0] if first_input else x.transpose(0, 1)
-    states = []
-    for k in range(n):
-        prev = outputs.get(k, prev)
-        states.append(prev.transpose(0, 1)[:, :T])
-    return x, states
-
-
-def layer_states(
-    model: HubertModel,
-    source: torch.Tensor,
-    padding_mask: Optional[torch.Tensor] = None,
-    mask: bool = False,
-    max_layer: Optional[int] = None,
-) -> Dict[str, object]:
-    """Hidden states of every transformer layer of a fairseq HuBERT-family model.
-
-    Works for teachers (fairseq's ``hubert``) and students alike: HubertModel's own front end
-    (conv features, layer norm, projection, optional span masking), then the encoder.
-
-    Args:
-        model: a ``HubertModel`` (or subclass).
-        source: ``(B, S)`` waveforms.
-        padding_mask: ``(B, S)`` bool, True on padding (or None).
-        mask: apply the model's span masking (students under L_SSL + L_feat).
-        max_layer: compute layers 1..max_layer only (1-based); None: all.
-
-    Returns:
-        dict with ``layer_states`` (list of ``(B, T, D)``, layer 1 first), ``x`` ``(B, T, D)``,
-        ``padding_mask`` ``(B, T)`` bool, ``mask_indices`` ``(B, T)`` bool, ``features_pen``.
-    """
-    enc = encode(model, source, padding_mask, mask=mask, return_layer_states=True, max_layer=max_layer)
-    return {k: enc[k] for k in ("layer_states", "x", "padding_mask", "mask_indices", "features_pen")}
-
-
-def encode(
-    model: HubertModel,
-    source: torch.Tensor,
-    padding_mask: Optional[torch.Tensor] = None,
-    mask: bool = True,
-    target_list: Optional[List[torch.Tensor]] = None,
-    n_masking_targets: Optional[int] = None,
-    return_layer_states: bool = False,
-    max_layer: Optional[int] = None,
-) -> Dict[str, object]:
-    """HubertModel's forward up to the encoder output (the part every objective shares).
-
-    Args:
-        model: a ``HubertModel`` (or subclass).
-        source: ``(B, S)`` waveforms.
-        padding_mask: ``(B, S)`` bool (or None).
-        mask: apply span masking.
-        target_list: tensors ``(B, T_label, ...)`` aligned to the frames by fairseq's
-            ``forward_targets`` (None: no alignment, e.g. for L_feat alone).
-        n_masking_targets: how many leading entries of ``target_list`` are label streams
-            (passed to ``apply_mask``); None: all.
-        return_layer_states: also return every layer's output (see :func:`encoder_layer_states`).
-        max_layer: with ``return_layer_states``, stop after this layer.
-
-    Returns:
-        dict with ``x`` ``(B, T, D)``, ``padding_mask`` ``(B, T)``, ``mask_indices`` ``(B, T)``,
-        ``features_pen``, ``target_list`` (aligned) and ``layer_states`` (or None).
-    """
-    features = model.forward_features(source)
-    if target_list is not None:
-        # HubertModel.forward_targets subsamples every tensor along dim 1
-        features, target_list = model.forward_targets(features, target_list)
-    features_pen = features.float().pow(2).mean()
-    features = model.layer_norm(features.transpose(1, 2))
-    if padding_mask is not None:
-        padding_mask = model.forward_padding_mask(features, padding_mask)
-    else:
-        padding_mask = features.new_zeros(features.shape[:2], dtype=torch.bool)
-    if model.post_extract_proj is not None:
-        features = model.post_extract_proj(features)
-    features = model.dropout_input(features)
-    if mask:
-        streams = None if target_list is None else list(target_list[:n_masking_targets])
-        x, mask_indices = model.apply_mask(features, padding_mask, streams)
-    else:
-        x, mask_indices = features, None
-    if mask_indices is None:
-        mask_indices = torch.zeros_like(padding_mask)
-    states = None
-    if return_layer_states:
-        x, states = encoder_layer_states(model.encoder, x, padding_mask, max_layer)
-    else:
-        x, _ = model.encoder(x, padding_mask=padding_mask, layer=None)
-    return {"x": x, "padding_mask": padding_mask, "mask_indices": mask_indices, "features_pen": features_pen,
-            "target_list": target_list, "layer_states": states}
 
 
 @register_model("dicehubert_student", dataclass=DiceHubertStudentConfig)
@@ -275,16 +140,6 @@ class DiceHubertStudent(HubertModel):
         if task.cfg.labels:
             check_label_rate(cfg.label_rate, task.cfg.sample_rate, cfg.conv_feature_layers)
         return cls(cfg, task.cfg, task.dictionaries)
-
-    def extract_layer_states(
-        self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, mask: bool = False
-    ) -> Dict[str, object]:
-        """Every transformer layer's output (and the heads' predictions): L_feat's student forward.
-
-        The same as ``forward(source, padding_mask=..., mask=..., return_layer_states=True)``,
-        which is what criteria call so that a DDP wrapper sees a forward.
-        """
-        return self.forward(source, padding_mask=padding_mask, mask=mask, return_layer_states=True)
 
     def predict_teacher_layers(self, states: List[torch.Tensor]) -> List[torch.Tensor]:
         """Apply the feature-distillation heads.
@@ -340,8 +195,6 @@ class DiceHubertStudent(HubertModel):
 
     def init_from_teacher(self, path: str) -> List[str]:
         """Initialise from a teacher checkpoint; returns the names of the copied tensors."""
-        from ..checkpoint import load_state, require_hubert_family
-
         state = load_state(path)
         require_hubert_family(state, path)
         copied, skipped = init_from_state_dict(self, state["model"])
@@ -357,71 +210,60 @@ class DiceHubertStudent(HubertModel):
         features_only: bool = False,
         output_layer: Optional[int] = None,
         soft_target_list: Optional[List[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None,
-        return_layer_states: bool = False,
     ) -> Dict[str, object]:
-        """Masked prediction over all classes of every label stream.
+        """Masked prediction over all classes of every label stream, and the feature heads.
 
         Args:
             source: ``(B, S)`` waveforms.
-            target_list: per stream ``(B, T_label)`` dictionary indices.
+            target_list: per stream ``(B, T_label)`` dictionary indices; None: no prediction
+                (L_feat alone).
             padding_mask: ``(B, S)`` bool, True on padding.
             mask: apply span masking.
-            features_only / output_layer: as ``HubertModel`` (delegated to it).
+            features_only / output_layer: fairseq's ``HubertModel.forward(features_only=True)``
+                (what ``extract_features`` calls), unchanged.
             soft_target_list: per stream ``None`` or ``((B, T_label, k) ids, (B, T_label, k) probs)``.
-            return_layer_states: also return ``layer_states``, every transformer layer's
-                ``(B, T, D)`` output, and with feature-distillation heads their predictions
-                ``feat_preds`` (one ``(B, T, feat_teacher_dim)`` per target layer). Without
-                ``target_list``: only those, plus ``x``, ``padding_mask``, ``mask_indices``,
-                ``features_pen`` (L_feat alone).
 
         Returns:
-            dict with, per stream ``i``, ``logit_m_list[i]`` ``(N_m, C_i)`` and
+            dict with ``padding_mask`` ``(B, T)``, ``mask_indices`` ``(B, T)``, ``features_pen``;
+            with ``target_list``, per stream ``i``: ``logit_m_list[i]`` ``(N_m, C_i)`` and
             ``target_m_list[i]`` ``(N_m,)`` on masked frames (``*_u_*`` on unmasked ones),
-            ``soft_m_list[i]`` / ``soft_u_list[i]`` ``None`` or ``((N, k), (N, k))``, plus
-            ``padding_mask`` ``(B, T)``, ``mask_indices`` ``(B, T)`` and ``features_pen``.
+            ``soft_m_list[i]`` / ``soft_u_list[i]`` ``None`` or ``((N, k), (N, k))``; with
+            feature-distillation heads, ``layer_states`` (every layer's ``(B, T, D)`` output,
+            layer 1 first) and ``feat_preds`` (one ``(B, T, feat_teacher_dim)`` per target layer).
         """
-        if return_layer_states and target_list is None and not features_only:
-            out = layer_states(self, source, padding_mask, mask=mask)
-            if self.feat_heads is not None:
-                out["feat_preds"] = self.predict_teacher_layers(out["layer_states"])
-            return out
-        if features_only or target_list is None:
-            return super().forward(source, target_list, padding_mask, mask, True, output_layer)
-
-        n = len(target_list)
+        if features_only:
+            return super().forward(source, None, padding_mask, mask, True, output_layer)
+        n = len(target_list) if target_list is not None else 0
         soft = list(soft_target_list) if soft_target_list is not None else [None] * n
-        packed = list(target_list)
+        packed = list(target_list or [])
         soft_slots = []
-        for s in soft:
+        for s in soft:  # soft streams ride along with the hard ones through forward_targets
             if s is None:
                 soft_slots.append(None)
             else:
                 soft_slots.append(len(packed))
                 packed.extend(s)
-        enc = encode(self, source, padding_mask, mask=mask, target_list=packed, n_masking_targets=n,
-                     return_layer_states=return_layer_states)
-        x, padding_mask, mask_indices = enc["x"], enc["padding_mask"], enc["mask_indices"]
-        packed = enc["target_list"]
-        target_list = packed[:n]
-        soft = [None if j is None else (packed[j], packed[j + 1]) for j in soft_slots]
+        h = hidden_states(self, source, padding_mask, mask=mask, target_list=packed if n else None)
+        out = {"padding_mask": h.padding_mask, "mask_indices": h.mask_indices, "features_pen": h.features_pen}
+        if self.feat_heads is not None:
+            out["layer_states"] = h.layers
+            out["feat_preds"] = self.predict_teacher_layers(h.layers)
+        if not n:
+            return out
+        target_list = h.target_list[:n]
+        soft = [None if j is None else (h.target_list[j], h.target_list[j + 1]) for j in soft_slots]
 
         label_embs_list = self.label_embs_concat.split(self.num_classes, 0)
         if self.target_glu is not None:
             label_embs_list = [self.target_glu(e) for e in label_embs_list]
-
-        out = {"padding_mask": padding_mask, "mask_indices": mask_indices, "features_pen": enc["features_pen"]}
-        if return_layer_states:
-            out["layer_states"] = enc["layer_states"]
-            if self.feat_heads is not None:
-                out["feat_preds"] = self.predict_teacher_layers(enc["layer_states"])
-        for tag, selected, skip in (("m", ~padding_mask & mask_indices, self.skip_masked),
-                                    ("u", ~padding_mask & ~mask_indices, self.skip_nomask)):
+        for tag, selected, skip in (("m", ~h.padding_mask & h.mask_indices, self.skip_masked),
+                                    ("u", ~h.padding_mask & ~h.mask_indices, self.skip_nomask)):
             if skip:
                 out[f"logit_{tag}_list"] = [None] * n
                 out[f"target_{tag}_list"] = [None] * n
                 out[f"soft_{tag}_list"] = [None] * n
                 continue
-            proj = self.final_proj(x[selected])
+            proj = self.final_proj(h.x[selected])
             projs = proj.chunk(n, dim=-1) if self.untie_final_proj else [proj] * n
             out[f"logit_{tag}_list"] = [
                 cosine_logits(p, e, self.logit_temp) for p, e in zip(projs, label_embs_list)

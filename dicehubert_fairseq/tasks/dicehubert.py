@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
 
 from fairseq.tasks import register_task
 from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig, HubertPretrainingTask, LabelEncoder
@@ -22,14 +24,7 @@ logger = logging.getLogger(__name__)
 
 def _under_fairseq_cli() -> bool:
     """True inside ``fairseq-hydra-train`` / ``fairseq-train`` (not when used as a library)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return os.path.basename(sys.argv[0] or "").startswith("fairseq-")
+    return HydraConfig.initialized() or os.path.basename(sys.argv[0] or "").startswith("fairseq-")
 
 
 @contextlib.contextmanager
@@ -82,8 +77,6 @@ def missing_gpu_message(cpu: Optional[bool]) -> str:
         one line naming the fix when the run asks for a CUDA device (``cpu`` false) and torch
         sees none.
     """
-    import torch
-
     if cpu is None or cpu or torch.cuda.is_available():
         return ""
     return (f"dicehubert: this run trains on a GPU (common.cpu=false: the default overlay run=gpu, or run=slurm) "

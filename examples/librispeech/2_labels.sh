@@ -85,7 +85,7 @@ if [[ " $STAGES " == *" dump "* ]]; then
     dump "$FIT" "$split" km "${TEACHER_ARGS[@]}" --km "$KM/l${LAYER}_k${K}.joblib"
   done
 fi
-if [[ " $STAGES " == *" soft "* ]]; then   # config/data/soft_t{1,5,10}.yaml: streams it2_l9_t{1,5,10}
+if [[ " $STAGES " == *" soft "* ]]; then   # streams it2_l9_t{1,5,10}: dicehubert_narrow_soft task.labels=[it2_l9_tT]
   for tau in 1 5 10; do
     for split in $SPLITS; do
       dump "$FIT" "$split" "it2_l9_t$tau" "${TEACHER_ARGS[@]}" --km "$KM/l${LAYER}_k${K}.joblib" \

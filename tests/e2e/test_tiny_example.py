@@ -1,0 +1,249 @@
+"""examples/tiny (a reduced run of the whole pipeline, bad corpora) and examples/librispeech.
+
+* ``test_reduced_tiny_run``: ``examples/tiny/run.sh`` with ``TINY_PRESET=ci`` (a 1.5-minute
+  corpus, a handful of updates per model) end to end: results.json/md/png exist and every model
+  of the paper's table has a finite PER.  Run twice in the same WORKDIR, the second run skips
+  every stage.
+* bad corpora (missing ``.phn``, a ``.phn`` whose line count differs from its manifest, an empty
+  split): a clear message, a non-zero exit, and nothing trained.
+* the LibriSpeech scripts parse (``bash -n``), and, run with stub ``dicehubert-labels``,
+  ``fairseq-hydra-train`` and ``dicehubert-probe`` that record their arguments, every command
+  they issue is accepted by the real CLI parsers, and every training line composes with the
+  real configs (config names and overlays exist).
+"""
+
+import glob
+import json
+import math
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(REPO, "examples", "tiny")
+LIBRI = os.path.join(REPO, "examples", "librispeech")
+BIN = os.path.dirname(sys.executable)
+
+pytestmark = pytest.mark.e2e
+MODELS = ["teacher_n1", "teacher_n2", "dicehubert_narrow", "dicehubert_narrow_soft", "dicehubert_shallow",
+          "feat_narrow", "scratch_narrow"]
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    for k in list(env):
+        if k.startswith("TINY_"):
+            env.pop(k)
+    env.update(extra)
+    return env
+
+
+def run_sh(workdir, **extra):
+    return subprocess.run(["bash", os.path.join(TINY, "run.sh"), str(workdir)], cwd=REPO, env=_env(**extra),
+                          capture_output=True, text=True, timeout=1200)
+
+
+# ------------------------------------------------------------------------- the reduced run
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("sox") is None,
+                    reason="espeak-ng and sox are needed (make setup installs them)")
+def test_reduced_tiny_run(tmp_path):
+    work = tmp_path / "work"
+    proc = run_sh(work, TINY_PRESET="ci")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    for name in ("results.json", "results.md", "results.png"):
+        assert (work / name).is_file() and (work / name).stat().st_size > 0, name
+    with open(work / "results.json") as f:
+        results = json.load(f)
+    assert [m["name"] for m in results["models"]] == MODELS
+    for m in results["models"]:
+        assert math.isfinite(m["per"]) and m["per"] >= 0, m
+        assert m["params"] > 0 and m["updates"] > 0 and m["seconds"] > 0, m
+        assert len(m["layer_weights"]) == m["layers"] + 1 and abs(sum(m["layer_weights"]) - 1) < 1e-4, m
+    by = {m["name"]: m for m in results["models"]}
+    # the students' shapes relative to the teacher: narrow = same depth, half width; shallow = 1/6 depth
+    t = by["teacher_n2"]
+    assert by["dicehubert_narrow"]["layers"] == t["layers"] and by["dicehubert_narrow"]["dim"] * 2 == t["dim"]
+    assert by["dicehubert_shallow"]["layers"] * 6 == t["layers"] and by["dicehubert_shallow"]["dim"] == t["dim"]
+    assert by["dicehubert_narrow"]["params"] == by["scratch_narrow"]["params"] == by["dicehubert_narrow_soft"]["params"]
+    md = (work / "results.md").read_text()
+    for name in MODELS:
+        assert f"| {name} |" in md
+    # the stages say what they do
+    for stage in ("1/4 corpus", "2/4", "3/4 report", "start  teacher_n1", "done   probe_scratch_narrow"):
+        assert stage in proc.stdout, stage
+    # soft labels were dumped and used
+    assert glob.glob(str(work / "labels" / "it2" / "train.km.soft*"))
+
+    # a second run in the same WORKDIR skips every stage
+    again = run_sh(work, TINY_PRESET="ci")
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "start " not in again.stdout and "skip   teacher_n1" in again.stdout
+    assert "using the corpus already in" in again.stdout
+
+
+# ------------------------------------------------------------------------- bad corpora
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A valid small corpus (random audio) with .phn transcripts in ``tmp_path/work``."""
+    from tests.helpers.data import write_corpus
+
+    work = tmp_path / "work"
+    sizes = write_corpus(str(work), {"train": 3, "valid": 2, "test": 2})
+    for split, lens in sizes.items():
+        (work / f"{split}.phn").write_text("".join("h @ l oU\n" for _ in lens))
+    return work
+
+
+def _assert_refused(proc, work, *needles):
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "nothing was trained" in proc.stderr
+    # before any training: no labels, models or logs
+    for d in ("labels", "models", "logs", "km"):
+        assert not (work / d).exists(), d
+
+
+def test_missing_phn(corpus):
+    os.unlink(corpus / "valid.phn")
+    _assert_refused(run_sh(corpus), corpus, f"{corpus / 'valid.phn'}: phone transcripts not found")
+
+
+def test_phn_line_count_differs_from_manifest(corpus):
+    (corpus / "train.phn").write_text("h @ l oU\n" * 5)
+    _assert_refused(run_sh(corpus), corpus, f"{corpus / 'train.phn'}: 5 lines", "lists 3 utterances")
+
+
+def test_empty_split(corpus):
+    root = (corpus / "test.tsv").read_text().splitlines()[0]
+    (corpus / "test.tsv").write_text(root + "\n")
+    (corpus / "test.phn").write_text("")
+    proc = run_sh(corpus)
+    _assert_refused(proc, corpus, f"{corpus / 'test.tsv'}: ")
+    line = next(x for x in proc.stderr.splitlines() if f"{corpus / 'test.tsv'}: " in x)
+    assert "no audio" in line or "is empty" in line, line
+
+
+def test_missing_manifest(corpus):
+    os.unlink(corpus / "valid.tsv")
+    _assert_refused(run_sh(corpus), corpus, f"{corpus / 'valid.tsv'}: manifest not found")
+
+
+# ------------------------------------------------------------------------- examples/librispeech
+
+LIBRI_SCRIPTS = sorted(glob.glob(os.path.join(LIBRI, "*.sh")))
+
+
+def test_librispeech_scripts_exist_and_parse():
+    names = [os.path.basename(p) for p in LIBRI_SCRIPTS]
+    assert names == ["1_manifests.sh", "2_labels.sh", "3_train.sh", "4_probe.sh", "env.sh"]
+    for path in LIBRI_SCRIPTS:
+        proc = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
+        assert proc.returncode == 0, (path, proc.stderr)
+        if not path.endswith("env.sh"):
+            assert "set -euo pipefail" in open(path).read(), path
+
+
+STUB = """#!/usr/bin/env python3
+import json, os, sys
+with open(os.environ["STUB_LOG"], "a") as f:
+    f.write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + "\\n")
+"""
+
+
+@pytest.fixture(scope="module")
+def libri_calls(tmp_path_factory):
+    """Run the LibriSpeech scripts with stub CLIs on an empty fake corpus; their recorded argv."""
+    tmp = tmp_path_factory.mktemp("libri")
+    stubs = tmp / "bin"
+    stubs.mkdir()
+    for tool in ("dicehubert-labels", "fairseq-hydra-train", "dicehubert-probe"):
+        (stubs / tool).write_text(STUB)
+        (stubs / tool).chmod((stubs / tool).stat().st_mode | stat.S_IEXEC)
+    ls = tmp / "LibriSpeech"
+    for subset in ("train-clean-100", "train-clean-360", "train-other-500", "dev-clean"):
+        (ls / subset).mkdir(parents=True)
+    log = tmp / "calls.jsonl"
+    env = _env(STUB_LOG=str(log), LIBRISPEECH=str(ls), TEACHER=str(tmp / "hubert_base_ls960.pt"),
+               WORK=str(tmp / "work"), NGPU="2")
+    env["PATH"] = str(stubs) + os.pathsep + env["PATH"]
+    rows = ["dicehubert_narrow", "dicehubert_narrow_soft", "dicehubert_shallow_l6", "dicehubert_shallow_l4",
+            "feat_narrow", "feat_shallow_l6", "feat_shallow_l4", "scratch_narrow", "hubert_base_scratch"]
+    commands = [["1_manifests.sh"], ["2_labels.sh"]] + [["3_train.sh", r] for r in rows] + [
+        ["3_train.sh", "dicehubert_narrow", "run=slurm"], ["4_probe.sh", str(tmp / "work/runs/x/checkpoints/c.pt")]]
+    for cmd in commands:
+        proc = subprocess.run(["bash", os.path.join(LIBRI, cmd[0])] + cmd[1:], cwd=str(tmp), env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-2000:])
+    # the manifests step ran fairseq's real wav2vec_manifest.py
+    assert (tmp / "work" / "manifests" / "train.tsv").is_file() and (tmp / "work" / "manifests" / "valid.tsv").is_file()
+    with open(log) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_librispeech_label_and_probe_commands_are_supported(libri_calls):
+    from dicehubert_fairseq.labels.cli import build_parser as labels_parser
+    from dicehubert_fairseq.probe.cli import build_parser as probe_parser
+
+    seen = set()
+    for argv in libri_calls:
+        tool, args = argv[0], argv[1:]
+        if tool == "dicehubert-labels":
+            ns = labels_parser().parse_args(args)  # SystemExit (test error) on an unknown option
+            seen.add(ns.command)
+            if ns.command == "dump" and ns.nshard > 1:
+                assert 0 <= ns.rank < ns.nshard
+        elif tool == "dicehubert-probe":
+            probe_parser().parse_args(args)
+            seen.add("probe")
+    assert {"fit", "dump", "merge", "check", "probe"} <= seen, seen
+
+
+def test_librispeech_training_lines_compose(libri_calls):
+    from tests.helpers.config import compose
+
+    lines = [a[1:] for a in libri_calls if a[0] == "fairseq-hydra-train"]
+    assert len(lines) == 10
+    for args in lines:
+        assert args[:2] == ["--config-dir", "config/"] and args[2] == "--config-name", args
+        name, overrides = args[3], [o for o in args[4:] if o != "-m"]
+        assert os.path.isfile(os.path.join(REPO, "config", f"{name}.yaml")), name
+        assert "common.user_dir=dicehubert_fairseq" in overrides
+        for o in overrides:  # overlays (group=option) exist
+            group, _, option = o.partition("=")
+            if "." not in group and not group.startswith("+"):
+                assert os.path.isfile(os.path.join(REPO, "config", group, f"{option}.yaml")), o
+        cfg = compose(name, [o for o in overrides if not o.startswith("hydra.")])
+        assert cfg.task.data.endswith("manifests")
+        if cfg.criterion._name == "dicehubert_feat":
+            assert cfg.criterion.teacher_checkpoint.endswith("hubert_base_ls960.pt")
+        else:
+            assert cfg.task.label_dir.endswith("labels")
+
+
+def test_librispeech_readme_names_existing_configs():
+    import re
+
+    # the table rows and the command lines (the prose also names the model, `dicehubert_student`)
+    text = "\n".join(line for line in open(os.path.join(LIBRI, "README.md")).read().splitlines()
+                     if line.startswith("|") or "3_train.sh" in line)
+    rows = set(re.findall(r"`((?:dicehubert|feat|scratch|hubert_base)_[a-z0-9_]+)`", text))
+    rows |= set(re.findall(r"3_train\.sh ((?:dicehubert|feat|scratch|hubert_base)_[a-z0-9_]+)", text))
+    assert {"dicehubert_narrow", "feat_narrow", "scratch_narrow"} <= rows
+    for row in rows:
+        assert os.path.isfile(os.path.join(REPO, "config", f"{row}.yaml")), row
+    for group, option in re.findall(r"\b(data|run|model)=([a-z0-9_]+)", text):
+        assert os.path.isfile(os.path.join(REPO, "config", group, f"{option}.yaml")), (group, option)
