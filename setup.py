@@ -45,7 +45,14 @@ setup(
         # run/slurm.yaml launches through hydra's submitit launcher (what fairseq's recipes use);
         # the tests compose that overlay, so they need it too.
         "slurm": ["hydra-submitit-launcher>=1.2"],
-        "test": ["pytest>=7", "hypothesis>=6", "hydra-submitit-launcher>=1.2"],
+        # dicehubert-export --to hf and dicehubert-probe on HF directories. Bounded to what is
+        # tested (5.10.4): transformers 5.20.2 and 5.24.0 import torchaudio whenever it is
+        # installed (fairseq pulls it in), and that torchaudio does not load beside torch 2.13.
+        "export": ["transformers>=5.10,<5.11", "safetensors>=0.8,<0.9"],
+        # s3prl: its HuBERT loading code is run by tests/e2e/test_export.py (an sdist with light
+        # dependencies: requests, filelock, protobuf; its torchaudio is fairseq's).
+        "test": ["pytest>=7", "hypothesis>=6", "hydra-submitit-launcher>=1.2",
+                 "transformers>=5.10,<5.11", "safetensors>=0.8,<0.9", "s3prl==0.4.18"],
         # results.png of examples/tiny; everything else works without it.
         "plot": ["matplotlib>=3.7"],
     },
@@ -53,6 +60,7 @@ setup(
         "console_scripts": [
             "dicehubert-labels=dicehubert_fairseq.labels.cli:main",
             "dicehubert-probe=dicehubert_fairseq.probe.cli:main",
+            "dicehubert-export=dicehubert_fairseq.export.cli:main",
         ]
     },
 )

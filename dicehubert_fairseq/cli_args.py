@@ -8,7 +8,8 @@ help. Unlike it, list fields take space-separated values (``--labels km mfcc``) 
 * ``flag``: the option's name when it is not ``--field-name`` (e.g. ``--no-progress`` for
   ``progress: bool = True``); ``argparse_alias``: a second name (fairseq's key, e.g. ``-q``);
 * ``type``: a converter that also validates (:func:`positive_int` ...: a bad value is a usage
-  error, exit status 2); ``choices``, ``metavar``; ``action="append"`` for a repeatable option.
+  error, exit status 2); ``choices``, ``metavar``; ``action="append"`` for a repeatable option;
+* ``positional``: a positional argument instead of an option (required: no default).
 
 A ``bool`` field is a switch: ``store_true`` when it defaults to False, ``store_false`` (under
 its ``flag``) when it defaults to True. A field without a default (``MISSING``) is required.
@@ -78,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser, config: type,
             groups[name] = group
     for f in dataclasses.fields(config):
         meta = f.metadata
+        if meta.get("positional"):
+            parser.add_argument(f.name, help=meta.get("help"), type=meta.get("type", _unwrap(f.type)),
+                                **{k: meta[k] for k in ("choices", "metavar") if k in meta})
+            continue
         flags = [meta.get("flag", "--" + f.name.replace("_", "-"))]
         if "argparse_alias" in meta:
             flags.append(meta["argparse_alias"])

@@ -10,10 +10,9 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
-from dicehubert_fairseq.data.files import read_manifest
 from dicehubert_fairseq.labels.cli import main as labels_main
-from tests.helpers.data import write_checkpoint, write_corpus, write_random_labels
-from tests.helpers.tones import write_tone_corpus
+from tests.helpers.data import perturb_checkpoint, write_checkpoint, write_corpus, write_random_labels
+from tests.helpers.tones import write_tone_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,12 +83,8 @@ def feat_world(tmp_path_factory):
 def tones(tmp_path_factory):
     """Tone corpus (60/15/15 utterances, 4 tones) and a random tiny hubert checkpoint (2 x 32)."""
     root = tmp_path_factory.mktemp("tones")
-    data = str(root / "data")
-    write_tone_corpus(data, splits={"train": 60, "valid": 15, "test": 15}, seed=0)
-    sizes = {s: read_manifest(os.path.join(data, f"{s}.tsv")).sizes for s in ("train", "valid")}
-    write_random_labels(str(root / "labels"), sizes)
-    ckpt = str(root / "hubert.pt")
-    write_checkpoint(ckpt, data, str(root / "labels"), seed=0)
+    data, ckpt = str(root / "data"), str(root / "hubert.pt")
+    write_tone_world(data, str(root / "labels"), ckpt, {"train": 60, "valid": 15, "test": 15})
     return {"data": data, "labels": str(root / "labels"), "ckpt": ckpt, "root": root}
 
 
@@ -116,3 +111,48 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: A small conv front end for the export's models: stride 40, receptive field 60 samples.
+SMALL_CONV = "[(32,10,5)] + [(32,3,2)] * 2 + [(32,2,2)]"
+#: The shapes dicehubert-export handles (tests/test_export_*.py, tests/e2e/test_export.py):
+#: narrow student (GroupNorm front end, post-LN, feature-distillation heads, no projection);
+#: shallow student in HuBERT-Large layout (layer_norm_first, LayerNorm front end, conv bias,
+#: odd positional kernel, task.normalize); fairseq's own hubert with HuBERT Base's 7-layer front
+#: end; a student with conv_pos_batch_norm and gelu_accurate; a Conformer student.
+EXPORT_SPECS = {
+    "narrow": dict(model="dicehubert_student", task="dicehubert", model_overrides=dict(
+        _name="dicehubert_student", encoder_layers=3, encoder_embed_dim=32, encoder_ffn_embed_dim=64,
+        conv_feature_layers=SMALL_CONV, conv_pos=8, conv_pos_groups=4, feat_target_layers=[1, 3],
+        feat_teacher_dim=48)),
+    "shallow": dict(model="dicehubert_student", task="dicehubert", model_overrides=dict(
+        _name="dicehubert_student", encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128,
+        encoder_attention_heads=4, conv_feature_layers=SMALL_CONV, conv_pos=9, conv_pos_groups=8,
+        layer_norm_first=True, extractor_mode="layer_norm", conv_bias=True), normalize=True),
+    "teacher": dict(model="hubert", task="hubert_pretraining", model_overrides=dict(
+        encoder_layers=2, encoder_embed_dim=48, encoder_ffn_embed_dim=96, conv_pos=16, conv_pos_groups=4)),
+    "posbn": dict(model="dicehubert_student", task="dicehubert", model_overrides=dict(
+        _name="dicehubert_student", encoder_layers=2, encoder_embed_dim=32, conv_feature_layers=SMALL_CONV,
+        conv_pos=8, conv_pos_groups=4, conv_pos_batch_norm=True, activation_fn="gelu_accurate")),
+    "conformer": dict(model="dicehubert_student", task="dicehubert", model_overrides=dict(
+        _name="dicehubert_student", encoder_layers=2, encoder_embed_dim=32, conv_feature_layers=SMALL_CONV,
+        conv_pos=8, conv_pos_groups=4, layer_type="conformer", depthwise_conv_kernel_size=7, attn_type="",
+        pos_enc_type="abs")),
+}
+
+
+@pytest.fixture(scope="session")
+def export_models(tmp_path_factory):
+    """One perturbed checkpoint per :data:`EXPORT_SPECS` shape: ``{name: path, "root": dir}``."""
+    root = tmp_path_factory.mktemp("export")
+    sizes = write_corpus(str(root / "data"), {"train": 2, "valid": 1})
+    write_random_labels(str(root / "labels"), sizes)
+    out = {"root": root}
+    for i, (name, spec) in enumerate(EXPORT_SPECS.items()):
+        spec = dict(spec)
+        normalize = spec.pop("normalize", False)
+        path = str(root / f"{name}.pt")
+        write_checkpoint(path, str(root / "data"), str(root / "labels"), seed=i, **spec)
+        perturb_checkpoint(path, normalize=normalize, seed=i)
+        out[name] = path
+    return out

@@ -1,4 +1,4 @@
-"""Command-line options generated from dataclasses (cli_args), and the two CLIs' options kept as they were."""
+"""Command-line options generated from dataclasses (cli_args), and the CLIs' options kept as they were."""
 
 import argparse
 from dataclasses import dataclass, field
@@ -8,6 +8,7 @@ import pytest
 from omegaconf import MISSING
 
 from dicehubert_fairseq.cli_args import add_arguments, from_args, positive_int
+from dicehubert_fairseq.export.cli import build_parser as export_parser
 from dicehubert_fairseq.labels.cli import build_parser as labels_parser
 from dicehubert_fairseq.probe.cli import build_parser as probe_parser
 
@@ -63,6 +64,23 @@ def test_exclusive_group_needs_exactly_one(capsys):
     capsys.readouterr()
 
 
+def test_positional_fields(capsys):
+    @dataclass
+    class Command:
+        source: str = field(default=MISSING, metadata={"help": "first", "positional": True, "metavar": "SRC"})
+        to: str = field(default=MISSING, metadata={"help": "an option between them", "choices": ("a", "b")})
+        out: str = field(default=MISSING, metadata={"help": "second", "positional": True})
+
+    p = argparse.ArgumentParser()
+    add_arguments(p, Command)
+    assert from_args(Command, p.parse_args(["s", "--to", "a", "o"])) == Command(source="s", to="a", out="o")
+    assert "SRC" in p.format_usage()
+    for argv in (["s", "--to", "a"], ["--to", "a"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(argv)
+    capsys.readouterr()
+
+
 def _options(parser):
     """{option strings: default} of a parser, per subcommand."""
     out = {}
@@ -104,3 +122,10 @@ def test_labels_options_and_defaults_unchanged():
 
 def test_probe_options_and_defaults_unchanged():
     assert _options(probe_parser()) == PROBE
+
+
+def test_export_options_and_defaults_unchanged():
+    assert _options(export_parser()) == {"--to": None, "--force": False, "--no-check": True, "--quiet -q": False,
+                                         "--debug": False}
+    args = export_parser().parse_args(["ckpt.pt", "--to", "hf", "out_hf", "--no-check"])
+    assert (args.checkpoint, args.target, args.out, args.check) == ("ckpt.pt", "hf", "out_hf", False)

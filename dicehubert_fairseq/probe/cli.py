@@ -33,7 +33,9 @@ PROG = "dicehubert-probe"
 class ProbeCommand:
     """The options of ``dicehubert-probe`` besides :class:`~dicehubert_fairseq.probe.run.ProbeConfig`."""
 
-    checkpoint: str = field(default=MISSING, metadata={"help": "fairseq hubert or dicehubert_student checkpoint"})
+    checkpoint: str = field(default=MISSING, metadata={
+        "help": "fairseq hubert or dicehubert_student checkpoint, or a Hugging Face HuBERT directory "
+                "(dicehubert-export --to hf)"})
     data: str = field(default=MISSING, metadata={
         "help": "directory with {split}.tsv (fairseq manifest) and {split}.phn (one line of space-separated "
                 "phones per manifest row)"})

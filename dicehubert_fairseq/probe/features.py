@@ -2,7 +2,8 @@
 
 The upstream (a fairseq ``hubert`` or our ``dicehubert_student`` checkpoint) is frozen, so the
 hidden states of every utterance are extracted once, in one forward pass
-(:func:`~dicehubert_fairseq.hidden_states.hidden_states`), and cached in memory:
+(:func:`~dicehubert_fairseq.hidden_states.hidden_states`; for a Hugging Face directory its
+counterpart :func:`~dicehubert_fairseq.export.hf_model.hf_hidden_states`), and cached in memory:
 
 * hidden state 0: the conv front end's features after its layer norm and ``post_extract_proj``
   (the transformer's input, as s3prl's HuBERT upstream takes it);
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from ..data.audio import read_audio
 from ..data.files import Manifest
 from ..errors import InputError, where
+from ..export.hf_model import hf_hidden_states, hidden_dim, is_hf_model
 from ..frames import conv_layers, conv_output_length
 from ..hidden_states import hidden_states
 
@@ -71,7 +73,7 @@ def cache_bytes(model: nn.Module, manifests: Sequence[Manifest]) -> int:
     """Bytes of float32 hidden states :func:`extract_split` would cache for ``manifests``."""
     layers = conv_layers(model)
     frames = sum(conv_output_length(size, layers) for m in manifests for size in m.sizes)
-    return frames * num_hidden_states(model) * model.encoder.embedding_dim * 4
+    return frames * num_hidden_states(model) * hidden_dim(model) * 4
 
 
 def extract_split(
@@ -86,7 +88,7 @@ def extract_split(
     """Extract and cache the layer-normalised hidden states of every utterance of a manifest.
 
     Args:
-        model: frozen HuBERT-family model on ``device``.
+        model: frozen HuBERT-family model on ``device`` (fairseq, or a transformers ``HubertModel``).
         manifest: the split (audio checked: readable, mono, as long as the manifest says).
         device: where the model runs.
         normalize_waveform: layer-normalise each waveform first (the task's ``normalize``, as
@@ -102,13 +104,14 @@ def extract_split(
     layers = conv_layers(model)
     lengths = [conv_output_length(size, layers) for size in manifest.sizes[:n]]
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    feats = torch.empty(num_hidden_states(model), int(offsets[-1]), model.encoder.embedding_dim)
+    feats = torch.empty(num_hidden_states(model), int(offsets[-1]), hidden_dim(model))
+    states = hf_hidden_states if is_hf_model(model) else hidden_states
     for i in tqdm(range(n), desc=f"features {desc}".strip(), unit="utt", leave=False, disable=None):
         wav = torch.from_numpy(read_audio(manifest, i, sample_rate)).to(device)[None]
         if normalize_waveform:
             wav = F.layer_norm(wav, wav.shape)
         with torch.inference_mode():
-            out = hidden_states(model, wav)
+            out = states(model, wav)
         h = torch.stack([out.features[0]] + [layer[0] for layer in out.layers])  # (L + 1, T, D)
         if h.shape[1] != lengths[i]:
             raise InputError([f"{where(manifest.path, i + 2)}: {manifest.audio_path(i)} gave {h.shape[1]} frames, "

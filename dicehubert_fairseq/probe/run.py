@@ -12,10 +12,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..checkpoint import load_model
 from ..cli_args import non_negative_int, positive_float, positive_int
 from ..data.preflight import check_audio
 from ..errors import InputError, where
+from ..export.hf_model import load_upstream
 from ..frames import conv_layers, conv_output_length
 from .features import FeatureCache, cache_bytes, extract_split, num_hidden_states, physical_memory_bytes
 from .head import ctc_feasible, decode, phone_error_rate, train_probe
@@ -66,7 +66,8 @@ def run_probe(
     before any feature is extracted.
 
     Args:
-        checkpoint: fairseq ``hubert`` or ``dicehubert_student`` checkpoint.
+        checkpoint: fairseq ``hubert`` or ``dicehubert_student`` checkpoint, or a Hugging Face
+            HuBERT directory (e.g. from ``dicehubert-export --to hf``).
         data: directory with ``{split}.tsv`` and ``{split}.phn`` for the three splits.
         train_split / valid_split / test_split: split names.
         cfg: training settings.
@@ -104,7 +105,7 @@ def run_probe(
     if problems:
         raise InputError(problems)
 
-    model, model_cfg = load_model(checkpoint, cfg.device)
+    model, model_cfg = load_upstream(checkpoint, cfg.device)  # a fairseq checkpoint or an HF directory
     task_cfg = model_cfg.get("task", {}) if hasattr(model_cfg, "get") else {}
     sample_rate = int(task_cfg.get("sample_rate", 16000) or 16000)
     normalize = bool(task_cfg.get("normalize", False))

@@ -12,6 +12,8 @@
 #               scratch_narrow: same update budget each (fairseq-hydra-train, config/ rows)
 #   5. probe    phone recognition with every model frozen (dicehubert-probe)
 #   6. report   WORKDIR/results.json, results.md, results.png
+#   7. export   the distilled narrow student as a Hugging Face transformers directory
+#               (WORKDIR/export/dicehubert_narrow_hf, dicehubert-export): parameters, size on disk
 #
 # Finished stages are skipped when run again (WORKDIR/.done/), an interrupted training resumes.
 # Logs: WORKDIR/logs/{job}.log. Knobs (environment; defaults are the measured choice, see
@@ -37,7 +39,7 @@ if [[ "${TINY_PRESET:-full}" == ci ]]; then
   export TINY_TEACHER_UPDATES TINY_STUDENT_UPDATES TINY_K_MFCC TINY_K TINY_PROBE_EPOCHS TINY_REPLICAS
 fi
 
-for tool in "$PYTHON" fairseq-hydra-train dicehubert-labels dicehubert-probe; do
+for tool in "$PYTHON" fairseq-hydra-train dicehubert-labels dicehubert-probe dicehubert-export; do
   command -v "$tool" >/dev/null || { echo "run.sh: error: '$tool' not found on PATH (activate the" \
     "project's environment: 'make setup' or '. .venv/bin/activate')" >&2; exit 1; }
 done
@@ -65,5 +67,9 @@ stage "2/4 labels, teachers, students, probes (jobs in parallel; logs in $WORKDI
 stage "3/4 report"
 "$PYTHON" "$HERE/report.py" "$WORKDIR"
 
-stage "4/4 done"
+stage "4/4 export"
+# the distilled narrow student, out of the plugin: a transformers HubertModel directory
+dicehubert-export "$WORKDIR/models/dicehubert_narrow/checkpoints/checkpoint_last.pt" --to hf \
+  "$WORKDIR/export/dicehubert_narrow_hf" --force
 echo "results: $WORKDIR/results.md, $WORKDIR/results.json, $WORKDIR/results.png"
+echo "exported student (transformers): $WORKDIR/export/dicehubert_narrow_hf"

@@ -80,6 +80,10 @@ def test_reduced_tiny_run(tmp_path):
     # the stages say what they do
     for stage in ("1/4 corpus", "2/4", "3/4 report", "start  teacher_n1", "done   probe_scratch_narrow"):
         assert stage in proc.stdout, stage
+    # the last stage exports the distilled narrow student to transformers and says its size
+    hf = work / "export" / "dicehubert_narrow_hf"
+    assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert "4/4 export" in proc.stdout and "parameters:" in proc.stdout and "on disk:" in proc.stdout
     # soft labels were dumped and used
     assert glob.glob(str(work / "labels" / "it2" / "train.km.soft*"))
 
@@ -149,7 +153,7 @@ LIBRI_SCRIPTS = sorted(glob.glob(os.path.join(LIBRI, "*.sh")))
 
 def test_librispeech_scripts_exist_and_parse():
     names = [os.path.basename(p) for p in LIBRI_SCRIPTS]
-    assert names == ["1_manifests.sh", "2_labels.sh", "3_train.sh", "4_probe.sh", "env.sh"]
+    assert names == ["1_manifests.sh", "2_labels.sh", "3_train.sh", "4_probe.sh", "5_superb.sh", "env.sh"]
     for path in LIBRI_SCRIPTS:
         proc = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
         assert proc.returncode == 0, (path, proc.stderr)

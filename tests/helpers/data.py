@@ -178,3 +178,20 @@ def write_checkpoint(
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(state, path)
+
+
+def perturb_checkpoint(path: str, normalize: bool = False, seed: int = 0) -> None:
+    """Add noise to every float tensor of a checkpoint, in place (BatchNorm variances kept positive).
+
+    Fresh LayerNorm/GroupNorm gains are all 1 and biases 0, so a tensor mapped to the wrong place
+    by a converter would go unseen; after this every parameter is distinct.  Also sets
+    ``task.normalize``.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    g = torch.Generator().manual_seed(seed)
+    for k, v in state["model"].items():
+        if v.is_floating_point():
+            noise = 0.1 * torch.randn(v.shape, generator=g)
+            v.copy_((v + noise).abs() + 0.5 if k.endswith("running_var") else v + noise)
+    state["cfg"]["task"]["normalize"] = normalize
+    torch.save(state, path)

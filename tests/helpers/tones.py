@@ -95,6 +95,15 @@ def write_tone_corpus(
     return out
 
 
+def write_tone_world(data: str, labels: str, checkpoint: str, splits: Dict[str, int], seed: int = 0) -> None:
+    """A tone corpus in ``data``, random labels ``km`` for its train/valid in ``labels`` and a randomly
+    initialised 2 x 32 fairseq ``hubert`` at ``checkpoint`` (seeded by ``seed``)."""
+    write_tone_corpus(data, splits=splits, seed=seed)
+    sizes = {s: read_manifest(os.path.join(data, f"{s}.tsv")).sizes for s in ("train", "valid")}
+    write_random_labels(labels, sizes)
+    write_checkpoint(checkpoint, data, labels, seed=seed)
+
+
 def copy_data(data: str, directory: str) -> str:
     """A private copy of a tone corpus's manifests and transcripts in ``directory/data`` (the wavs are shared)."""
     d = os.path.join(directory, "data")
@@ -119,11 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--test", type=int, default=15, help="test utterances (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus and the checkpoint (default: %(default)s)")
     args = p.parse_args(argv)
-    write_tone_corpus(args.out, {"train": args.train, "valid": args.valid, "test": args.test}, seed=args.seed)
-    sizes = {s: read_manifest(os.path.join(args.out, f"{s}.tsv")).sizes for s in ("train", "valid")}
-    labels = os.path.join(args.out, "labels")
-    write_random_labels(labels, sizes)
-    write_checkpoint(os.path.join(args.out, "hubert.pt"), args.out, labels, seed=args.seed)
+    write_tone_world(args.out, os.path.join(args.out, "labels"), os.path.join(args.out, "hubert.pt"),
+                     {"train": args.train, "valid": args.valid, "test": args.test}, seed=args.seed)
     return 0
 
 
