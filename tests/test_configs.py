@@ -1,12 +1,22 @@
 """config/: every experiment composes and builds with its preset's size (the Conformer's as docs/ablations.md
-states it); overlays and label streams change only what they name."""
+states it); overlays and label streams change only what they name; run overlays set hydra's launcher and the
+device as fairseq expects them."""
 
+import dataclasses
 import os
 import re
 
 import pytest
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
+from omegaconf import OmegaConf
 
 import dicehubert_fairseq  # noqa: F401
+from dicehubert_fairseq.tasks.dicehubert import missing_gpu_message
+from fairseq.dataclass.initialize import hydra_init
 from tests.helpers.config import CONFIG_DIR, build, compose
 from tests.helpers.data import write_corpus, write_random_labels
 
@@ -149,3 +159,55 @@ def test_tiny_feat_overlay_is_layer_to_layer_with_mse():
     assert cfg.criterion.feat_loss == "mse" and cfg.model.feat_head_hidden_dim == 0
     assert cfg.model.feat_student_layers == cfg.model.feat_target_layers == [1, 2, 3, 4, 5, 6]
     assert cfg.model.init_from_teacher is None
+
+
+# ----------------------------------------------------------------------------- run overlays, as hydra launches them
+
+
+def _with_hydra(run):
+    """``dicehubert_narrow`` with ``run=<run>``, hydra's own settings included (its launcher), unresolved."""
+    hydra_init("dicehubert_narrow")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return hydra_compose("dicehubert_narrow", overrides=[f"run={run}"], return_hydra_config=True)
+
+
+def _fields(cls):
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_slurm_overlay_is_the_local_launch_plus_slurm_fields():
+    slurm, local = _with_hydra("slurm"), _with_hydra("submitit_local")
+    assert slurm.hydra.runtime.choices["hydra/launcher"] == "submitit_slurm"
+    assert local.hydra.runtime.choices["hydra/launcher"] == "submitit_local"
+    s = OmegaConf.to_container(slurm.hydra.launcher, resolve=False)
+    loc = OmegaConf.to_container(local.hydra.launcher, resolve=False)
+    assert s.keys() - loc.keys() == _fields(SlurmQueueConf) - _fields(LocalQueueConf)
+    assert loc.keys() <= s.keys()
+    # the same job name, folders and limits; only the machine's resources differ
+    for key in ("name", "submitit_folder", "timeout_min", "stderr_to_stdout"):
+        assert s[key] == loc[key], key
+    assert s["name"] == "${hydra.job.config_name}/${hydra.job.override_dirname}"
+    # and the same sweep directory
+    assert slurm.hydra.sweep == local.hydra.sweep
+
+
+def test_slurm_resources_match_fairseqs_distributed_settings():
+    """fairseq under Slurm (``_infer_slurm_init``) wants one task per GPU, world size = all tasks."""
+    cfg = _with_hydra("slurm")
+    launcher, dist = cfg.hydra.launcher, cfg.distributed_training
+    assert launcher.tasks_per_node == launcher.gpus_per_node == dist.nprocs_per_node
+    assert launcher.nodes * launcher.tasks_per_node == dist.distributed_world_size == 32
+    assert dist.distributed_port > 0 and not cfg.common.cpu
+    local = _with_hydra("submitit_local")
+    assert local.common.cpu and local.distributed_training.distributed_world_size == 1
+    assert local.hydra.launcher.nodes == local.hydra.launcher.tasks_per_node == 1
+
+
+def test_device_check_follows_common_cpu():
+    """task.cpu is the run's common.cpu; only a GPU run on a machine without a GPU is stopped."""
+    for run, cpu in (("cpu", True), ("cpu_torchrun", True), ("submitit_local", True), ("gpu", False), ("slurm", False)):
+        cfg = _with_hydra(run)
+        assert cfg.task.cpu is cpu is cfg.common.cpu, run
+        assert (missing_gpu_message(cfg.task.cpu) == "") == (cpu or torch.cuda.is_available()), run
+    assert missing_gpu_message(None) == ""  # a task config from elsewhere (an old checkpoint): not checked

@@ -16,6 +16,16 @@ same command skips the finished blocks (a different command starts over); final 
 assembled from the blocks and renamed into place at the end, so no final name ever holds a
 truncated file.  Blocks do not depend on where a previous run stopped, so a resumed run writes
 the same bytes as an uninterrupted one.
+
+Shards write the same bytes as one process: blocks lie on one grid of the whole manifest (block
+``g`` is rows ``[g * block_size, (g + 1) * block_size)``), a shard takes its rows of each block,
+and a block's inference batches are planned over the whole block, whichever shard runs it (a
+shard computes the at most two batches it shares with a neighbour whole; MFCC, computed one
+utterance at a time, needs no such thing and reads the shard's rows only). Batched float
+arithmetic changes in the last bits with the other rows of a batch, so this keeps every soft
+probability identical; the soft files' kept-mass statistic is summed exactly (integer units), so
+merged shards also agree with one process to the byte. Same bytes need the same ``block_size``,
+batch size, device, dtype and thread count.
 """
 
 import hashlib
@@ -40,6 +50,23 @@ from .fit import load_kmeans
 from .kmeans import Assigner
 
 logger = logging.getLogger(__name__)
+
+#: The soft files' kept probability mass is summed in integer units of 2**-32 per frame: an exact,
+#: order-free sum, so blocks, shards and their merge all give the same statistic.
+KEPT_MASS_UNITS = 2 ** 32
+
+
+def kept_mass_units(kept) -> int:
+    """``sum(kept)`` in integer units of ``1 / KEPT_MASS_UNITS`` (exact and order-free).
+
+    Args:
+        kept: ``(T,)`` probability mass of the kept clusters of each frame (tensor or array).
+
+    Returns:
+        the sum of the per-frame masses, each rounded to a unit, as a Python int.
+    """
+    return int(np.rint(np.asarray(kept, dtype=np.float64) * KEPT_MASS_UNITS).astype(np.int64).sum())
+
 
 def shard_range(total: int, nshard: int, rank: int, what: str = "") -> Tuple[int, int]:
     """Rows ``[start, end)`` of shard ``rank`` (0-based) of ``nshard``: fairseq's ``get_shard_range``.
@@ -75,9 +102,9 @@ def _file_id(path: str, content: bool = True) -> str:
 
 
 def _write_block(path: str, lengths: List[int], hard: np.ndarray, soft: Optional[Tuple[np.ndarray, np.ndarray]],
-                 kept_mass: float) -> None:
+                 kept_units: int) -> None:
     arrays = {"lengths": np.asarray(lengths, dtype=np.int64), "hard": hard,
-              "kept_mass_sum": np.asarray(kept_mass, dtype=np.float64)}
+              "kept_mass_units": np.asarray(kept_units, dtype=np.int64)}
     if soft is not None:
         arrays["ids"], arrays["probs"] = soft
     with atomic_write(path, "wb") as f:
@@ -162,7 +189,7 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
     label_path = os.path.join(label_dir, f"{tag}.{name}")
     parts = label_path + ".parts"
     fingerprint = {
-        "version": 1, "manifest": _file_id(manifest.path), "km": _file_id(km_path),
+        "version": 2, "manifest": _file_id(manifest.path), "km": _file_id(km_path),
         "features": {k: v for k, v in reader.description.items()},
         "soft": bool(soft), "temperature": float(temperature) if soft else None,
         "top_k": int(top_k) if soft else None, "normalize": bool(normalize),
@@ -187,8 +214,11 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
         with atomic_write(state_path) as f:
             json.dump(fingerprint, f, indent=1, sort_keys=True)
 
-    blocks = [rows[s : s + block_size] for s in range(0, len(rows), block_size)]
-    block_path = [os.path.join(parts, f"block_{b:06d}.npz") for b in range(len(blocks))]
+    # blocks on the whole manifest's grid (see the module docstring): the shard's rows of each
+    grid = [list(range(g * block_size, min((g + 1) * block_size, len(manifest))))
+            for g in range(start // block_size, (end - 1) // block_size + 1)]
+    blocks = [[r for r in cell if start <= r < end] for cell in grid]
+    block_path = [os.path.join(parts, f"block_{cell[0] // block_size:06d}.npz") for cell in grid]
     done = [os.path.isfile(p) for p in block_path]
     n_frames = [reader.num_frames(manifest.sizes[i]) for i in rows]
     frames_of_block = []
@@ -208,13 +238,15 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
             continue
         hard: Dict[int, np.ndarray] = {}
         soft_out: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
-        kept_sum = 0.0
-        for row, feats in iter_features(reader, manifest, blk, max_batch_samples, as_torch=True):
+        kept_units = 0
+        # batches planned over the whole block, unless the features are computed one at a time
+        cell = blk if reader.batch_invariant else grid[b]
+        for row, feats in iter_features(reader, manifest, cell, max_batch_samples, as_torch=True, keep=set(blk)):
             if soft:
                 ids, probs, kept = assigner.soft(feats, temperature, top_k)
                 hard[row] = ids[:, 0].numpy()
                 soft_out[row] = (ids.numpy(), probs.numpy())
-                kept_sum += float(kept.double().sum())
+                kept_units += kept_mass_units(kept.numpy())
             else:
                 hard[row] = assigner.hard(feats).numpy()
             bar.update(len(hard[row]))
@@ -225,10 +257,10 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
         if soft:
             cat_soft = (np.concatenate([soft_out[r][0] for r in blk]).astype(id_dtype),
                         np.concatenate([soft_out[r][1] for r in blk]).astype(np.float32))
-        _write_block(block_path[b], lengths, cat_hard, cat_soft, kept_sum)
+        _write_block(block_path[b], lengths, cat_hard, cat_soft, kept_units)
     bar.close()
 
-    total_frames, kept_total = _assemble(block_path, label_dir, tag, name, label_path, K, soft,
+    total_frames, kept_units = _assemble(block_path, label_dir, tag, name, label_path, K, soft,
                                          dict(temperature=float(temperature), normalize=bool(normalize),
                                               features=reader.description, km=os.path.abspath(km_path)) if soft else None,
                                          top_k)
@@ -237,16 +269,20 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
     summary = {"label_path": label_path, "utterances": len(rows), "frames": total_frames, "blocks": len(blocks),
                "resumed_blocks": resumed, "seconds": time.time() - t0}
     if soft:
-        summary["mean_kept_mass"] = kept_total / max(total_frames, 1)
+        summary["mean_kept_mass"] = kept_units / KEPT_MASS_UNITS / max(total_frames, 1)
     logger.info(f"wrote {label_path}: {len(rows)} utterances, {total_frames} frames"
                 + (f", soft top-{top_k} (mean kept mass {summary['mean_kept_mass']:.4f})" if soft else ""))
     return summary
 
 
 def _assemble(block_paths: Sequence[str], label_dir: str, tag: str, name: str, label_path: str, K: int,
-              soft: bool, soft_meta: Optional[dict], top_k: int) -> Tuple[int, float]:
-    """Final files from the finished blocks: soft files first, then the hard file (each atomic)."""
-    total, kept = 0, 0.0
+              soft: bool, soft_meta: Optional[dict], top_k: int) -> Tuple[int, int]:
+    """Final files from the finished blocks: soft files first, then the hard file (each atomic).
+
+    Returns:
+        frames written, and the kept probability mass in units of ``1 / KEPT_MASS_UNITS``.
+    """
+    total, kept = 0, 0
     if soft:
         k_eff = min(top_k, K)
         writer = SoftLabelWriter(label_dir, tag, name, K, k_eff, meta=soft_meta)
@@ -257,10 +293,9 @@ def _assemble(block_paths: Sequence[str], label_dir: str, tag: str, name: str, l
                 offs = np.concatenate([[0], np.cumsum(blk["lengths"])])
                 for i in range(len(blk["lengths"])):
                     writer.add(blk["ids"][offs[i] : offs[i + 1]], blk["probs"][offs[i] : offs[i + 1]])
-                kept += float(blk["kept_mass_sum"])
+                kept += int(blk["kept_mass_units"])
                 n_soft += int(offs[-1])
-            # mean probability mass of the kept ids before renormalisation (1.0 when top_k == K)
-            writer.meta["mean_kept_mass"] = kept / max(n_soft, 1)
+            _set_kept_mass(writer.meta, kept, n_soft)
             writer.close()
         except BaseException:
             writer.abort()
@@ -274,6 +309,13 @@ def _assemble(block_paths: Sequence[str], label_dir: str, tag: str, name: str, l
                 f.write(" ".join(map(str, hard[offs[i] : offs[i + 1]].tolist())) + "\n")
             total += int(offs[-1])
     return total, kept
+
+
+def _set_kept_mass(meta: dict, units: int, frames: int) -> None:
+    """Soft-file statistics: mean probability mass of the kept ids before renormalisation (1.0
+    when top_k == K), and its exact sum (what :func:`merge_shards` adds up)."""
+    meta["kept_mass_units"] = int(units)
+    meta["mean_kept_mass"] = units / KEPT_MASS_UNITS / max(frames, 1)
 
 
 # ------------------------------------------------------------------------------------ merge
@@ -328,6 +370,12 @@ def merge_shards(label_dir: str, split: str, name: str, nshard: int, manifest_pa
         if len(Ks) != 1 or len(ks) != 1:
             raise InputError([f"{label_dir}: shards of {split}.{name} differ in K {sorted(Ks)} or top-k {sorted(ks)}"])
         meta = {k: v for k, v in shards[0].meta.items() if k not in ("n_clusters", "top_k", "n_utterances", "n_frames")}
+        if all("kept_mass_units" in s.meta for s in shards):  # the whole split's statistic, not shard 0's
+            _set_kept_mass(meta, sum(int(s.meta["kept_mass_units"]) for s in shards), sum(int(s.offsets[-1]) for s in shards))
+        else:  # shards written before the exact sum: the frame-weighted mean
+            meta.pop("kept_mass_units", None)
+            meta["mean_kept_mass"] = (sum(float(s.meta.get("mean_kept_mass", 0.0)) * int(s.offsets[-1]) for s in shards)
+                                      / max(sum(int(s.offsets[-1]) for s in shards), 1))
         writer = SoftLabelWriter(out_dir, split, name, Ks.pop(), ks.pop(), meta=meta)
         try:
             for s in shards:

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -50,12 +50,15 @@ class FeatureReader:
         frame_rate: frames per second (50 for HuBERT layers, 100 for MFCC).
         sample_rate: audio sample rate expected.
         description: a dict describing the features (stored with the k-means model).
+        batch_invariant: True when an utterance's features are computed alone, so they do not
+            depend (to the bit) on the other utterances of its batch.
     """
 
     dim: int
     frame_rate: float
     sample_rate: int
     description: Dict[str, object]
+    batch_invariant: bool = False
 
     def num_frames(self, num_samples: int) -> int:
         """Frames produced for an utterance of ``num_samples`` samples."""
@@ -330,6 +333,8 @@ class MfccFeatureReader(FeatureReader):
         sample_rate: audio sample rate (fairseq's default 16000).
     """
 
+    batch_invariant = True
+
     def __init__(self, sample_rate: int = 16000):
         self.sample_rate = int(sample_rate)
         self.dim = 39
@@ -414,7 +419,7 @@ def length_sorted_batches(lengths: Sequence[int], max_batch_samples: int, max_ba
 
 
 def iter_features(reader: FeatureReader, manifest: Manifest, indices: Sequence[int], max_batch_samples: int,
-                  as_torch: bool = False) -> Iterator[Tuple[int, object]]:
+                  as_torch: bool = False, keep: Optional[Collection[int]] = None) -> Iterator[Tuple[int, object]]:
     """Features of ``manifest`` rows ``indices``, computed in length-sorted batches.
 
     Args:
@@ -423,17 +428,24 @@ def iter_features(reader: FeatureReader, manifest: Manifest, indices: Sequence[i
         indices: rows to read (a block; results come batch by batch, not in this order).
         max_batch_samples: padded samples per batch (see :func:`length_sorted_batches`).
         as_torch: yield tensors on the reader's device instead of numpy arrays.
+        keep: rows to yield (default: all of ``indices``). The batches are still planned over
+            all of ``indices`` and computed whole when they hold a kept row (others are skipped),
+            so a row's features do not depend on which rows are kept: batched float arithmetic
+            changes in the last bits with the batch's other rows.
 
     Yields:
-        ``(row, (T, D) features)`` for every row in ``indices``.
+        ``(row, (T, D) features)`` for every row in ``indices`` (in ``keep``).
     """
     sizes = [manifest.sizes[i] for i in indices]
     for batch in length_sorted_batches(sizes, max_batch_samples):
         rows = [indices[j] for j in batch]
+        if keep is not None and not any(r in keep for r in rows):
+            continue
         wavs = [read_audio(manifest, r, reader.sample_rate) for r in rows]
         feats = reader.features_torch(wavs) if as_torch else reader.features(wavs)
         for r, w, f in zip(rows, wavs, feats):
             expected = reader.num_frames(len(w))
             if f.shape[0] != expected:  # pragma: no cover - a bug, not bad input
                 raise RuntimeError(f"{manifest.audio_path(r)}: {f.shape[0]} frames, expected {expected}")
-            yield r, f
+            if keep is None or r in keep:
+                yield r, f

@@ -5,9 +5,10 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import numpy as np
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import II
 
@@ -64,6 +65,29 @@ class DiceHubertConfig(HubertPretrainingConfig):
         metadata={"help": "seed of the random crops (with the epoch and the utterance) and of the "
                           "student's span masks (with the update number); linked to common.seed"},
     )
+    cpu: Optional[bool] = field(
+        default=None,
+        metadata={"help": "common.cpu, linked by config/recipe/ssl.yaml: false (a GPU run) on a machine without "
+                          "a CUDA device ends fairseq-hydra-train before anything is built, in one line naming "
+                          "run=cpu; None: not checked"},
+    )
+
+
+def missing_gpu_message(cpu: Optional[bool]) -> str:
+    """Why a training run cannot start here, or ``""``.
+
+    Args:
+        cpu: the run's ``common.cpu`` (``task.cpu``); ``None``: unknown, not checked.
+
+    Returns:
+        one line naming the fix when the run asks for a CUDA device (``cpu`` false) and torch
+        sees none.
+    """
+    if cpu is None or cpu or torch.cuda.is_available():
+        return ""
+    return (f"dicehubert: this run trains on a GPU (common.cpu=false: the default overlay run=gpu, or run=slurm) "
+            f"but torch {torch.__version__} finds no CUDA device here; add run=cpu to train on the CPU "
+            f"(run=cpu_torchrun for several CPU processes)")
 
 
 @register_task("dicehubert", dataclass=DiceHubertConfig)
@@ -71,6 +95,17 @@ class DiceHubertTask(HubertPretrainingTask):
     """HuBERT masked prediction on teacher k-means labels (hard or soft), with preflight checks."""
 
     cfg: DiceHubertConfig
+
+    @classmethod
+    def setup_task(cls, cfg: DiceHubertConfig, **kwargs) -> "DiceHubertTask":
+        # the first thing fairseq builds: a GPU run on a machine without one stops here, in one
+        # line (otherwise fairseq builds everything, then dies in a CUDA traceback); a task
+        # rebuilt from a checkpoint (a teacher) keeps the cpu flag of the run that saved it
+        if not kwargs.get("from_checkpoint") and _under_fairseq_cli():
+            message = missing_gpu_message(cfg.cpu)
+            if message:
+                raise SystemExit(message)
+        return super().setup_task(cfg, **kwargs)
 
     def __init__(self, cfg: DiceHubertConfig) -> None:
         unknown = [s for s in cfg.soft_labels if s not in cfg.labels]

@@ -13,23 +13,17 @@ epoch (``extra_state['train_iterator']``).  Determinism: the reference and the k
 fresh runs with the same seed, so their first training losses must be identical.
 """
 
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 import dicehubert_fairseq  # noqa: F401  (torch.load allow-list for fairseq checkpoints)
 from tests.helpers.data import tiny_model_overrides, write_corpus, write_random_labels
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.path.dirname(sys.executable)
+from tests.helpers.runs import BIN, REPO, json_rows, run, run_and_kill, subprocess_env
 
 pytestmark = pytest.mark.e2e
 
@@ -37,15 +31,6 @@ N_UTT = 11          # batch size 1: 11 updates per epoch
 MAX_UPDATE = 30
 SAVE_EVERY = 4      # 4, 8, ..., 28: never a multiple of 11, so every save is mid-epoch
 KILL_AFTER = 8      # kill once the checkpoint of update >= 8 is saved
-
-
-def _env():
-    env = dict(os.environ)
-    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # must work without it
-    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
-    env["PYTHONUNBUFFERED"] = "1"  # log lines reach the file as they are written
-    env["OMP_NUM_THREADS"] = "1"   # same thread count in every run (and kind to shared CPUs)
-    return env
 
 
 def _command(data, labels, run_dir, seed=7):
@@ -60,47 +45,6 @@ def _command(data, labels, run_dir, seed=7):
         "checkpoint.save_interval=1000",  # no end-of-epoch saves: every checkpoint is mid-epoch
         f"hydra.run.dir={run_dir}",
     ] + tiny_model_overrides()
-
-
-def _json_rows(log, tag):
-    rows = []
-    for line in log.splitlines():
-        if f"[{tag}]" in line and " - {" in line:
-            rows.append(json.loads(line.split(" - ", 1)[1]))
-    return rows
-
-
-def _run(cmd):
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
-def _run_and_kill(cmd, log_path, after_update, timeout=300):
-    """Start ``cmd``; SIGKILL it as soon as it logs a saved checkpoint of update >= ``after_update``."""
-    saved = re.compile(r"Saved checkpoint \S+ \(epoch \d+ @ (\d+) updates")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline:
-            with open(log_path) as f:
-                text = f.read()
-            if any(int(m.group(1)) >= after_update for m in saved.finditer(text)):
-                proc.send_signal(signal.SIGKILL)
-                break
-            assert proc.poll() is None, "run ended before it could be killed:\n" + text[-3000:]
-            time.sleep(0.02)
-        else:
-            raise AssertionError("no checkpoint logged in time:\n" + text[-3000:])
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        rc = proc.wait()
-    assert rc == -signal.SIGKILL, rc
-    with open(log_path) as f:
-        return f.read()
 
 
 def _load(path):
@@ -119,12 +63,12 @@ def runs(tmp_path_factory):
     write_random_labels(labels, sizes, seed=11)
 
     ref_dir, run_dir = str(root / "reference"), str(root / "run")
-    reference = _run(_command(data, labels, ref_dir))
-    killed = _run_and_kill(_command(data, labels, run_dir), str(root / "killed.log"), KILL_AFTER)
+    reference = run(_command(data, labels, ref_dir))
+    killed = run_and_kill(_command(data, labels, run_dir), str(root / "killed.log"), KILL_AFTER)
     last = os.path.join(run_dir, "checkpoints", "checkpoint_last.pt")
     at_kill = str(root / "checkpoint_at_kill.pt")
     shutil.copy(last, at_kill)
-    resumed = _run(_command(data, labels, run_dir))
+    resumed = run(_command(data, labels, run_dir))
     for name, log in (("reference", reference), ("resumed", resumed)):
         (root / f"{name}.log").write_text(log)
     return {
@@ -143,7 +87,7 @@ def test_killed_run_left_a_complete_mid_epoch_checkpoint(runs):
     # Adam state saved with it: one step per update for every parameter
     assert _adam_steps(state) == [updates]
     # the log says the kill came after that checkpoint, before the run's end
-    rows = _json_rows(runs["killed"], "train_inner")
+    rows = json_rows(runs["killed"], "train_inner")
     assert updates <= int(rows[-1]["num_updates"]) < MAX_UPDATE
 
 
@@ -153,10 +97,10 @@ def test_resume_continues_update_count_and_schedule(runs):
     m = re.search(r"Loaded checkpoint (\S+) \(epoch (\d+) @ (\d+) updates\)", log)
     assert m, log[-3000:]
     assert m.group(1).endswith("checkpoint_last.pt") and int(m.group(3)) == updates
-    rows = _json_rows(log, "train_inner")
+    rows = json_rows(log, "train_inner")
     assert [int(r["num_updates"]) for r in rows] == list(range(updates + 1, MAX_UPDATE + 1))
     # the learning-rate schedule (warm-up, then decay) continues where it was: same lr per update
-    ref_lr = {int(r["num_updates"]): r["lr"] for r in _json_rows(runs["reference"], "train_inner")}
+    ref_lr = {int(r["num_updates"]): r["lr"] for r in json_rows(runs["reference"], "train_inner")}
     assert all(r["lr"] == ref_lr[int(r["num_updates"])] for r in rows)
     final = _load(runs["last"])
     assert final["optimizer_history"][-1]["num_updates"] == MAX_UPDATE
@@ -165,8 +109,8 @@ def test_resume_continues_update_count_and_schedule(runs):
 def test_resume_continues_data_position(runs):
     """The interrupted epoch is finished, not restarted: it ends at the same update as uninterrupted."""
     itr = _load(runs["at_kill"])["extra_state"]["train_iterator"]
-    epoch_end = {int(r["epoch"]): int(r["train_num_updates"]) for r in _json_rows(runs["reference"], "train")}
-    resumed_ends = {int(r["epoch"]): int(r["train_num_updates"]) for r in _json_rows(runs["resumed"], "train")}
+    epoch_end = {int(r["epoch"]): int(r["train_num_updates"]) for r in json_rows(runs["reference"], "train")}
+    resumed_ends = {int(r["epoch"]): int(r["train_num_updates"]) for r in json_rows(runs["resumed"], "train")}
     assert itr["epoch"] in resumed_ends, runs["resumed"][-3000:]
     assert resumed_ends[itr["epoch"]] == epoch_end[itr["epoch"]] == itr["epoch"] * N_UTT
     assert f"begin training epoch {itr['epoch']}" in runs["resumed"]
@@ -216,8 +160,8 @@ def test_resumed_trainer_loads_the_checkpoint_optimizer_exactly(runs, tmp_path):
 
 def test_same_seed_same_first_losses(runs):
     """Two fresh runs with the same seed (reference and killed) log identical losses."""
-    ref = _json_rows(runs["reference"], "train_inner")
-    killed = _json_rows(runs["killed"], "train_inner")
+    ref = json_rows(runs["reference"], "train_inner")
+    killed = json_rows(runs["killed"], "train_inner")
     n = len(killed)
     assert n >= KILL_AFTER
     keys = ("num_updates", "loss", "loss_m_0", "correct_m_0", "loss_features_pen", "lr", "gnorm")
@@ -249,7 +193,7 @@ def truncated_last(tmp_path_factory):
     write_random_labels(labels, sizes, seed=11)
     run_dir = str(root / "run")
     cmd = [c for c in _command(data, labels, run_dir) if not c.startswith("optimization.max_update=")]
-    _run(cmd + ["optimization.max_update=8"])
+    run(cmd + ["optimization.max_update=8"])
     ckpts = os.path.join(run_dir, "checkpoints")
     last = os.path.join(ckpts, "checkpoint_last.pt")
     with open(last, "rb") as f:
@@ -265,9 +209,9 @@ def test_interval_checkpoint_is_intact_and_resumes(truncated_last):
     (temporary name, then rename); restart from it with checkpoint.restore_file."""
     intact = os.path.join(truncated_last["ckpts"], "checkpoint_1_8.pt")
     assert _load(intact)["optimizer_history"][-1]["num_updates"] == 8
-    log = _run(truncated_last["cmd"] + ["optimization.max_update=10", f"checkpoint.restore_file={intact}"])
+    log = run(truncated_last["cmd"] + ["optimization.max_update=10", f"checkpoint.restore_file={intact}"])
     assert re.search(r"Loaded checkpoint \S+checkpoint_1_8\.pt \(epoch 1 @ 8 updates\)", log), log[-3000:]
-    assert [int(r["num_updates"]) for r in _json_rows(log, "train_inner")] == [9, 10]
+    assert [int(r["num_updates"]) for r in json_rows(log, "train_inner")] == [9, 10]
 
 
 @pytest.mark.slow
@@ -278,7 +222,7 @@ def test_interval_checkpoint_is_intact_and_resumes(truncated_last):
     "restart dies with a bare RuntimeError traceback from torch.load (PytorchStreamReader ... "
     "central directory). Recovery: checkpoint.restore_file=<save_dir>/checkpoint_{E}_{U}.pt."))
 def test_restart_with_a_truncated_checkpoint_last_says_what_to_do(truncated_last):
-    proc = subprocess.run(truncated_last["cmd"] + ["optimization.max_update=10"], cwd=REPO, env=_env(),
+    proc = subprocess.run(truncated_last["cmd"] + ["optimization.max_update=10"], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
