@@ -64,20 +64,24 @@ def _unwrap(annotation: Any) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser, config: type,
-                  exclusive: Iterable[Sequence[str]] = ()) -> None:
+                  exclusive: Iterable[Sequence[str]] = (), skip: Iterable[str] = ()) -> None:
     """Add one option per field of the dataclass ``config`` to ``parser`` (rules: module docstring).
 
     Args:
         parser: the parser (or subcommand parser).
         config: a dataclass type.
         exclusive: groups of field names of which exactly one must be given.
+        skip: fields that get no option (the command sets them: pass them to :func:`from_args`).
     """
+    skip = set(skip)
     groups = {}
     for names in exclusive:
         group = parser.add_mutually_exclusive_group(required=True)
         for name in names:
             groups[name] = group
     for f in dataclasses.fields(config):
+        if f.name in skip:
+            continue
         meta = f.metadata
         if meta.get("positional"):
             parser.add_argument(f.name, help=meta.get("help"), type=meta.get("type", _unwrap(f.type)),
@@ -109,6 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser, config: type,
         groups.get(f.name, parser).add_argument(*flags, **kwargs)
 
 
-def from_args(config: Type[T], args: argparse.Namespace) -> T:
-    """The dataclass ``config`` filled from the parsed options :func:`add_arguments` declared."""
-    return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config)})
+def from_args(config: Type[T], args: argparse.Namespace, **values: Any) -> T:
+    """The dataclass ``config`` filled from the parsed options :func:`add_arguments` declared
+    (``values``: fields set by the command instead, e.g. those it skipped)."""
+    return config(**{f.name: values[f.name] if f.name in values else getattr(args, f.name)
+                     for f in dataclasses.fields(config)})

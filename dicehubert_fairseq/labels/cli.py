@@ -5,6 +5,8 @@ Subcommands (``dicehubert-labels SUBCOMMAND -h`` for every option)::
   fit    --manifest-dir D --split train (--checkpoint CKPT --layer L | --mfcc) --n-clusters K --out KM.joblib
   dump   --manifest-dir D --split SPLIT (--checkpoint CKPT --layer L | --mfcc) --km KM.joblib --label-dir OUT
          [--name km] [--soft --temperature T --top-k N] [--normalize] [--nshard N --rank R]
+  run    --manifest-dir D --split train (--checkpoint CKPT --layer L | --mfcc) --n-clusters K --out KM.joblib
+         --label-dir OUT [dump's options but --km/--nshard/--rank]: fit + dump in one process, same files
   merge  --label-dir OUT --split SPLIT --nshard N [--name km] [--manifest-dir D]
   check  --manifest-dir D --label-dir OUT --labels km [--label-rate R]
 
@@ -33,6 +35,7 @@ from ..errors import InputError
 from .dump import DumpConfig, dump_labels, merge_shards
 from .features import FeatureConfig
 from .fit import FitConfig, fit_kmeans
+from .onepass import run_labels
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +99,16 @@ class CheckArgs:
 SUBCOMMANDS = {
     "fit": ("fit k-means on teacher-layer (or MFCC) features, streamed", (FitSource, FeatureConfig, FitConfig)),
     "dump": ("write hard (and soft) labels of a split or shard", (Source, FeatureConfig, DumpConfig)),
+    "run": ("fit, then dump the split's labels, in one process (the files of fit + dump)",
+            (Source, FeatureConfig, FitConfig, DumpConfig)),
     "merge": ("join the shards of a split into {split}.{name}", (MergeArgs,)),
     "check": ("validate manifests, audio and label files; report every problem", (CheckArgs,)),
 }
+
+
+#: (subcommand, config) -> fields that get no option there: ``run`` dumps with the model it fits,
+#: in one process, in fit's blocks
+SKIPPED = {("run", DumpConfig): ("km", "nshard", "rank", "block_size")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     for command, (help_text, configs) in SUBCOMMANDS.items():
         p = sub.add_parser(command, help=help_text)
         for config in configs + (Common,):
-            add_arguments(p, config, exclusive=[("checkpoint", "mfcc")] if config is FeatureConfig else ())
+            add_arguments(p, config, exclusive=[("checkpoint", "mfcc")] if config is FeatureConfig else (),
+                          skip=SKIPPED.get((command, config), ()))
     return parser
 
 
@@ -141,6 +152,32 @@ def cmd_dump(args, progress: bool) -> int:
              if cfg.soft else "")
     resumed = f" (resumed: {s['resumed_blocks']} of {s['blocks']} blocks were done)" if s["resumed_blocks"] else ""
     print(f"wrote {s['label_path']}: {s['utterances']} utterances, {s['frames']} frames{extra}{resumed}")
+    return 0
+
+
+def cmd_run(args, progress: bool) -> int:
+    src, features, fit_cfg = from_args(Source, args), from_args(FeatureConfig, args), from_args(FitConfig, args)
+    dump_cfg = from_args(DumpConfig, args, km=fit_cfg.out, nshard=1, rank=0, block_size=fit_cfg.block_size)
+    r = run_labels(_manifest_path(src), src.split, features, fit_cfg, dump_cfg, check_headers=src.check_headers,
+                   progress=progress)
+    meta, s = r["fit"], r["dump"]
+    if meta is None:
+        print(f"{fit_cfg.out}: already fitted with these inputs and settings")
+    else:
+        print(f"wrote {fit_cfg.out}: K={fit_cfg.n_clusters}, fitted on {meta['frames']} frames of "
+              f"{meta['utterances']} utterances, objective {meta['init_objective']:.4f} on the {meta['init_frames']} "
+              f"frames of the initial fit" + (f", {meta['stream_objective']:.4f} held-out on "
+                                              f"{meta['partial_fit_steps']} streamed batches"
+                                              if meta["partial_fit_steps"] else ""))
+    extra = (f", soft top-{dump_cfg.top_k} at T={dump_cfg.temperature:g} (mean kept mass {s['mean_kept_mass']:.3f})"
+             if dump_cfg.soft else "")
+    resumed = f" (resumed: {s['resumed_blocks']} of {s['blocks']} blocks were done)" if s["resumed_blocks"] else ""
+    print(f"wrote {s['label_path']}: {s['utterances']} utterances, {s['frames']} frames{extra}{resumed}")
+    if r["reuse"]:
+        print(f"reused the features of {r['reused_utterances']} sampled utterances ({r['reused_frames']} frames; "
+              f"{r['cached_frames']} frames kept, at most {r['cache_capacity']})")
+    else:
+        print("features computed in batches: the sample's were computed again for the labels")
     return 0
 
 
@@ -178,7 +215,7 @@ def cmd_check(args, progress: bool) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "dump": cmd_dump, "merge": cmd_merge, "check": cmd_check}
+COMMANDS = {"fit": cmd_fit, "dump": cmd_dump, "run": cmd_run, "merge": cmd_merge, "check": cmd_check}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -45,7 +45,8 @@ from ..data.files import (SoftLabels, SoftLabelWriter, atomic_write, read_manife
                           write_dictionary)
 from ..data.preflight import check_audio, require_valid
 from ..errors import InputError
-from .features import FeatureConfig, iter_features, make_reader
+from .features import (FeatureCache, FeatureConfig, FeatureReader, computed_alone, iter_features, make_reader,
+                       max_batch_samples)
 from .fit import load_kmeans
 from .kmeans import Assigner
 
@@ -133,8 +134,29 @@ class DumpConfig:
         "help": "utterances per resumable block; keep it equal when resuming"})
 
 
+def check_dump_config(cfg: DumpConfig, n_clusters: Optional[int] = None, km_path: Optional[str] = None) -> None:
+    """Refuse bad soft-label settings (one line each) before anything is loaded.
+
+    Args:
+        cfg: the dump settings.
+        n_clusters: K of the model, if known (``--top-k`` may not exceed it).
+        km_path: the model file, to name in the message.
+
+    Raises:
+        InputError: ``--temperature`` <= 0, ``--top-k`` < 1 or > K (with ``--soft``).
+    """
+    if cfg.soft and not cfg.temperature > 0:
+        raise InputError([f"--temperature must be > 0, found {cfg.temperature}"])
+    if cfg.soft and cfg.top_k < 1:
+        raise InputError([f"--top-k must be >= 1, found {cfg.top_k}"])
+    if cfg.soft and n_clusters is not None and cfg.top_k > n_clusters:
+        raise InputError([f"--top-k {cfg.top_k} is larger than the number of clusters K={n_clusters}"
+                          + (f" in {km_path}" if km_path else "")])
+
+
 def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: DumpConfig,
-                check_headers: bool = True, progress: bool = True) -> Dict[str, object]:
+                check_headers: bool = True, progress: bool = True, reader: Optional[FeatureReader] = None,
+                cache: Optional[FeatureCache] = None) -> Dict[str, object]:
     """Write hard (and optionally soft) labels of a manifest (or one shard of it).
 
     Everything cheap (options, manifest, shard, k-means model) is checked before the teacher is
@@ -147,6 +169,10 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
         cfg: model, output, soft-label and shard settings (see :class:`DumpConfig`).
         check_headers: check every file's header (rate, channels, length) before starting.
         progress: tqdm bar (frames/s).
+        reader: the reader of ``features`` if already loaded (``dicehubert-labels run``: one teacher).
+        cache: features of rows computed before (``dicehubert-labels run``: the k-means sample's),
+            used instead of computing them again; exact only for features computed one utterance
+            at a time (:func:`~.features.iter_features`), so the files do not depend on it.
 
     Returns:
         dict with ``label_path``, ``utterances``, ``frames``, ``blocks``, ``resumed_blocks``,
@@ -160,18 +186,14 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
     km_path, label_dir, name, soft, temperature, top_k, normalize, nshard, rank, block_size = (
         cfg.km, cfg.label_dir, cfg.name, cfg.soft, cfg.temperature, cfg.top_k, cfg.normalize, cfg.nshard,
         cfg.rank, cfg.block_size)
-    if soft and not temperature > 0:
-        raise InputError([f"--temperature must be > 0, found {temperature}"])
-    if soft and top_k < 1:
-        raise InputError([f"--top-k must be >= 1, found {top_k}"])
+    check_dump_config(cfg)
     manifest = read_manifest(manifest_path)
     start, end = shard_range(len(manifest), nshard, rank, manifest.path)
     km, meta = load_kmeans(km_path)
     centers = np.asarray(km.cluster_centers_, dtype=np.float32)
     K, D = centers.shape
-    if soft and top_k > K:
-        raise InputError([f"--top-k {top_k} is larger than the number of clusters K={K} in {km_path}"])
-    reader = make_reader(features)
+    check_dump_config(cfg, K, km_path)
+    reader = reader or make_reader(features)
     if D != reader.dim:
         raise InputError([f"{km_path}: centroids have dimension {D}, but the features have {reader.dim} "
                           f"({reader.description.get('type')}); was the model fitted on other features?"])
@@ -182,7 +204,7 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
     rows = list(range(start, end))
     if check_headers:
         require_valid(check_audio(manifest, reader.sample_rate, headers=True, rows=rows), manifest.path)
-    max_batch_samples = int(features.max_batch_seconds * reader.sample_rate)
+    batch_samples = max_batch_samples(features, reader)
 
     tag = split_tag(split, nshard, rank)
     os.makedirs(label_dir, exist_ok=True)
@@ -193,7 +215,7 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
         "features": {k: v for k, v in reader.description.items()},
         "soft": bool(soft), "temperature": float(temperature) if soft else None,
         "top_k": int(top_k) if soft else None, "normalize": bool(normalize),
-        "nshard": nshard, "rank": rank, "block_size": block_size, "max_batch_samples": max_batch_samples,
+        "nshard": nshard, "rank": rank, "block_size": block_size, "max_batch_samples": batch_samples,
     }
     if fingerprint["features"].get("checkpoint"):
         fingerprint["checkpoint_file"] = _file_id(fingerprint["features"]["checkpoint"], content=False)
@@ -240,8 +262,9 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
         soft_out: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
         kept_units = 0
         # batches planned over the whole block, unless the features are computed one at a time
-        cell = blk if reader.batch_invariant else grid[b]
-        for row, feats in iter_features(reader, manifest, cell, max_batch_samples, as_torch=True, keep=set(blk)):
+        cell = blk if computed_alone(reader, batch_samples) else grid[b]
+        for row, feats in iter_features(reader, manifest, cell, batch_samples, as_torch=True, keep=set(blk),
+                                        cache=cache):
             if soft:
                 ids, probs, kept = assigner.soft(feats, temperature, top_k)
                 hard[row] = ids[:, 0].numpy()

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 #: fairseq dump_hubert_feature's default ``max_chunk`` (100 s at 16 kHz).
 MAX_CHUNK = 1_600_000
 
+#: ``--max-batch-seconds`` on CUDA when not given (on CPU: 0, one utterance at a time).
+CUDA_BATCH_SECONDS = 50.0
+
 
 class FeatureReader:
     """Interface of the feature readers.
@@ -364,7 +367,10 @@ class FeatureConfig:
         "help": "teacher compute precision: float16 on CUDA only; bfloat16 via autocast",
         "choices": ("float32", "float16", "bfloat16")})
     sample_rate: int = field(default=16000, metadata={"help": "audio sample rate for --mfcc"})
-    max_batch_seconds: float = field(default=50.0, metadata={"help": "padded audio per inference batch, in seconds"})
+    max_batch_seconds: Optional[float] = field(default=None, metadata={
+        "help": "padded audio per inference batch, in seconds; 0: one utterance at a time (default: 0 on CPU, "
+                "where batching measured slower, and one utterance's features never depend on the others; "
+                f"{CUDA_BATCH_SECONDS:g} on CUDA)"})
     max_chunk: int = field(default=MAX_CHUNK, metadata={
         "help": "longer utterances are cut into chunks of this many samples (fairseq's default)"})
 
@@ -388,6 +394,78 @@ def make_reader(cfg: FeatureConfig) -> FeatureReader:
         raise InputError(["--checkpoint needs --layer L (1-based transformer layer)"])
     return TeacherFeatureReader(cfg.checkpoint, cfg.layer, device=cfg.device,
                                 dtype=None if cfg.dtype == "float32" else cfg.dtype, max_chunk=cfg.max_chunk)
+
+
+def max_batch_samples(cfg: FeatureConfig, reader: FeatureReader) -> int:
+    """``--max-batch-seconds`` in samples (0: one utterance at a time), its default resolved.
+
+    Unset, it is 0 on CPU -- HuBERT Base measured about 7% less CPU time per utterance alone
+    than in padded 50 s batches there (``benchmarks/labels/profile_teacher.py``), and features
+    computed alone do not depend on other utterances, so they can be reused exactly -- and
+    :data:`CUDA_BATCH_SECONDS` on a GPU.
+    """
+    seconds = cfg.max_batch_seconds
+    if seconds is None:
+        seconds = CUDA_BATCH_SECONDS if reader.device.type == "cuda" else 0.0
+    if seconds < 0:
+        raise InputError([f"--max-batch-seconds must be >= 0, found {seconds:g}"])
+    return int(seconds * reader.sample_rate)
+
+
+def computed_alone(reader: FeatureReader, batch_samples: int) -> bool:
+    """Whether every utterance's features are computed on their own (bit for bit independent of
+    the other utterances): a batch-invariant reader (MFCC), or batches of one (``batch_samples`` 0)."""
+    return bool(reader.batch_invariant) or batch_samples <= 0
+
+
+class FeatureCache:
+    """Features of whole utterances kept in memory, at most ``capacity`` frames in all.
+
+    ``dicehubert-labels run`` keeps the k-means sample's features here while fitting and reuses
+    them when dumping. Only exact where features are :func:`computed_alone`: a cached utterance
+    must equal what recomputing it would give, to the bit.
+
+    Args:
+        capacity: frames kept (rows ``(T, D)`` float32: ``capacity * D * 4`` bytes at most).
+
+    Attributes:
+        frames: frames held.
+        served_frames / served_rows: what :meth:`get` returned so far.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self._rows: Dict[int, np.ndarray] = {}
+        self.frames = 0
+        self.frozen = False
+        self.served_frames = 0
+        self.served_rows = 0
+
+    def __contains__(self, row: int) -> bool:
+        return row in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def offer(self, row: int, feats) -> bool:
+        """Keep ``(T, D)`` features of ``row`` if there is room (and the cache is not frozen)."""
+        if self.frozen or row in self._rows or self.frames + len(feats) > self.capacity:
+            return False
+        f = feats.cpu().numpy() if isinstance(feats, torch.Tensor) else feats
+        self._rows[row] = np.array(f, dtype=np.float32, copy=True)
+        self.frames += len(feats)
+        return True
+
+    def get(self, row: int) -> np.ndarray:
+        """The ``(T, D)`` float32 features of a cached ``row`` (a view of the stored array)."""
+        f = self._rows[row]
+        self.served_frames += len(f)
+        self.served_rows += 1
+        return f
+
+    def freeze(self) -> None:
+        """Take no more rows."""
+        self.frozen = True
 
 
 # --------------------------------------------------------------------------------- batching
@@ -419,7 +497,8 @@ def length_sorted_batches(lengths: Sequence[int], max_batch_samples: int, max_ba
 
 
 def iter_features(reader: FeatureReader, manifest: Manifest, indices: Sequence[int], max_batch_samples: int,
-                  as_torch: bool = False, keep: Optional[Collection[int]] = None) -> Iterator[Tuple[int, object]]:
+                  as_torch: bool = False, keep: Optional[Collection[int]] = None,
+                  cache: Optional[FeatureCache] = None) -> Iterator[Tuple[int, object]]:
     """Features of ``manifest`` rows ``indices``, computed in length-sorted batches.
 
     Args:
@@ -432,20 +511,36 @@ def iter_features(reader: FeatureReader, manifest: Manifest, indices: Sequence[i
             all of ``indices`` and computed whole when they hold a kept row (others are skipped),
             so a row's features do not depend on which rows are kept: batched float arithmetic
             changes in the last bits with the batch's other rows.
+        cache: rows it holds are taken from it instead of being computed, rows computed are
+            offered to it. Only where features are :func:`computed_alone` (else ValueError),
+            so a cached row is what computing it gives. Rows come in the same order either way.
 
     Yields:
         ``(row, (T, D) features)`` for every row in ``indices`` (in ``keep``).
     """
+    if cache is not None and not computed_alone(reader, max_batch_samples):
+        raise ValueError("a feature cache is exact only for features computed one utterance at a time")
     sizes = [manifest.sizes[i] for i in indices]
     for batch in length_sorted_batches(sizes, max_batch_samples):
         rows = [indices[j] for j in batch]
         if keep is not None and not any(r in keep for r in rows):
             continue
-        wavs = [read_audio(manifest, r, reader.sample_rate) for r in rows]
-        feats = reader.features_torch(wavs) if as_torch else reader.features(wavs)
-        for r, w, f in zip(rows, wavs, feats):
+        cached = {r for r in rows if cache is not None and r in cache}
+        todo = [r for r in rows if r not in cached]
+        wavs = [read_audio(manifest, r, reader.sample_rate) for r in todo]
+        if wavs:
+            computed = dict(zip(todo, reader.features_torch(wavs) if as_torch else reader.features(wavs)))
+        for r, w in zip(todo, wavs):
             expected = reader.num_frames(len(w))
-            if f.shape[0] != expected:  # pragma: no cover - a bug, not bad input
-                raise RuntimeError(f"{manifest.audio_path(r)}: {f.shape[0]} frames, expected {expected}")
-            if keep is None or r in keep:
-                yield r, f
+            if computed[r].shape[0] != expected:  # pragma: no cover - a bug, not bad input
+                raise RuntimeError(f"{manifest.audio_path(r)}: {computed[r].shape[0]} frames, expected {expected}")
+        for r in rows:
+            if keep is not None and r not in keep:
+                continue
+            if r in cached:
+                f = cache.get(r)
+                yield r, (torch.from_numpy(f).to(reader.device) if as_torch else f)
+            else:
+                if cache is not None:
+                    cache.offer(r, computed[r])
+                yield r, computed[r]

@@ -9,7 +9,7 @@ blocks; nothing but the model is written.  The model is saved with ``joblib`` as
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional, Tuple
 
 import joblib
@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..data.files import atomic_write, read_manifest
 from ..data.preflight import check_audio, require_valid
 from ..errors import InputError
-from .features import FeatureConfig, iter_features, make_reader
+from .features import FeatureCache, FeatureConfig, FeatureReader, iter_features, make_reader, max_batch_samples
 from .kmeans import ReservoirSample, StreamingKMeans
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,14 @@ def load_kmeans(path: str):
 # --------------------------------------------------------------------------- fitting
 
 
+def fit_settings(cfg: FitConfig, batch_samples: int) -> Dict[str, object]:
+    """Everything the fitted model depends on besides the features and the manifest: the
+    :class:`FitConfig` fields but the output path, and the inference batch in samples."""
+    settings = {k: v for k, v in asdict(cfg).items() if k != "out"}
+    settings["max_batch_samples"] = int(batch_samples)
+    return settings
+
+
 def sample_rows(n: int, percent: float, seed: int) -> np.ndarray:
     """Rows to fit on, in a seeded random order.
 
@@ -103,8 +111,23 @@ def sample_rows(n: int, percent: float, seed: int) -> np.ndarray:
     return rng.permutation(n)
 
 
+def check_fit_config(cfg: FitConfig) -> None:
+    """Refuse bad k-means settings (one line each) before anything is loaded.
+
+    Raises:
+        InputError: K or the mini-batch < 1, ``percent`` outside (0, 1] (and not -1).
+    """
+    if cfg.n_clusters < 1:
+        raise InputError([f"--n-clusters must be at least 1, found {cfg.n_clusters}"])
+    if cfg.batch_size < 1:
+        raise InputError([f"--batch-size must be at least 1, found {cfg.batch_size}"])
+    if cfg.percent == 0 or cfg.percent > 1:
+        raise InputError([f"--percent is a fraction in (0, 1] (or -1 for all), found {cfg.percent}"])
+
+
 def fit_kmeans(manifest_path: str, features: FeatureConfig, cfg: FitConfig, check_headers: bool = True,
-               progress: bool = True) -> Tuple[object, Dict[str, object]]:
+               progress: bool = True, reader: Optional[FeatureReader] = None,
+               cache: Optional[FeatureCache] = None) -> Tuple[object, Dict[str, object]]:
     """Fit k-means on features of (a sample of) a manifest, streamed, and save it to ``cfg.out``.
 
     The settings and the manifest are checked before the teacher is loaded; with
@@ -116,6 +139,10 @@ def fit_kmeans(manifest_path: str, features: FeatureConfig, cfg: FitConfig, chec
         cfg: K, sample, k-means settings and the output path.
         check_headers: read every sampled file's header (rate, channels, length) first.
         progress: show a tqdm bar (frames/s).
+        reader: the reader of ``features`` if already loaded (``dicehubert-labels run``: one teacher).
+        cache: keeps the sample's features that fit in it, and serves them in the second pass of a
+            sample larger than the pool (see :func:`~.features.iter_features`: features computed
+            one utterance at a time only). The model does not depend on it.
 
     Returns:
         ``(model, meta)``: the fitted ``MiniBatchKMeans`` and the metadata saved with it
@@ -124,20 +151,15 @@ def fit_kmeans(manifest_path: str, features: FeatureConfig, cfg: FitConfig, chec
     Raises:
         InputError: bad settings, manifest, audio or teacher; K larger than the frames sampled.
     """
-    if cfg.n_clusters < 1:
-        raise InputError([f"--n-clusters must be at least 1, found {cfg.n_clusters}"])
-    if cfg.batch_size < 1:
-        raise InputError([f"--batch-size must be at least 1, found {cfg.batch_size}"])
-    if cfg.percent == 0 or cfg.percent > 1:
-        raise InputError([f"--percent is a fraction in (0, 1] (or -1 for all), found {cfg.percent}"])
+    check_fit_config(cfg)
     manifest = read_manifest(manifest_path)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    reader = make_reader(features)
+    reader = reader or make_reader(features)
     rows = sample_rows(len(manifest), cfg.percent, cfg.seed)
     if check_headers:
         require_valid(check_audio(manifest, reader.sample_rate, headers=True, rows=sorted(int(r) for r in rows)),
                       manifest.path)
-    max_batch_samples = int(features.max_batch_seconds * reader.sample_rate)
+    batch_samples = max_batch_samples(features, reader)
     frames = sum(reader.num_frames(manifest.sizes[i]) for i in rows)
     K = cfg.n_clusters
     if frames < K:
@@ -153,7 +175,7 @@ def fit_kmeans(manifest_path: str, features: FeatureConfig, cfg: FitConfig, chec
         bar = tqdm(total=frames, unit="frame", unit_scale=True, desc=desc, disable=not progress, smoothing=0.1)
         for s in range(0, len(rows), cfg.block_size):
             block = [int(r) for r in rows[s : s + cfg.block_size]]
-            for _row, feats in iter_features(reader, manifest, block, max_batch_samples):
+            for _row, feats in iter_features(reader, manifest, block, batch_samples, cache=cache):
                 consume(feats)
                 bar.update(len(feats))
         bar.close()
@@ -174,6 +196,7 @@ def fit_kmeans(manifest_path: str, features: FeatureConfig, cfg: FitConfig, chec
             "seed": cfg.seed, "percent": cfg.percent, "batch_size": cfg.batch_size,
             "utterances": len(rows), "frames": frames, "init_objective": skm.init_objective,
             "init_frames": skm.init_frames, "stream_objective": skm.stream_objective,
-            "partial_fit_steps": skm.steps, "pool_size": skm.pool_size, "passes": 2 if two_pass else 1}
+            "partial_fit_steps": skm.steps, "pool_size": skm.pool_size, "passes": 2 if two_pass else 1,
+            "settings": fit_settings(cfg, batch_samples)}
     save_kmeans(km, cfg.out, meta)
     return km, meta

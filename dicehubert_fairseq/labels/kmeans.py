@@ -63,6 +63,12 @@ def new_kmeans(n_clusters: int, seed: int = 0, **overrides):
                            random_state=seed, **settings)
 
 
+def pool_frames(n_clusters: int, batch_size: int = 10000, pool_size: Optional[int] = None) -> int:
+    """Frames of :class:`StreamingKMeans`' pool: ``pool_size``, or ``max(3 * batch_size, 3 * K)``
+    (sklearn's ``init_size``) when not given."""
+    return int(pool_size or max(3 * int(batch_size), 3 * int(n_clusters)))
+
+
 class StreamingKMeans:
     """Mini-batch k-means fed chunk by chunk (see the module docstring).
 
@@ -89,7 +95,7 @@ class StreamingKMeans:
         self.dim = int(dim)
         self.seed = int(seed)
         self.batch_size = int(batch_size)
-        self.pool_size = int(pool_size or max(3 * self.batch_size, 3 * self.n_clusters))
+        self.pool_size = pool_frames(self.n_clusters, self.batch_size, pool_size)
         if self.pool_size < self.batch_size:
             raise ValueError(f"pool_size {self.pool_size} < batch_size {self.batch_size}")
         self.km = new_kmeans(self.n_clusters, seed=self.seed, batch_size=self.batch_size, **settings)
