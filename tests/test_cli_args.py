@@ -96,7 +96,7 @@ def _options(parser):
 #: declared by hand; the docs and scripts use them. A switch ``--no-x`` keeps x True by default.
 COMMON = {"--debug": False, "--verbose": False, "--no-progress": True}
 FEATURES = {"--checkpoint": None, "--mfcc": False, "--layer": None, "--device": "cpu", "--dtype": "float32",
-            "--sample-rate": 16000, "--max-batch-seconds": 50.0, "--max-chunk": 1600000, "--manifest-dir": None,
+            "--sample-rate": 16000, "--max-batch-seconds": None, "--max-chunk": 1600000, "--manifest-dir": None,
             "--no-header-check": True, "--threads": None}
 LABELS = {
     "fit": {**COMMON, **FEATURES, "--split": "train", "--n-clusters": None, "--out": None, "--percent": 1.0,
@@ -105,6 +105,12 @@ LABELS = {
     "dump": {**COMMON, **FEATURES, "--split": None, "--km": None, "--label-dir": None, "--name": "km",
              "--soft": False, "--temperature": 1.0, "--top-k": 10, "--normalize": False, "--nshard": 1, "--rank": 0,
              "--block-size": 200},
+    # fit + dump in one process: fit's options and dump's but --km (the model it fits), --nshard and
+    # --rank (one process) and a second --block-size (fit's serves both)
+    "run": {**COMMON, **FEATURES, "--split": None, "--n-clusters": None, "--out": None, "--percent": 1.0,
+            "--batch-size": 10000, "--seed": 0, "--pool-size": None, "--n-init": 20, "--max-iter": 100,
+            "--block-size": 200, "--label-dir": None, "--name": "km", "--soft": False, "--temperature": 1.0,
+            "--top-k": 10, "--normalize": False},
     "merge": {**COMMON, "--label-dir": None, "--split": None, "--nshard": None, "--name": "km",
               "--manifest-dir": None, "--out-dir": None},
     "check": {**COMMON, "--manifest-dir": None, "--label-dir": None, "--labels": ["km"], "--label-rate": 50.0,

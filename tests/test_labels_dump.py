@@ -208,13 +208,16 @@ def test_dump_max_batch_seconds_and_max_chunk(tiny_corpus, tiny_teacher, teacher
 
     monkeypatch.setattr(TeacherFeatureReader, "features_torch", counting)
     default = _teacher_dump(tiny_corpus, tiny_teacher, teacher_km, tmp_path / "default")
-    n_default = list(batches)
+    sizes = tiny_corpus["sizes"]["train"]
+    assert batches == [1] * len(sizes)  # on CPU, one utterance at a time unless told otherwise
+    batches.clear()
+    batched = _teacher_dump(tiny_corpus, tiny_teacher, teacher_km, tmp_path / "batches", "--max-batch-seconds", "50")
+    assert len(batches) < len(sizes) and sum(batches) == len(sizes)  # the flag sets the batches
     batches.clear()
     one_by_one = _teacher_dump(tiny_corpus, tiny_teacher, teacher_km, tmp_path / "small_batches",
                                "--max-batch-seconds", "0.01")
-    sizes = tiny_corpus["sizes"]["train"]
-    assert batches == [1] * len(sizes) and len(n_default) < len(sizes)  # the flag sets the batches
-    assert one_by_one == default  # and the labels do not depend on them
+    assert batches == [1] * len(sizes)
+    assert one_by_one == default == batched  # and the labels do not depend on them
     assert [len(x) for x in default] == [num_frames(s, 50) for s in sizes]
     # --max-chunk: utterances longer than it are cut into independent chunks (as fairseq's
     # dump_hubert_feature max_chunk): each chunk loses its own edge frames

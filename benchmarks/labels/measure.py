@@ -2,7 +2,9 @@
 
     python benchmarks/labels/measure.py --out step.json [--fairseq-shim | --sox-stub] (--module MOD | SCRIPT) -- ARGS...
 
-Recorded at exit (JSON): ``wall_s``, ``peak_rss_mb`` (``getrusage(RUSAGE_SELF).ru_maxrss``),
+Recorded at exit (JSON): ``wall_s``, ``cpu_s`` (user + system CPU time of the process, all its
+threads, and of any child processes), ``load_start`` / ``load_end`` (the machine's 1-minute load
+average), ``peak_rss_mb`` (``getrusage(RUSAGE_SELF).ru_maxrss``),
 ``write_bytes`` (``/proc/self/io``: bytes this process sent to the storage layer, temporary files
 included), ``wchar`` (bytes passed to write(), terminal output included), ``exit``, and
 ``cuda_peak_mb`` (``torch.cuda.max_memory_allocated``) when the step used the GPU.
@@ -30,6 +32,11 @@ import types
 def _io():
     with open("/proc/self/io") as f:
         return {k: int(v) for k, v in (line.split(": ") for line in f.read().splitlines() if line)}
+
+
+def _cpu():
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _fairseq_shim():
@@ -78,13 +85,14 @@ def main():
     p.add_argument("script", nargs="?")
     args = p.parse_args(argv[:cut])
     rest = argv[cut + 1 :]
-    t0, io0 = time.time(), _io()
+    t0, io0, cpu0, load0 = time.time(), _io(), _cpu(), os.getloadavg()[0]
     state = {"exit": 0}
 
     def record():
         io1 = _io()
         with open(args.out, "w") as f:
-            json.dump({"wall_s": time.time() - t0,
+            json.dump({"wall_s": time.time() - t0, "cpu_s": _cpu() - cpu0,
+                       "load_start": load0, "load_end": os.getloadavg()[0],
                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                        "write_bytes": io1["write_bytes"] - io0["write_bytes"],
                        "cancelled_write_bytes": io1["cancelled_write_bytes"] - io0["cancelled_write_bytes"],

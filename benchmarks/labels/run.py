@@ -69,8 +69,8 @@ def measured(name, out_dir, argv, shim=False, module=None, env=None, sox_stub=Fa
     with open(out) as f:
         m = json.load(f)
     gpu = f"  {m['cuda_peak_mb']:7.0f} MB GPU" if m.get("cuda_peak_mb") is not None else ""
-    print(f"  {name:<22} {m['wall_s']:7.1f} s  {m['peak_rss_mb']:7.0f} MB  {m['write_bytes'] / 1e6:9.2f} MB written"
-          f"{gpu}", flush=True)
+    print(f"  {name:<26} {m['wall_s']:7.1f} s  {m['cpu_s']:7.1f} s CPU  {m['peak_rss_mb']:7.0f} MB  "
+          f"{m['write_bytes'] / 1e6:9.2f} MB written{gpu}  load {m['load_start']:.1f}-{m['load_end']:.1f}", flush=True)
     return m
 
 
@@ -84,7 +84,7 @@ def dir_bytes(*paths):
     return total
 
 
-def run_scale(n, args, teacher, work):
+def run_scale(n, args, teacher, work, beyond_pool=False):
     d = os.path.join(work, f"n{n}")
     shutil.rmtree(d, ignore_errors=True)
     data = os.path.join(d, "data")
@@ -92,52 +92,68 @@ def run_scale(n, args, teacher, work):
     seconds = sum(sizes) / 16000
     print(f"{n} utterances, {seconds / 60:.1f} min of audio", flush=True)
     sk = simple_kmeans_dir()
+    threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     # fairseq's scripts: the user's torch.load workaround, and their own directory importable
     # (they import their sibling feature_utils.py, as `python SCRIPT` would allow)
-    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1",
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", **threads,
                PYTHONPATH=os.pathsep.join(filter(None, [sk, os.environ.get("PYTHONPATH")])))
+    our_env = dict(os.environ, **threads)
     L, K, P = str(args.layer), str(args.n_clusters), str(args.percent)
     m = os.path.join(d, "metrics")
     # on the CPU, fairseq's .cuda() calls are made no-ops; on a GPU its script runs as written
     shim = {"shim": True} if args.device == "cpu" else {"sox_stub": True}
+
+    def learn_kmeans(name, km, percent):
+        return measured(name, m, [os.path.join(sk, "learn_kmeans.py"), os.path.join(d, "fs_feat"), "train", "1", km,
+                                  K, "--percent", percent, "--seed", str(args.seed)], **shim, env=env)
+
+    def dump_km_label(name, km, out):
+        return measured(name, m, [os.path.join(sk, "dump_km_label.py"), os.path.join(d, "fs_feat"), "train", km,
+                                  "1", "0", out], **shim, env=env)
+
     fs = {
         "dump_hubert_feature": measured("fairseq_dump_feature", m, [os.path.join(sk, "dump_hubert_feature.py"), data,
                                         "train", teacher, L, "1", "0", os.path.join(d, "fs_feat")], **shim, env=env),
-        "learn_kmeans": measured("fairseq_learn_kmeans", m, [os.path.join(sk, "learn_kmeans.py"),
-                                 os.path.join(d, "fs_feat"), "train", "1", os.path.join(d, "fs_km.bin"), K,
-                                 "--percent", P, "--seed", str(args.seed)], **shim, env=env),
-        "dump_km_label": measured("fairseq_dump_km_label", m, [os.path.join(sk, "dump_km_label.py"),
-                                  os.path.join(d, "fs_feat"), "train", os.path.join(d, "fs_km.bin"), "1", "0",
-                                  os.path.join(d, "fs_lab")], **shim, env=env),
+        "learn_kmeans": learn_kmeans("fairseq_learn_kmeans", os.path.join(d, "fs_km.bin"), P),
+        "dump_km_label": dump_km_label("fairseq_dump_km_label", os.path.join(d, "fs_km.bin"), os.path.join(d, "fs_lab")),
     }
     device = ["--device", args.device, "--dtype", args.dtype]
     variants = {"ours": device} if not args.bf16 else {"ours": device, "ours_bf16": ["--dtype", "bfloat16"]}
     ours = {}
+
+    def ours_step(name, argv):
+        return measured(name, m, argv, module="dicehubert_fairseq.labels", env=our_env)
+
+    source = ["--manifest-dir", data, "--checkpoint", teacher, "--layer", L, "--split", "train"]
+    common = source + ["--seed", str(args.seed)]
     for tag, extra in variants.items():
-        common = ["--manifest-dir", data, "--checkpoint", teacher, "--layer", L, *extra]
         ours[tag] = {
-            "fit": measured(f"{tag}_fit", m, ["fit", *common, "--split", "train", "--n-clusters", K, "--percent", P,
-                                              "--seed", str(args.seed), "--out", os.path.join(d, f"{tag}_km.joblib")],
-                            module="dicehubert_fairseq.labels"),
-            "dump": measured(f"{tag}_dump", m, ["dump", *common, "--split", "train", "--km",
-                                                os.path.join(d, f"{tag}_km.joblib"), "--label-dir",
-                                                os.path.join(d, f"{tag}_lab")], module="dicehubert_fairseq.labels"),
+            "fit": ours_step(f"{tag}_fit", ["fit", *common, *extra, "--n-clusters", K, "--percent", P,
+                                            "--out", os.path.join(d, f"{tag}_km.joblib")]),
+            "dump": ours_step(f"{tag}_dump", ["dump", *source, *extra, "--km", os.path.join(d, f"{tag}_km.joblib"),
+                                              "--label-dir", os.path.join(d, f"{tag}_lab")]),
         }
+    # one process: fit + dump, the sample's features reused (same model and label bytes as fit + dump)
+    ours["ours_run"] = {"run": ours_step("ours_run", ["run", *common, *device, "--n-clusters", K, "--percent", P,
+                                                     "--out", os.path.join(d, "ours_run_km.joblib"),
+                                                     "--label-dir", os.path.join(d, "ours_run_lab")])}
     agreement = None
     if args.agreement:  # our features, fairseq's centroids: labels comparable frame by frame
-        measured("ours_dump_fairseq_km", m, ["dump", "--manifest-dir", data, "--checkpoint", teacher, "--layer", L,
-                                             *device, "--split", "train", "--km", os.path.join(d, "fs_km.bin"),
-                                             "--label-dir", os.path.join(d, "ours_fskm_lab")],
-                 module="dicehubert_fairseq.labels")
+        ours_step("ours_dump_fairseq_km", ["dump", "--manifest-dir", data, "--checkpoint", teacher, "--layer", L,
+                                           *device, "--split", "train", "--km", os.path.join(d, "fs_km.bin"),
+                                           "--label-dir", os.path.join(d, "ours_fskm_lab")])
         agreement = label_agreement(os.path.join(d, "ours_fskm_lab", "train.km"),
                                     os.path.join(d, "fs_lab", "train_0_1.km"))
 
     # clustering quality on the same features: fairseq's dump of the whole corpus
-
     feats = np.load(os.path.join(d, "fs_feat", "train_0_1.npy"), mmap_mode="r")
-    objective = {"fairseq": objective_of(load_kmeans(os.path.join(d, "fs_km.bin"))[0].cluster_centers_, feats)}
+
+    def objective(path):
+        return objective_of(load_kmeans(path)[0].cluster_centers_, feats)
+
+    objectives = {"fairseq": objective(os.path.join(d, "fs_km.bin"))}
     for tag in ours:
-        objective[tag] = objective_of(load_kmeans(os.path.join(d, f"{tag}_km.joblib"))[0].cluster_centers_, feats)
+        objectives[tag] = objective(os.path.join(d, f"{tag}_km.joblib"))
     # our features vs fairseq's (first utterances), and label files side by side
     with open(os.path.join(d, "fs_lab", "train_0_1.km")) as f:
         fs_frames = [len(line.split()) for line in f]
@@ -145,21 +161,72 @@ def run_scale(n, args, teacher, work):
         our_frames = [len(line.split()) for line in f]
     result = {
         "utterances": n, "audio_seconds": seconds, "frames": int(feats.shape[0]), "feature_dim": int(feats.shape[1]),
-        "fairseq": {"steps": fs, "wall_s": sum(s["wall_s"] for s in fs.values()),
-                    "peak_rss_mb": max(s["peak_rss_mb"] for s in fs.values()),
-                    "write_bytes": sum(s["write_bytes"] for s in fs.values()),
-                    "final_bytes": dir_bytes(os.path.join(d, "fs_feat"), os.path.join(d, "fs_km.bin"),
-                                             os.path.join(d, "fs_lab"))},
-        "objective": objective,
+        "fairseq": summed(fs, os.path.join(d, "fs_feat"), os.path.join(d, "fs_km.bin"), os.path.join(d, "fs_lab")),
+        "objective": objectives,
         "same_frame_counts": fs_frames == our_frames,
+        "run_same_as_fit_dump": same_files(os.path.join(d, "ours_lab"), os.path.join(d, "ours_run_lab"))
+        and same_model(os.path.join(d, "ours_km.joblib"), os.path.join(d, "ours_run_km.joblib")),
         "label_agreement": agreement,
     }
     for tag, steps in ours.items():
-        result[tag] = {"steps": steps, "wall_s": sum(s["wall_s"] for s in steps.values()),
-                       "peak_rss_mb": max(s["peak_rss_mb"] for s in steps.values()),
-                       "write_bytes": sum(s["write_bytes"] for s in steps.values()),
-                       "final_bytes": dir_bytes(os.path.join(d, f"{tag}_km.joblib"), os.path.join(d, f"{tag}_lab"))}
+        result[tag] = summed(steps, os.path.join(d, f"{tag}_km.joblib"), os.path.join(d, f"{tag}_lab"))
+    if beyond_pool:
+        result["beyond_pool"] = run_beyond_pool(args, d, feats, learn_kmeans, dump_km_label, ours_step, common, device,
+                                                fs["dump_hubert_feature"])
     return result
+
+
+def run_beyond_pool(args, d, feats, learn_kmeans, dump_km_label, ours_step, common, device, fs_dump_feature):
+    """k-means on every utterance with a pool ``args.pool_size`` frames (the sample >= 20x the pool):
+    ours streams it (``run --percent 1 --pool-size``), fairseq's learn_kmeans fits it in memory."""
+    pool, batch = args.pool_size, args.pool_batch_size or args.pool_size // 2
+    km_fs, km_ours = os.path.join(d, "fs_km_all.bin"), os.path.join(d, "ours_run_pool_km.joblib")
+    fs = {"dump_hubert_feature": fs_dump_feature,
+          "learn_kmeans": learn_kmeans("fairseq_learn_kmeans_all", km_fs, "1"),
+          "dump_km_label": dump_km_label("fairseq_dump_km_label_all", km_fs, os.path.join(d, "fs_lab_all"))}
+    ours = {"run": ours_step("ours_run_pool", ["run", *common, *device, "--n-clusters", str(args.n_clusters),
+                                              "--percent", "1", "--pool-size", str(pool), "--batch-size", str(batch),
+                                              "--out", km_ours, "--label-dir", os.path.join(d, "ours_run_pool_lab")])}
+    _, meta = load_kmeans(km_ours)
+    obj_fs = objective_of(load_kmeans(km_fs)[0].cluster_centers_, feats)
+    obj_ours = objective_of(load_kmeans(km_ours)[0].cluster_centers_, feats)
+    return {"pool_size": pool, "batch_size": batch, "sample_frames": int(meta["frames"]),
+            "sample_over_pool": meta["frames"] / pool, "passes": meta["passes"],
+            "fairseq": summed(fs), "ours_run": summed(ours),
+            "objective": {"fairseq": obj_fs, "ours_run": obj_ours}, "objective_ratio": obj_ours / obj_fs}
+
+
+def summed(steps, *outputs):
+    """Totals of a pipeline's steps (wall and CPU time summed, peak RSS the largest)."""
+    out = {"steps": steps, "wall_s": sum(s["wall_s"] for s in steps.values()),
+           "cpu_s": sum(s.get("cpu_s", float("nan")) for s in steps.values()),
+           "peak_rss_mb": max(s["peak_rss_mb"] for s in steps.values()),
+           "write_bytes": sum(s["write_bytes"] for s in steps.values()),
+           "load": [s.get("load_start") for s in steps.values()] + [list(steps.values())[-1].get("load_end")]}
+    if outputs:
+        out["final_bytes"] = dir_bytes(*outputs)
+    return out
+
+
+def same_files(a, b):
+    """Every file of directory ``a`` has the same bytes in ``b`` (the soft sidecar JSON: but its
+    ``km`` path)."""
+    for name in sorted(os.listdir(a)):
+        pa, pb = os.path.join(a, name), os.path.join(b, name)
+        if name.endswith(".json"):
+            with open(pa) as f, open(pb) as g:
+                x, y = json.load(f), json.load(g)
+            x.pop("km", None), y.pop("km", None)
+            if x != y:
+                return False
+        elif not os.path.isfile(pb) or open(pa, "rb").read() != open(pb, "rb").read():
+            return False
+    return True
+
+
+def same_model(a, b):
+    ka, kb = load_kmeans(a)[0], load_kmeans(b)[0]
+    return bool(np.array_equal(ka.cluster_centers_, kb.cluster_centers_))
 
 
 def label_agreement(ours, theirs):
@@ -172,37 +239,67 @@ def label_agreement(ours, theirs):
     return same / max(sum(len(x) for x in a), 1)
 
 
+def _load(x):
+    loads = [v for v in x["load"] if v is not None]
+    return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "?"
+
+
 def table(results, args):
-    tags = [t for t in ("fairseq", "ours", "ours_bf16") if t in results[0]]
+    tags = [t for t in ("fairseq", "ours", "ours_bf16", "ours_run") if t in results[0]]
     on = "" if args.device == "cpu" and args.dtype == "float32" else f", --device {args.device} --dtype {args.dtype}"
     names = {"fairseq": "fairseq simple_kmeans (3 scripts)" + (", GPU" if args.device != "cpu" else ""),
-             "ours": "dicehubert-labels fit+dump" + on, "ours_bf16": "dicehubert-labels fit+dump, --dtype bfloat16"}
-    lines = ["| pipeline | utterances (audio) | wall time | peak RSS | bytes written | k-means objective |",
-             "|---|---|---|---|---|---|"]
+             "ours": "dicehubert-labels fit + dump" + on, "ours_bf16": "dicehubert-labels fit + dump, --dtype bfloat16",
+             "ours_run": "dicehubert-labels run (one process)" + on}
+    lines = ["| pipeline | utterances (audio) | wall time | CPU time | wall / fairseq | CPU / fairseq | peak RSS | "
+             "bytes written | k-means objective | load average |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        fs = r["fairseq"]
         for t in tags:
             x = r[t]
             lines.append(f"| {names[t]} | {r['utterances']} ({r['audio_seconds'] / 60:.1f} min) | {x['wall_s']:.1f} s | "
-                         f"{x['peak_rss_mb']:.0f} MB | {x['write_bytes'] / 1e6:.2f} MB | {r['objective'][t]:.2f} |")
+                         f"{x['cpu_s']:.1f} s | {x['wall_s'] / fs['wall_s']:.2f} | {x['cpu_s'] / fs['cpu_s']:.2f} | "
+                         f"{x['peak_rss_mb']:.0f} MB | {x['write_bytes'] / 1e6:.2f} MB | {r['objective'][t]:.2f} | "
+                         f"{_load(x)} |")
+    lines += ["", "`run` wrote the k-means model and label files of `fit` + `dump`: "
+              + ", ".join(f"{r['utterances']} utterances: {'identical' if r['run_same_as_fit_dump'] else 'DIFFERENT'}"
+                          for r in results)]
     if len(results) >= 2:
         a, b = results[0], results[-1]
         lines += ["", f"Growth from {a['utterances']} to {b['utterances']} utterances "
                       f"({b['audio_seconds'] / a['audio_seconds']:.1f}x audio):", "",
-                  "| pipeline | wall time | peak RSS | bytes written |", "|---|---|---|---|"]
+                  "| pipeline | wall time | CPU time | peak RSS | bytes written |", "|---|---|---|---|---|"]
         for t in tags:
-            lines.append(f"| {names[t]} | {b[t]['wall_s'] / a[t]['wall_s']:.2f}x | "
+            lines.append(f"| {names[t]} | {b[t]['wall_s'] / a[t]['wall_s']:.2f}x | {b[t]['cpu_s'] / a[t]['cpu_s']:.2f}x | "
                          f"{b[t]['peak_rss_mb'] / a[t]['peak_rss_mb']:.2f}x | "
-                         f"{b[t]['write_bytes'] / max(a[t]['write_bytes'], 1):.2f}x |")
+                         f"{b[t]['write_bytes'] / a[t]['write_bytes']:.2f}x |")
     if any(r.get("label_agreement") is not None for r in results):
         lines += ["", f"Labels of our features{on or ' (float32)'} with fairseq's k-means model against "
                       "fairseq's labels (float32 features):", "",
                   "| utterances | frames | identical labels |", "|---|---|---|"]
         lines += [f"| {r['utterances']} | {r['frames']} | {100 * r['label_agreement']:.2f} % |" for r in results]
-    lines += ["", "Per step (largest corpus):", "", "| step | wall time | peak RSS | bytes written |", "|---|---|---|---|"]
     r = results[-1]
+    lines += ["", "Per step (largest corpus):", "",
+              "| step | wall time | CPU time | peak RSS | bytes written | load average (start, end) |",
+              "|---|---|---|---|---|---|"]
     for t in tags:
         for s, x in r[t]["steps"].items():
-            lines.append(f"| {t} {s} | {x['wall_s']:.1f} s | {x['peak_rss_mb']:.0f} MB | {x['write_bytes'] / 1e6:.2f} MB |")
+            lines.append(f"| {t} {s} | {x['wall_s']:.1f} s | {x.get('cpu_s', float('nan')):.1f} s | "
+                         f"{x['peak_rss_mb']:.0f} MB | {x['write_bytes'] / 1e6:.2f} MB | "
+                         f"{x.get('load_start', float('nan')):.1f}, {x.get('load_end', float('nan')):.1f} |")
+    bp = r.get("beyond_pool")
+    if bp:
+        lines += ["", f"k-means on every utterance ({bp['sample_frames']} frames), our pool {bp['pool_size']} frames "
+                      f"({bp['sample_over_pool']:.1f}x smaller than the sample; mini-batch {bp['batch_size']}): "
+                      "ours streams it in two passes, fairseq's learn_kmeans (batch 10000) holds it in memory. "
+                      "Objective on every frame:", "",
+                  "| pipeline | wall time | CPU time | peak RSS | k-means objective |", "|---|---|---|---|---|"]
+        for t, name in (("fairseq", "fairseq simple_kmeans, learn_kmeans --percent 1"),
+                        ("ours_run", f"dicehubert-labels run --percent 1 --pool-size {bp['pool_size']}")):
+            x = bp[t]
+            lines.append(f"| {name} | {x['wall_s']:.1f} s | {x['cpu_s']:.1f} s | {x['peak_rss_mb']:.0f} MB | "
+                         f"{bp['objective'][t]:.2f} |")
+        lines += ["", f"Objective ours / fairseq: {bp['objective_ratio']:.4f} ({100 * (bp['objective_ratio'] - 1):+.2f} %)"]
     return "\n".join(lines)
 
 
@@ -222,6 +319,12 @@ def main():
                    help="ours: dicehubert-labels --dtype (default float32)")
     p.add_argument("--agreement", action="store_true",
                    help="also label with fairseq's k-means model and report agreement with fairseq's labels")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for every step, fairseq's and ours (default: unset, torch uses every core)")
+    p.add_argument("--pool-size", type=int, default=700,
+                   help="the row beyond the pool (largest corpus): k-means on every utterance with this pool "
+                        "(default 700 frames; 0: no such row)")
+    p.add_argument("--pool-batch-size", type=int, default=None, help="its mini-batch (default: half the pool)")
     args = p.parse_args()
     try:
         import npy_append_array  # noqa: F401
@@ -233,14 +336,15 @@ def main():
         lab = os.path.join(args.workdir, "teacher_labels")
         write_random_labels(lab, {}, n_clusters=100)
         write_checkpoint(teacher, os.path.join(args.workdir, "n20", "data"), lab, model_overrides=HUBERT_BASE)
-    t0 = time.time()
-    results = [run_scale(n, args, teacher, args.workdir) for n in args.scales]
+    t0, load0 = time.time(), os.getloadavg()
+    results = [run_scale(n, args, teacher, args.workdir, beyond_pool=bool(args.pool_size) and i == len(args.scales) - 1)
+               for i, n in enumerate(args.scales)]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     if args.device != "cpu":
         import torch
 
         machine += f", {torch.cuda.get_device_name(torch.device(args.device))}"
-    info = {"machine": machine,
+    info = {"machine": machine, "load_average_at_start": load0,
             "load_average_at_end": os.getloadavg(), "total_s": time.time() - t0, "args": vars(args)}
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump({"info": info, "results": results}, f, indent=1)
@@ -248,7 +352,8 @@ def main():
     with open(os.path.join(args.workdir, "results.md"), "w") as f:
         f.write(md + "\n")
     print(md)
-    print(f"\n{info['machine']}, load average at the end {info['load_average_at_end']}, "
+    print(f"\n{info['machine']}, load average at the start {info['load_average_at_start']}, at the end "
+          f"{info['load_average_at_end']}, "
           f"benchmark took {info['total_s']:.0f} s; results in {args.workdir}/results.json")
 
 

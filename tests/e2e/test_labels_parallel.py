@@ -43,7 +43,8 @@ def world(tmp_path_factory):
     write_random_labels(str(root / "random_labels"), sizes)
     teacher = str(root / "teacher.pt")
     write_checkpoint(teacher, data, str(root / "random_labels"), seed=4)
-    features = ["--checkpoint", teacher, "--layer", "2", "--threads", "1", "--no-progress"]
+    # batches of several utterances (on CPU the default is one at a time, which no batch can change)
+    features = ["--checkpoint", teacher, "--layer", "2", "--threads", "1", "--no-progress", "--max-batch-seconds", "50"]
     km = str(root / "km.joblib")
     assert main(["fit", "--manifest-dir", data, "--split", "train", *features, "--n-clusters", "8", "--out", km]) == 0
     return {"root": root, "data": data, "teacher": teacher, "km": km,
