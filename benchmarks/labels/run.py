@@ -103,9 +103,9 @@ def run_scale(n, args, teacher, work, beyond_pool=False):
     # on the CPU, fairseq's .cuda() calls are made no-ops; on a GPU its script runs as written
     shim = {"shim": True} if args.device == "cpu" else {"sox_stub": True}
 
-    def learn_kmeans(name, km, percent):
+    def learn_kmeans(name, km, percent, n_clusters=args.n_clusters):
         return measured(name, m, [os.path.join(sk, "learn_kmeans.py"), os.path.join(d, "fs_feat"), "train", "1", km,
-                                  K, "--percent", percent, "--seed", str(args.seed)], **shim, env=env)
+                                  str(n_clusters), "--percent", percent, "--seed", str(args.seed)], **shim, env=env)
 
     def dump_km_label(name, km, out):
         return measured(name, m, [os.path.join(sk, "dump_km_label.py"), os.path.join(d, "fs_feat"), "train", km,
@@ -171,26 +171,27 @@ def run_scale(n, args, teacher, work, beyond_pool=False):
     for tag, steps in ours.items():
         result[tag] = summed(steps, os.path.join(d, f"{tag}_km.joblib"), os.path.join(d, f"{tag}_lab"))
     if beyond_pool:
-        result["beyond_pool"] = run_beyond_pool(args, d, feats, learn_kmeans, dump_km_label, ours_step, common, device,
-                                                fs["dump_hubert_feature"])
+        result["beyond_pool"] = [run_beyond_pool(args, k, d, feats, learn_kmeans, dump_km_label, ours_step, common,
+                                                 device, fs["dump_hubert_feature"]) for k in args.pool_n_clusters]
     return result
 
 
-def run_beyond_pool(args, d, feats, learn_kmeans, dump_km_label, ours_step, common, device, fs_dump_feature):
-    """k-means on every utterance with a pool ``args.pool_size`` frames (the sample >= 20x the pool):
-    ours streams it (``run --percent 1 --pool-size``), fairseq's learn_kmeans fits it in memory."""
+def run_beyond_pool(args, k, d, feats, learn_kmeans, dump_km_label, ours_step, common, device, fs_dump_feature):
+    """K = ``k`` on every utterance with a pool of ``args.pool_size`` frames (the sample >= 20x the
+    pool): ours streams it (``run --percent 1 --pool-size``), fairseq's learn_kmeans fits it in memory."""
     pool, batch = args.pool_size, args.pool_batch_size or args.pool_size // 2
-    km_fs, km_ours = os.path.join(d, "fs_km_all.bin"), os.path.join(d, "ours_run_pool_km.joblib")
+    km_fs, km_ours = os.path.join(d, f"fs_km_all_k{k}.bin"), os.path.join(d, f"ours_run_pool_k{k}_km.joblib")
     fs = {"dump_hubert_feature": fs_dump_feature,
-          "learn_kmeans": learn_kmeans("fairseq_learn_kmeans_all", km_fs, "1"),
-          "dump_km_label": dump_km_label("fairseq_dump_km_label_all", km_fs, os.path.join(d, "fs_lab_all"))}
-    ours = {"run": ours_step("ours_run_pool", ["run", *common, *device, "--n-clusters", str(args.n_clusters),
-                                              "--percent", "1", "--pool-size", str(pool), "--batch-size", str(batch),
-                                              "--out", km_ours, "--label-dir", os.path.join(d, "ours_run_pool_lab")])}
+          "learn_kmeans": learn_kmeans(f"fairseq_learn_kmeans_all_k{k}", km_fs, "1", n_clusters=k),
+          "dump_km_label": dump_km_label(f"fairseq_dump_km_label_all_k{k}", km_fs, os.path.join(d, f"fs_lab_all_k{k}"))}
+    ours = {"run": ours_step(f"ours_run_pool_k{k}", ["run", *common, *device, "--n-clusters", str(k),
+                                                     "--percent", "1", "--pool-size", str(pool), "--batch-size", str(batch),
+                                                     "--out", km_ours, "--label-dir",
+                                                     os.path.join(d, f"ours_run_pool_k{k}_lab")])}
     _, meta = load_kmeans(km_ours)
     obj_fs = objective_of(load_kmeans(km_fs)[0].cluster_centers_, feats)
     obj_ours = objective_of(load_kmeans(km_ours)[0].cluster_centers_, feats)
-    return {"pool_size": pool, "batch_size": batch, "sample_frames": int(meta["frames"]),
+    return {"n_clusters": k, "pool_size": pool, "batch_size": batch, "sample_frames": int(meta["frames"]),
             "sample_over_pool": meta["frames"] / pool, "passes": meta["passes"],
             "fairseq": summed(fs), "ours_run": summed(ours),
             "objective": {"fairseq": obj_fs, "ours_run": obj_ours}, "objective_ratio": obj_ours / obj_fs}
@@ -287,19 +288,22 @@ def table(results, args):
             lines.append(f"| {t} {s} | {x['wall_s']:.1f} s | {x.get('cpu_s', float('nan')):.1f} s | "
                          f"{x['peak_rss_mb']:.0f} MB | {x['write_bytes'] / 1e6:.2f} MB | "
                          f"{x.get('load_start', float('nan')):.1f}, {x.get('load_end', float('nan')):.1f} |")
-    bp = r.get("beyond_pool")
-    if bp:
-        lines += ["", f"k-means on every utterance ({bp['sample_frames']} frames), our pool {bp['pool_size']} frames "
-                      f"({bp['sample_over_pool']:.1f}x smaller than the sample; mini-batch {bp['batch_size']}): "
+    if r.get("beyond_pool"):
+        bp0 = r["beyond_pool"][0]
+        lines += ["", f"k-means on every utterance ({bp0['sample_frames']} frames), our pool {bp0['pool_size']} frames "
+                      f"({bp0['sample_over_pool']:.1f}x smaller than the sample; mini-batch {bp0['batch_size']}): "
                       "ours streams it in two passes, fairseq's learn_kmeans (batch 10000) holds it in memory. "
                       "Objective on every frame:", "",
-                  "| pipeline | wall time | CPU time | peak RSS | k-means objective |", "|---|---|---|---|---|"]
-        for t, name in (("fairseq", "fairseq simple_kmeans, learn_kmeans --percent 1"),
-                        ("ours_run", f"dicehubert-labels run --percent 1 --pool-size {bp['pool_size']}")):
-            x = bp[t]
-            lines.append(f"| {name} | {x['wall_s']:.1f} s | {x['cpu_s']:.1f} s | {x['peak_rss_mb']:.0f} MB | "
-                         f"{bp['objective'][t]:.2f} |")
-        lines += ["", f"Objective ours / fairseq: {bp['objective_ratio']:.4f} ({100 * (bp['objective_ratio'] - 1):+.2f} %)"]
+                  "| pipeline | K | pool frames per cluster | wall time | CPU time | peak RSS | k-means objective | "
+                  "ours / fairseq |", "|---|---|---|---|---|---|---|---|"]
+        for bp in r["beyond_pool"]:
+            for t, name in (("fairseq", "fairseq simple_kmeans, learn_kmeans --percent 1"),
+                            ("ours_run", f"dicehubert-labels run --percent 1 --pool-size {bp['pool_size']}")):
+                x = bp[t]
+                ratio = f"{100 * (bp['objective_ratio'] - 1):+.2f} %" if t == "ours_run" else ""
+                lines.append(f"| {name} | {bp['n_clusters']} | {bp['pool_size'] / bp['n_clusters']:.0f} | "
+                             f"{x['wall_s']:.1f} s | {x['cpu_s']:.1f} s | {x['peak_rss_mb']:.0f} MB | "
+                             f"{bp['objective'][t]:.2f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -325,6 +329,8 @@ def main():
                    help="the row beyond the pool (largest corpus): k-means on every utterance with this pool "
                         "(default 700 frames; 0: no such row)")
     p.add_argument("--pool-batch-size", type=int, default=None, help="its mini-batch (default: half the pool)")
+    p.add_argument("--pool-n-clusters", type=int, nargs="+", default=[100, 25],
+                   help="K of the rows beyond the pool (default 100 25: 7 and 28 pool frames per cluster)")
     args = p.parse_args()
     try:
         import npy_append_array  # noqa: F401
