@@ -137,6 +137,16 @@ def run_scale(n, args, teacher, work, beyond_pool=False):
     ours["ours_run"] = {"run": ours_step("ours_run", ["run", *common, *device, "--n-clusters", K, "--percent", P,
                                                      "--out", os.path.join(d, "ours_run_km.joblib"),
                                                      "--label-dir", os.path.join(d, "ours_run_lab")])}
+    bf16_agreement = None
+    if args.bf16:  # bfloat16 changes the features: its labels under fairseq's model, against fairseq's
+        ours["ours_run_bf16"] = {"run": ours_step("ours_run_bf16", [
+            "run", *common, "--dtype", "bfloat16", "--n-clusters", K, "--percent", P,
+            "--out", os.path.join(d, "ours_run_bf16_km.joblib"), "--label-dir", os.path.join(d, "ours_run_bf16_lab")])}
+        ours_step("ours_bf16_dump_fairseq_km", ["dump", *source, "--dtype", "bfloat16", "--km",
+                                                os.path.join(d, "fs_km.bin"), "--label-dir",
+                                                os.path.join(d, "ours_bf16_fskm_lab")])
+        bf16_agreement = label_agreement(os.path.join(d, "ours_bf16_fskm_lab", "train.km"),
+                                         os.path.join(d, "fs_lab", "train_0_1.km"))
     agreement = None
     if args.agreement:  # our features, fairseq's centroids: labels comparable frame by frame
         ours_step("ours_dump_fairseq_km", ["dump", "--manifest-dir", data, "--checkpoint", teacher, "--layer", L,
@@ -166,7 +176,7 @@ def run_scale(n, args, teacher, work, beyond_pool=False):
         "same_frame_counts": fs_frames == our_frames,
         "run_same_as_fit_dump": same_files(os.path.join(d, "ours_lab"), os.path.join(d, "ours_run_lab"))
         and same_model(os.path.join(d, "ours_km.joblib"), os.path.join(d, "ours_run_km.joblib")),
-        "label_agreement": agreement,
+        "label_agreement": agreement, "bf16_label_agreement": bf16_agreement,
     }
     for tag, steps in ours.items():
         result[tag] = summed(steps, os.path.join(d, f"{tag}_km.joblib"), os.path.join(d, f"{tag}_lab"))
@@ -246,11 +256,12 @@ def _load(x):
 
 
 def table(results, args):
-    tags = [t for t in ("fairseq", "ours", "ours_bf16", "ours_run") if t in results[0]]
+    tags = [t for t in ("fairseq", "ours", "ours_bf16", "ours_run", "ours_run_bf16") if t in results[0]]
     on = "" if args.device == "cpu" and args.dtype == "float32" else f", --device {args.device} --dtype {args.dtype}"
     names = {"fairseq": "fairseq simple_kmeans (3 scripts)" + (", GPU" if args.device != "cpu" else ""),
              "ours": "dicehubert-labels fit + dump" + on, "ours_bf16": "dicehubert-labels fit + dump, --dtype bfloat16",
-             "ours_run": "dicehubert-labels run (one process)" + on}
+             "ours_run": "dicehubert-labels run (one process)" + on,
+             "ours_run_bf16": "dicehubert-labels run (one process), --dtype bfloat16"}
     lines = ["| pipeline | utterances (audio) | wall time | CPU time | wall / fairseq | CPU / fairseq | peak RSS | "
              "bytes written | k-means objective | load average |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -274,6 +285,11 @@ def table(results, args):
             lines.append(f"| {names[t]} | {b[t]['wall_s'] / a[t]['wall_s']:.2f}x | {b[t]['cpu_s'] / a[t]['cpu_s']:.2f}x | "
                          f"{b[t]['peak_rss_mb'] / a[t]['peak_rss_mb']:.2f}x | "
                          f"{b[t]['write_bytes'] / a[t]['write_bytes']:.2f}x |")
+    if any(r.get("bf16_label_agreement") is not None for r in results):
+        lines += ["", "Labels of our bfloat16 features with fairseq's k-means model against fairseq's labels "
+                      "(float32 features): " + ", ".join(f"{r['utterances']} utterances: "
+                                                          f"{100 * r['bf16_label_agreement']:.2f} % identical"
+                                                          for r in results)]
     if any(r.get("label_agreement") is not None for r in results):
         lines += ["", f"Labels of our features{on or ' (float32)'} with fairseq's k-means model against "
                       "fairseq's labels (float32 features):", "",
@@ -316,7 +332,9 @@ def main():
     p.add_argument("--n-clusters", type=int, default=100)
     p.add_argument("--percent", type=float, default=0.1, help="fraction of utterances k-means is fitted on")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action="store_true", help="also run ours with --dtype bfloat16 (autocast on CPU)")
+    p.add_argument("--bf16", action="store_true",
+                   help="also run ours (fit + dump, and run) with --dtype bfloat16 (autocast on CPU), and label "
+                        "with bfloat16 features under fairseq's k-means model (agreement with fairseq's labels)")
     p.add_argument("--device", default="cpu", help="ours: dicehubert-labels --device; cuda also runs fairseq's "
                                                   "dump_hubert_feature.py on the GPU (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),

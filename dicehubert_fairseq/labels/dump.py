@@ -20,12 +20,16 @@ the same bytes as an uninterrupted one.
 Shards write the same bytes as one process: blocks lie on one grid of the whole manifest (block
 ``g`` is rows ``[g * block_size, (g + 1) * block_size)``), a shard takes its rows of each block,
 and a block's inference batches are planned over the whole block, whichever shard runs it (a
-shard computes the at most two batches it shares with a neighbour whole; MFCC, computed one
-utterance at a time, needs no such thing and reads the shard's rows only). Batched float
+shard computes the at most two batches it shares with a neighbour whole; features computed one
+utterance at a time -- MFCC, and a teacher on CPU by default -- need no such thing, and a shard
+reads its rows only). Batched float
 arithmetic changes in the last bits with the other rows of a batch, so this keeps every soft
 probability identical; the soft files' kept-mass statistic is summed exactly (integer units), so
 merged shards also agree with one process to the byte. Same bytes need the same ``block_size``,
 batch size, device, dtype and thread count.
+
+``dicehubert-labels run`` (:mod:`.onepass`) calls :func:`dump_labels` with the reader its fit
+loaded and the k-means sample's features (a :class:`~.features.FeatureCache`): the same files.
 """
 
 import hashlib

@@ -6,11 +6,14 @@ Two readers with one interface (:class:`FeatureReader`):
   ``hubert`` or ``dicehubert_student`` checkpoint, exactly what fairseq's
   ``dump_hubert_feature.py`` computes (``extract_features(..., output_layer=L)``, waveform
   ``layer_norm`` when the task normalises, utterances longer than ``max_chunk`` samples cut into
-  independent chunks), but batched over length-sorted utterances, under
-  ``torch.inference_mode``, forward stopped at layer ``L``, optionally in fp16/bf16.
+  independent chunks), under ``torch.inference_mode``, forward stopped at layer ``L``,
+  optionally in fp16/bf16; one utterance at a time on CPU (padded batches were slower there), in
+  length-sorted padded batches on a GPU (``--max-batch-seconds``, :func:`max_batch_samples`).
   Batching does not change the features: the conv front end runs per utterance when it has a
   GroupNorm over time (``extractor_mode=default``, HuBERT Base) and the transformer sees a
   frame-exact padding mask, so a batched frame equals the unbatched one up to float rounding.
+  Features computed alone are bit-for-bit the same whatever the other utterances
+  (:func:`computed_alone`), which lets :class:`FeatureCache` reuse them exactly.
 * :class:`MfccFeatureReader` -- 13 MFCC + delta + delta-delta (39 dims) at 100 Hz, the recipe
   of fairseq's ``dump_mfcc_feature.py`` (``torchaudio.compliance.kaldi.mfcc`` with
   ``use_energy=False`` then ``torchaudio.functional.compute_deltas`` twice), re-implemented with
