@@ -78,7 +78,9 @@ def test_run_writes_what_fit_then_dump_write_computing_the_sample_once(tiny_corp
     assert km_a.read_bytes() == km_b.read_bytes()
     n = len(tiny_corpus["sizes"]["train"])
     assert (n_fit_dump, n_run) == (n + n // 2, n)
-    assert re.search(rf"reused the features of {n // 2} sampled utterances", capsys.readouterr().out)
+    m = re.search(r"reused the features of (\d+) sampled utterances \((\d+) frames kept, at most 30000\): "
+                  r"(\d+) frames not computed again", capsys.readouterr().out)
+    assert m and int(m.group(1)) == n // 2 and m.group(2) == m.group(3)
 
 
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
@@ -95,12 +97,13 @@ def test_run_past_the_pool_reuses_what_the_pool_holds(tiny_corpus, tiny_teacher,
     _, meta = load_kmeans(km_b)
     assert meta["passes"] == 2 and meta["frames"] > 3 * 200
     out = capsys.readouterr().out
-    m = re.search(r"reused the features of (\d+) sampled utterances \((\d+) frames; (\d+) frames kept, at most 200\)",
-                  out)
+    m = re.search(r"reused the features of (\d+) sampled utterances \((\d+) frames kept, at most 200\): "
+                  r"(\d+) frames not computed again", out)
     assert m, out
-    cached = int(m.group(1)) // 2  # each kept utterance served twice: the fit's 2nd pass and the dump
+    cached = int(m.group(1))
     n = len(tiny_corpus["sizes"]["train"])
-    assert cached >= 1 and int(m.group(3)) <= 200
+    # each kept utterance served twice: in the fit's second pass and for the labels
+    assert cached >= 1 and int(m.group(2)) <= 200 and int(m.group(3)) == 2 * int(m.group(2))
     assert (n_fit_dump, n_run) == (3 * n, 3 * n - 2 * cached)
 
 

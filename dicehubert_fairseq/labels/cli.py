@@ -134,13 +134,24 @@ def _manifest_path(src: Source) -> str:
     return os.path.join(src.manifest_dir, f"{src.split}.tsv")
 
 
-def cmd_fit(args, progress: bool) -> int:
-    src, features, cfg = from_args(FitSource, args), from_args(FeatureConfig, args), from_args(FitConfig, args)
-    _, meta = fit_kmeans(_manifest_path(src), features, cfg, check_headers=src.check_headers, progress=progress)
+def _print_fit(cfg: FitConfig, meta: dict) -> None:
     print(f"wrote {cfg.out}: K={cfg.n_clusters}, fitted on {meta['frames']} frames of {meta['utterances']} "
           f"utterances, objective {meta['init_objective']:.4f} on the {meta['init_frames']} frames of the "
           f"initial fit" + (f", {meta['stream_objective']:.4f} held-out on {meta['partial_fit_steps']} streamed batches"
                             if meta["partial_fit_steps"] else ""))
+
+
+def _print_dump(cfg: DumpConfig, s: dict) -> None:
+    extra = (f", soft top-{cfg.top_k} at T={cfg.temperature:g} (mean kept mass {s['mean_kept_mass']:.3f})"
+             if cfg.soft else "")
+    resumed = f" (resumed: {s['resumed_blocks']} of {s['blocks']} blocks were done)" if s["resumed_blocks"] else ""
+    print(f"wrote {s['label_path']}: {s['utterances']} utterances, {s['frames']} frames{extra}{resumed}")
+
+
+def cmd_fit(args, progress: bool) -> int:
+    src, features, cfg = from_args(FitSource, args), from_args(FeatureConfig, args), from_args(FitConfig, args)
+    _, meta = fit_kmeans(_manifest_path(src), features, cfg, check_headers=src.check_headers, progress=progress)
+    _print_fit(cfg, meta)
     return 0
 
 
@@ -148,10 +159,7 @@ def cmd_dump(args, progress: bool) -> int:
     src, features, cfg = from_args(Source, args), from_args(FeatureConfig, args), from_args(DumpConfig, args)
     s = dump_labels(_manifest_path(src), src.split, features, cfg, check_headers=src.check_headers,
                     progress=progress)
-    extra = (f", soft top-{cfg.top_k} at T={cfg.temperature:g} (mean kept mass {s['mean_kept_mass']:.3f})"
-             if cfg.soft else "")
-    resumed = f" (resumed: {s['resumed_blocks']} of {s['blocks']} blocks were done)" if s["resumed_blocks"] else ""
-    print(f"wrote {s['label_path']}: {s['utterances']} utterances, {s['frames']} frames{extra}{resumed}")
+    _print_dump(cfg, s)
     return 0
 
 
@@ -160,22 +168,14 @@ def cmd_run(args, progress: bool) -> int:
     dump_cfg = from_args(DumpConfig, args, km=fit_cfg.out, nshard=1, rank=0, block_size=fit_cfg.block_size)
     r = run_labels(_manifest_path(src), src.split, features, fit_cfg, dump_cfg, check_headers=src.check_headers,
                    progress=progress)
-    meta, s = r["fit"], r["dump"]
-    if meta is None:
+    if r["fit"] is None:
         print(f"{fit_cfg.out}: already fitted with these inputs and settings")
     else:
-        print(f"wrote {fit_cfg.out}: K={fit_cfg.n_clusters}, fitted on {meta['frames']} frames of "
-              f"{meta['utterances']} utterances, objective {meta['init_objective']:.4f} on the {meta['init_frames']} "
-              f"frames of the initial fit" + (f", {meta['stream_objective']:.4f} held-out on "
-                                              f"{meta['partial_fit_steps']} streamed batches"
-                                              if meta["partial_fit_steps"] else ""))
-    extra = (f", soft top-{dump_cfg.top_k} at T={dump_cfg.temperature:g} (mean kept mass {s['mean_kept_mass']:.3f})"
-             if dump_cfg.soft else "")
-    resumed = f" (resumed: {s['resumed_blocks']} of {s['blocks']} blocks were done)" if s["resumed_blocks"] else ""
-    print(f"wrote {s['label_path']}: {s['utterances']} utterances, {s['frames']} frames{extra}{resumed}")
+        _print_fit(fit_cfg, r["fit"])
+    _print_dump(dump_cfg, r["dump"])
     if r["reuse"]:
-        print(f"reused the features of {r['reused_utterances']} sampled utterances ({r['reused_frames']} frames; "
-              f"{r['cached_frames']} frames kept, at most {r['cache_capacity']})")
+        print(f"reused the features of {r['cached_utterances']} sampled utterances ({r['cached_frames']} frames kept, "
+              f"at most {r['cache_capacity']}): {r['reused_frames']} frames not computed again")
     else:
         print("features computed in batches: the sample's were computed again for the labels")
     return 0
