@@ -51,6 +51,16 @@ def test_teacher_batched_features_equal_fairseq_per_utterance(tiny_teacher, utts
     assert [len(f) for f in feats] == [(len(w) - 400) // 320 + 1 for w in wavs]
 
 
+
+@pytest.mark.parametrize("name", ["posbn", "conformer"])
+def test_teacher_batched_features_equal_fairseq_per_utterance_batch_norm_pos_conv_and_conformer(
+        export_models, utts, name):
+    """Teachers whose padded batches fairseq gets wrong: conv_pos_batch_norm, conformer layers."""
+    _, wavs = utts
+    reader = TeacherFeatureReader(export_models[name], 2)
+    for w, f in zip(wavs, reader.features(wavs)):
+        np.testing.assert_allclose(f, _fairseq_layer(reader.model, w, 2), atol=2e-5, rtol=1e-4)
+
 def test_teacher_long_utterances_are_chunked_like_fairseq(tiny_teacher, utts):
     _, wavs = utts
     reader = TeacherFeatureReader(tiny_teacher, 2, max_chunk=12000)

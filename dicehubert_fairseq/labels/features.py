@@ -9,8 +9,12 @@ Two readers with one interface (:class:`FeatureReader`):
   independent chunks), but batched over length-sorted utterances, under
   ``torch.inference_mode``, forward stopped at layer ``L``, optionally in fp16/bf16.
   Batching does not change the features: the conv front end runs per utterance when it has a
-  GroupNorm over time (``extractor_mode=default``, HuBERT Base) and the transformer sees a
-  frame-exact padding mask, so a batched frame equals the unbatched one up to float rounding.
+  GroupNorm over time (``extractor_mode=default``, HuBERT Base), the positional convolution
+  reads zeros on padded frames (also behind ``conv_pos_batch_norm``'s BatchNorm), the
+  transformer sees a frame-exact padding mask, and a conformer encoder (whose convolution
+  module fairseq does not mask) runs each utterance alone, so a batched frame equals the
+  unbatched one up to float rounding (:func:`~dicehubert_fairseq.hidden_states.hidden_states`,
+  ``exact_padding=True``).
 * :class:`MfccFeatureReader` -- 13 MFCC + delta + delta-delta (39 dims) at 100 Hz, the recipe
   of fairseq's ``dump_mfcc_feature.py`` (``torchaudio.compliance.kaldi.mfcc`` with
   ``use_energy=False`` then ``torchaudio.functional.compute_deltas`` twice), re-implemented with
