@@ -46,8 +46,8 @@ from ..data.files import (SoftLabels, SoftLabelWriter, atomic_write, read_manife
 from ..data.preflight import check_audio, require_valid
 from ..errors import InputError
 from .features import FeatureConfig, iter_features, make_reader
-from .fit import load_kmeans
-from .kmeans import Assigner
+from .fit import fitted_normalized, load_kmeans
+from .kmeans import SOFT_TOP_K, Assigner
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +125,10 @@ class DumpConfig:
     name: str = field(default="km", metadata={"help": "label name: {split}.{name}, dict.{name}.txt"})
     soft: bool = field(default=False, metadata={"help": "also write soft labels (top-k ids + probabilities)"})
     temperature: float = field(default=1.0, metadata={"help": "T of softmax(-d^2/T)"})
-    top_k: int = field(default=10, metadata={"help": "clusters kept per frame for --soft"})
-    normalize: bool = field(default=False, metadata={"help": "L2-normalise features and centroids first"})
+    top_k: int = field(default=SOFT_TOP_K, metadata={"help": "clusters kept per frame for --soft"})
+    normalize: Optional[bool] = field(default=None, metadata={
+        "help": "require a model fitted on L2-normalised features (fit --normalize); the features are "
+                "normalised whenever the model was (its stored mode), so this only checks"})
     nshard: int = field(default=1, metadata={"help": "number of shards"})
     rank: int = field(default=0, metadata={"help": "0-based shard to write"})
     block_size: int = field(default=200, metadata={
@@ -152,14 +154,17 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
         dict with ``label_path``, ``utterances``, ``frames``, ``blocks``, ``resumed_blocks``,
         ``mean_kept_mass`` (soft only), ``seconds``.
 
+    Features are L2-normalised when the model was fitted on normalised features (its stored
+    mode, :func:`~.fit.fitted_normalized`); ``cfg.normalize`` True (or False) requires that
+    mode (or the other).
+
     Raises:
         InputError: bad options / manifest / shard / model / audio / teacher, feature dimension
-            != the model's.
+            != the model's, ``cfg.normalize`` set and different from the model's mode.
     """
     t0 = time.time()
-    km_path, label_dir, name, soft, temperature, top_k, normalize, nshard, rank, block_size = (
-        cfg.km, cfg.label_dir, cfg.name, cfg.soft, cfg.temperature, cfg.top_k, cfg.normalize, cfg.nshard,
-        cfg.rank, cfg.block_size)
+    km_path, label_dir, name, soft, temperature, top_k, nshard, rank, block_size = (
+        cfg.km, cfg.label_dir, cfg.name, cfg.soft, cfg.temperature, cfg.top_k, cfg.nshard, cfg.rank, cfg.block_size)
     if soft and not temperature > 0:
         raise InputError([f"--temperature must be > 0, found {temperature}"])
     if soft and top_k < 1:
@@ -168,6 +173,13 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
     start, end = shard_range(len(manifest), nshard, rank, manifest.path)
     km, meta = load_kmeans(km_path)
     centers = np.asarray(km.cluster_centers_, dtype=np.float32)
+    normalize = fitted_normalized(meta)
+    if cfg.normalize is not None and bool(cfg.normalize) != normalize:
+        raise InputError([
+            f"{km_path}: fitted on raw features (no 'fit --normalize'{'' if meta else '; fairseq learn_kmeans model'}), "
+            f"but --normalize asks for L2-normalised ones: fit a model with 'dicehubert-labels fit --normalize'"
+            if cfg.normalize else
+            f"{km_path}: fitted on L2-normalised features (fit --normalize), but raw features were asked for"])
     K, D = centers.shape
     if soft and top_k > K:
         raise InputError([f"--top-k {top_k} is larger than the number of clusters K={K} in {km_path}"])
@@ -189,7 +201,7 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
     label_path = os.path.join(label_dir, f"{tag}.{name}")
     parts = label_path + ".parts"
     fingerprint = {
-        "version": 2, "manifest": _file_id(manifest.path), "km": _file_id(km_path),
+        "version": 3, "manifest": _file_id(manifest.path), "km": _file_id(km_path),
         "features": {k: v for k, v in reader.description.items()},
         "soft": bool(soft), "temperature": float(temperature) if soft else None,
         "top_k": int(top_k) if soft else None, "normalize": bool(normalize),
