@@ -82,6 +82,31 @@ def test_teacher_fit_dump_labels_are_nearest_centroids(tiny_corpus, tiny_teacher
     assert not glob.glob(os.path.join(out, "*.parts")) and not glob.glob(os.path.join(out, "*.tmp"))
 
 
+
+def test_concatenated_layers_fit_and_dump(tiny_corpus, tiny_teacher, tmp_path, capsys, one_torch_thread):
+    """--layer 1,2 in fit and dump: k-means on both layers' outputs side by side; the labels are the nearest
+    centroids of those concatenated frames; dumping other layers than the model's is refused."""
+    data = tiny_corpus["data"]
+    km_path, out = str(tmp_path / "km.joblib"), str(tmp_path / "labels")
+    common = ["--manifest-dir", data, "--checkpoint", tiny_teacher, "--layer", "1,2", "--no-progress"]
+    assert main(["fit", *common, "--split", "train", "--n-clusters", "6", "--out", km_path, "--n-init", "2"]) == 0
+    km, meta = load_kmeans(km_path)
+    assert meta["features"]["layer"] == [1, 2] and km.cluster_centers_.shape == (6, 64)
+    assert main(["dump", *common, "--split", "valid", "--km", km_path, "--label-dir", out, "--name", "cat"]) == 0
+    model = TeacherFeatureReader(tiny_teacher, 2).model
+    m = read_manifest(os.path.join(data, "valid.tsv"))
+    for i, got in enumerate(_lines(os.path.join(out, "valid.cat"))):
+        with torch.no_grad():
+            src = torch.from_numpy(read_audio(m, i))[None]
+            f = torch.cat([model.extract_features(source=src, padding_mask=None, mask=False, output_layer=layer)[0][0]
+                           for layer in (1, 2)], dim=1)
+        ref, gap, _ = _nearest(f.numpy(), km.cluster_centers_)
+        np.testing.assert_array_equal(np.asarray(got)[gap > 1e-3], ref[gap > 1e-3])
+    capsys.readouterr()
+    assert main(["dump", "--manifest-dir", data, "--checkpoint", tiny_teacher, "--layer", "2", "--split", "valid",
+                 "--km", km_path, "--label-dir", out, "--no-progress"]) == 1
+    assert "centroids have dimension 64, but the features have 32" in capsys.readouterr().err
+
 def test_mfcc_dump_hard_labels_and_100hz(tiny_corpus, mfcc_km, tmp_path):
     out = str(tmp_path / "labels")
     assert main(["dump", "--manifest-dir", tiny_corpus["data"], "--split", "train", "--mfcc", "--km", mfcc_km,
