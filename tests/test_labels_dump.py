@@ -5,6 +5,7 @@ import glob
 import importlib.util
 import os
 
+import joblib
 import numpy as np
 import pytest
 import torch
@@ -190,6 +191,28 @@ def test_fit_normalize_is_kmeans_on_unit_vectors_and_dump_uses_the_stored_mode(t
     with pytest.raises(InputError, match="fitted on L2-normalised features"):
         dump_labels(os.path.join(data, "valid.tsv"), "valid", FeatureConfig(mfcc=True),
                     DumpConfig(km=mfcc_km_unit, label_dir=str(tmp_path / "y"), normalize=False), progress=False)
+
+
+def test_temperature_as_a_multiple_of_the_stored_median_gap(tiny_corpus, mfcc_km_unit, tmp_path, capsys):
+    data = tiny_corpus["data"]
+    km, meta = load_kmeans(mfcc_km_unit)
+    gap = meta["distances"]["gap"]["p50"]
+    out = str(tmp_path / "gap")
+    base = ["dump", "--manifest-dir", data, "--split", "valid", "--mfcc", "--label-dir", out, "--soft", "--no-progress"]
+    assert main(base + ["--km", mfcc_km_unit, "--temperature-gap", "2", "--name", "g2"]) == 0
+    soft = SoftLabels(out, "valid", "g2")
+    assert soft.meta["temperature"] == pytest.approx(2 * gap) and soft.meta["temperature_gap"] == 2.0
+    assert f"at T={2 * gap:.4g}" in capsys.readouterr().out
+    assert main(base + ["--km", mfcc_km_unit, "--temperature", str(2 * gap), "--name", "abs"]) == 0
+    np.testing.assert_allclose(np.asarray(SoftLabels(out, "valid", "abs").probs), np.asarray(soft.probs), atol=1e-6)
+    # a model without the stored gap (fairseq's learn_kmeans writes none), or no --soft: refused
+    plain = str(tmp_path / "plain.joblib")
+    joblib.dump(new_kmeans(12, seed=0).fit(np.random.default_rng(0).normal(size=(200, 39)).astype(np.float32)), plain)
+    capsys.readouterr()
+    assert main(base + ["--km", plain, "--temperature-gap", "1"]) == 1
+    assert f"{plain}: no median gap stored" in capsys.readouterr().err
+    assert main(base[:-2] + ["--no-progress", "--km", mfcc_km_unit, "--temperature-gap", "1"]) == 1
+    assert "--temperature-gap needs --soft" in capsys.readouterr().err
 
 def test_soft_top_k_renormalised(tiny_corpus, mfcc_km_unit, tmp_path):
     out = str(tmp_path / "soft3")

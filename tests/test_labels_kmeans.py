@@ -135,6 +135,11 @@ def test_distance_report_by_hand():
     # a tiny T: one-hot except the tie of frame 2 (1 bit); a huge T: uniform over the 3 kept
     assert r["entropy_bits"]["0.001"] == pytest.approx(1 / 3, abs=1e-6)
     assert r["entropy_bits"]["1e+06"] == pytest.approx(np.log2(3), abs=1e-4)
+    # T relative to the median gap (3): T = 1.5 and 3 for multiples 0.5 and 1
+    for m, t in (("0.5", 1.5), ("1", 3.0)):
+        q = np.exp(-d2 / t)
+        q /= q.sum(1, keepdims=True)
+        assert r["entropy_bits_gap"][m] == pytest.approx(float((-(q * np.log2(q)).sum(1)).mean()), rel=1e-5)
     # normalised mode: the frames are scaled to unit norm first
     rn = distance_report(np.array([[1.0, 0.0], [0.0, 1.0]], np.float32), np.array([[5.0, 0.0]], np.float32),
                          normalize=True, temperatures=[1.0], top_k=2)

@@ -5,7 +5,7 @@ Subcommands (``dicehubert-labels SUBCOMMAND -h`` for every option)::
   fit    --manifest-dir D --split train (--checkpoint CKPT --layer L[,L...] | --mfcc) --n-clusters K --out KM.joblib
          [--normalize]
   dump   --manifest-dir D --split SPLIT (--checkpoint CKPT --layer L[,L...] | --mfcc) --km KM.joblib --label-dir OUT
-         [--name km] [--soft --temperature T --top-k N] [--nshard N --rank R]
+         [--name km] [--soft (--temperature T | --temperature-gap G) --top-k N] [--nshard N --rank R]
   merge  --label-dir OUT --split SPLIT --nshard N [--name km] [--manifest-dir D]
   check  --manifest-dir D --label-dir OUT --labels km [--label-rate R]
   quality --label-dir OUT --labels km [km2 ...] --split SPLIT --align SPLIT.align [--align-rate 100] [--label-rate 50]
@@ -143,10 +143,13 @@ def cmd_fit(args, progress: bool) -> int:
         print(f"gap to the second nearest: {d['gap']['p10']:.4g} / {d['gap']['p50']:.4g} / {d['gap']['p90']:.4g} "
               f"(--temperature equal to the median gap gives the runner-up 0.37 of the winner's probability "
               f"on the median frame)")
+        print(f"mean entropy of the top-{d['top_k']} soft label (one-hot 0 bits, uniform "
+              f"{d['max_entropy_bits']:.3f}) and the nearest centroid's mean probability:")
         for t, h in d["entropy_bits"].items():
-            print(f"  --soft --temperature {t}: mean entropy {h:.3f} bits of the top-{d['top_k']} soft label "
-                  f"(one-hot 0, uniform {d['max_entropy_bits']:.3f}), nearest centroid's mean probability "
-                  f"{d['top1'][t]:.3f}")
+            print(f"  --soft --temperature {t}: {h:.3f} bits, {d['top1'][t]:.3f}")
+        for m, h in d.get("entropy_bits_gap", {}).items():
+            print(f"  --soft --temperature-gap {m} (T = {float(m) * d['gap']['p50']:.4g}): {h:.3f} bits, "
+                  f"{d['top1_gap'][m]:.3f}")
     return 0
 
 
@@ -154,7 +157,7 @@ def cmd_dump(args, progress: bool) -> int:
     src, features, cfg = from_args(Source, args), from_args(FeatureConfig, args), from_args(DumpConfig, args)
     s = dump_labels(_manifest_path(src), src.split, features, cfg, check_headers=src.check_headers,
                     progress=progress)
-    extra = (f", soft top-{cfg.top_k} at T={cfg.temperature:g} (mean kept mass {s['mean_kept_mass']:.3f})"
+    extra = (f", soft top-{cfg.top_k} at T={s['temperature']:.4g} (mean kept mass {s['mean_kept_mass']:.3f})"
              if cfg.soft else "")
     resumed = f" (resumed: {s['resumed_blocks']} of {s['blocks']} blocks were done)" if s["resumed_blocks"] else ""
     print(f"wrote {s['label_path']}: {s['utterances']} utterances, {s['frames']} frames{extra}{resumed}")

@@ -329,7 +329,8 @@ class Assigner:
 
 
 def distance_report(centers: np.ndarray, X: np.ndarray, normalize: bool = False,
-                    temperatures: Sequence[float] = (), top_k: int = SOFT_TOP_K) -> Dict[str, object]:
+                    temperatures: Sequence[float] = (), top_k: int = SOFT_TOP_K,
+                    gap_multiples: Sequence[float] = (0.5, 1.0, 2.0)) -> Dict[str, object]:
     """Typical squared distances of frames to their centroids, and the soft labels' entropy per temperature.
 
     What a user needs to choose the soft labels' temperature ``T`` of ``softmax(-d^2 / T)``: on a
@@ -344,36 +345,44 @@ def distance_report(centers: np.ndarray, X: np.ndarray, normalize: bool = False,
         normalize: the model's mode (see :class:`Assigner`).
         temperatures: ``T`` values whose soft labels' entropy to measure.
         top_k: clusters kept per frame, as ``dump --soft --top-k``.
+        gap_multiples: also measure at ``T = m x`` the median gap (``dump --temperature-gap m``).
 
     Returns:
         dict: ``frames``; ``nearest`` and ``gap``: the 10th, 50th and 90th percentiles of ``d1``
         and of ``d2 - d1`` (keys ``p10``, ``p50``, ``p90``); ``entropy_bits``: per ``T`` (str),
         the mean entropy in bits of the top-k renormalised soft label (0: one-hot,
         ``log2(top_k)``: uniform); ``top1``: per ``T``, the mean probability of the nearest
-        centroid; ``top_k``; ``max_entropy_bits`` (``log2(top_k)``).
+        centroid; ``entropy_bits_gap`` and ``top1_gap``: the same per gap multiple ``m`` (str);
+        ``top_k``; ``max_entropy_bits`` (``log2(top_k)``).
     """
     a = Assigner(centers, normalize=normalize)
     k = min(int(top_k), a.n_clusters)
     x = torch.from_numpy(np.asarray(X, dtype=np.float32))
+    chunks = [x[s : s + 8192] for s in range(0, len(x), 8192)]
     nearest, gaps = [], []
-    ent = {float(t): 0.0 for t in temperatures}
-    top1 = {float(t): 0.0 for t in temperatures}
-    for s in range(0, len(x), 8192):
-        d = a._dist(x[s : s + 8192]).clamp_min(0)
-        two = torch.topk(d, min(2, a.n_clusters), dim=1, largest=False).values
+    for c in chunks:
+        two = torch.topk(a._dist(c).clamp_min(0), min(2, a.n_clusters), dim=1, largest=False).values
         nearest.append(two[:, 0])
         gaps.append(two[:, -1] - two[:, 0])
-        for t in ent:
-            _, probs, _ = a.soft(x[s : s + 8192], t, k)
-            p = probs.double()
-            ent[t] += float(-(p * torch.log2(p.clamp_min(1e-300))).sum())
-            top1[t] += float(p[:, 0].sum())
-    n = max(len(x), 1)
 
     def pct(v):
         q = torch.quantile(torch.cat(v).double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
         return {"p10": float(q[0]), "p50": float(q[1]), "p90": float(q[2])}
 
-    return {"frames": len(x), "nearest": pct(nearest), "gap": pct(gaps), "top_k": k,
-            "max_entropy_bits": math.log2(k), "entropy_bits": {f"{t:g}": v / n for t, v in ent.items()},
-            "top1": {f"{t:g}": v / n for t, v in top1.items()}}
+    gap = pct(gaps)
+
+    def soft_stats(t: float):
+        h = top1 = 0.0
+        for c in chunks:
+            _, probs, _ = a.soft(c, t, k)
+            p = probs.double()
+            h += float(-(p * torch.log2(p.clamp_min(1e-300))).sum())
+            top1 += float(p[:, 0].sum())
+        n = max(len(x), 1)
+        return h / n, top1 / n
+
+    by_t = {f"{float(t):g}": soft_stats(float(t)) for t in temperatures}
+    by_gap = {f"{float(m):g}": soft_stats(float(m) * gap["p50"]) for m in gap_multiples if gap["p50"] > 0}
+    return {"frames": len(x), "nearest": pct(nearest), "gap": gap, "top_k": k, "max_entropy_bits": math.log2(k),
+            "entropy_bits": {t: v[0] for t, v in by_t.items()}, "top1": {t: v[1] for t, v in by_t.items()},
+            "entropy_bits_gap": {m: v[0] for m, v in by_gap.items()}, "top1_gap": {m: v[1] for m, v in by_gap.items()}}
