@@ -1,14 +1,15 @@
 """Soft-target entropy per temperature and label quality per teacher layer, raw and L2-normalised k-means.
 
     python -m benchmarks.labels.soft_targets --data CORPUS --checkpoint CKPT --layers 1,2,3 --out OUT.json
-        [--n-clusters 100] [--temperatures 0.1,0.3,1,3,5,10,30] [--modes raw,normalized] [--n-init 3]
-        [--percent 1.0] [--seed 0] [--threads 1] [--random-base-teacher]
+        [--n-clusters 100] [--temperatures 0.01,0.03,0.1,0.3,1,5,10,30] [--modes raw,normalized] [--n-init 3]
+        [--percent 1.0] [--seed 0] [--threads 1] [--eval-split valid] [--random-base-teacher]
 
-For each layer (``6,9,12`` in one ``--layers`` item: those layers concatenated) and each k-means
+For each layer (``6,9,12`` in one ``--layers`` item: those layers concatenated; ``mfcc``: 39-dim
+MFCC at 100 Hz, no teacher) and each k-means
 mode, ``dicehubert-labels fit`` on the train split (its report: typical squared distances and the
 mean entropy of the top-10 soft label at each temperature, on up to 10000 fitted frames), then,
-if ``CORPUS/valid.align`` exists (``examples/tiny/synth_corpus.py --align``), ``dump`` of the
-valid split and ``quality`` against those phone alignments.  Writes ``OUT.json`` and prints
+if ``CORPUS/{eval-split}.align`` exists (``examples/tiny/synth_corpus.py --align``), ``dump`` of
+that split and ``quality`` against those phone alignments.  Writes ``OUT.json`` and prints
 Markdown tables.  ``--random-base-teacher`` writes a randomly initialised fairseq ``hubert``
 checkpoint of HuBERT Base's shape (12 x 768, 7-layer conv front end) to ``--checkpoint``'s path
 first (what that can and cannot show: docs/ablations.md).
@@ -47,13 +48,14 @@ def run(a) -> dict:
     rows, quality = [], []
     temps = [float(t) for t in a.temperatures.split(",")]
     work = tempfile.mkdtemp(prefix="soft_targets_")
-    align = os.path.join(a.data, "valid.align")
+    align = os.path.join(a.data, f"{a.eval_split}.align")
     for item in a.layers.split(";"):
-        layers = [int(v) for v in item.split(",")]
+        mfcc = item == "mfcc"
+        layers = None if mfcc else [int(v) for v in item.split(",")]
         for mode in a.modes.split(","):
-            tag = f"l{'_'.join(map(str, layers))}_{mode}"
+            tag = f"{item.replace(',', '_')}_{mode}"
             km = os.path.join(work, f"{tag}.joblib")
-            feats = FeatureConfig(checkpoint=a.checkpoint, layer=layers)
+            feats = FeatureConfig(mfcc=True) if mfcc else FeatureConfig(checkpoint=a.checkpoint, layer=layers)
             t0 = time.time()
             _, meta = fit_kmeans(os.path.join(a.data, "train.tsv"), feats,
                                  FitConfig(n_clusters=a.n_clusters, out=km, percent=a.percent, seed=a.seed,
@@ -63,26 +65,30 @@ def run(a) -> dict:
             rows.append({"layer": item, "mode": mode, "frames": d["frames"], "nearest_p50": d["nearest"]["p50"],
                          "gap_p10": d["gap"]["p10"], "gap_p50": d["gap"]["p50"], "gap_p90": d["gap"]["p90"],
                          "entropy_bits": d["entropy_bits"], "top1": d["top1"], "top_k": d["top_k"],
+                         "entropy_bits_gap": d["entropy_bits_gap"], "top1_gap": d["top1_gap"],
                          "fit_s": round(time.time() - t0, 1)})
             if os.path.isfile(align):
-                dump_labels(os.path.join(a.data, "valid.tsv"), "valid", feats,
+                dump_labels(os.path.join(a.data, f"{a.eval_split}.tsv"), a.eval_split, feats,
                             DumpConfig(km=km, label_dir=work, name=tag), progress=False)
-                q = measure_quality(QualityConfig(label_dir=work, labels=[tag], split="valid", align=align))[0]
+                q = measure_quality(QualityConfig(label_dir=work, labels=[tag], split=a.eval_split, align=align,
+                                                  label_rate=100.0 if mfcc else 50.0))[0]
                 quality.append({"layer": item, "mode": mode, **{k: q[k] for k in (
                     "phone_purity", "cluster_purity", "pnmi", "frames", "phones", "clusters")}})
             print(f"done {tag} in {time.time() - t0:.0f}s", flush=True)
     return {"checkpoint": os.path.abspath(a.checkpoint), "data": os.path.abspath(a.data), "n_clusters": a.n_clusters,
-            "temperatures": temps, "seed": a.seed, "n_init": a.n_init, "percent": a.percent, "threads": a.threads,
+            "temperatures": temps, "eval_split": a.eval_split, "seed": a.seed, "n_init": a.n_init, "percent": a.percent, "threads": a.threads,
             "entropy": rows, "quality": quality}
 
 
 def tables(res: dict) -> str:
     temps = [f"{t:g}" for t in res["temperatures"]]
-    out = ["| layer | k-means | median d1 | gap p10 / p50 / p90 | " + " | ".join(f"H, T={t}" for t in temps) + " |",
-           "|---|---|---|---|" + "---|" * len(temps)]
+    gaps = list(res["entropy"][0]["entropy_bits_gap"]) if res["entropy"] else []
+    out = ["| layer | k-means | median d1 | gap p10 / p50 / p90 | " + " | ".join(f"T={t}" for t in temps) + " | "
+           + " | ".join(f"T={g} x gap" for g in gaps) + " |", "|---|---|---|---|" + "---|" * (len(temps) + len(gaps))]
     for r in res["entropy"]:
         out.append(f"| {r['layer']} | {r['mode']} | {r['nearest_p50']:.3g} | {r['gap_p10']:.3g} / {r['gap_p50']:.3g} / "
-                   f"{r['gap_p90']:.3g} | " + " | ".join(f"{r['entropy_bits'][t]:.2f}" for t in temps) + " |")
+                   f"{r['gap_p90']:.3g} | " + " | ".join(f"{r['entropy_bits'][t]:.2f}" for t in temps) + " | "
+                   + " | ".join(f"{r['entropy_bits_gap'][g]:.2f}" for g in gaps) + " |")
     if res["quality"]:
         out += ["", "| layer | k-means | phone purity | cluster purity | PNMI |", "|---|---|---|---|---|"]
         for q in res["quality"]:
@@ -97,12 +103,13 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--layers", required=True, help="';'-separated items, each a layer or comma-joined layers")
     p.add_argument("--n-clusters", type=int, default=100)
-    p.add_argument("--temperatures", default="0.1,0.3,1,3,5,10,30")
+    p.add_argument("--temperatures", default="0.01,0.03,0.1,0.3,1,5,10,30")
     p.add_argument("--modes", default="raw,normalized")
     p.add_argument("--n-init", type=int, default=3)
     p.add_argument("--percent", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval-split", default="valid", help="split whose labels are measured against {split}.align")
     p.add_argument("--random-base-teacher", action="store_true")
     p.add_argument("--out", required=True, help="JSON results")
     a = p.parse_args(argv)
