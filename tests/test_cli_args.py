@@ -75,7 +75,8 @@ def test_list_field_in_one_comma_separated_token(capsys):
     assert from_args(Layers, p.parse_args(["--layer", "6,9,12"])) == Layers(layer=[6, 9, 12])
     assert from_args(Layers, p.parse_args(["--layer", "9"])) == Layers(layer=[9])
     assert from_args(Layers, p.parse_args([])) == Layers()
-    for argv in (["--layer", "6", "9"], ["--layer", "6,x"], ["--layer", "6,6"], ["--layer", "0"]):
+    assert from_args(Layers, p.parse_args(["--layer", "0"])) == Layers(layer=[0])  # the range is the reader's
+    for argv in (["--layer", "6", "9"], ["--layer", "6,x"], ["--layer", "6,6"]):
         with pytest.raises(SystemExit):
             p.parse_args(argv)
     capsys.readouterr()

@@ -85,6 +85,8 @@ def test_teacher_layers_concatenated_per_frame(feat_world, one_torch_thread):
     assert TeacherFeatureReader(feat_world["teacher"], [9]).description["layer"] == 9  # one layer: as before
     with pytest.raises(InputError, match="layer 13 out of range"):
         TeacherFeatureReader(feat_world["teacher"], [6, 13])
+    with pytest.raises(InputError, match=r"layer 0 out of range \(the model has transformer layers 1\.\.12\)"):
+        TeacherFeatureReader(feat_world["teacher"], [0, 6])
     with pytest.raises(InputError, match="distinct"):
         TeacherFeatureReader(feat_world["teacher"], [6, 6])
 

@@ -139,9 +139,10 @@ class TeacherFeatureReader(FeatureReader):
             logger.warning("--dtype bfloat16: this CPU has no bfloat16 instructions (avx512_bf16/amx_bf16); "
                            "expect it to be much slower than float32")
         self.layers = [int(layer)] if isinstance(layer, int) else [int(v) for v in layer]
-        if not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 1:
+        if not self.layers or len(set(self.layers)) != len(self.layers):
             raise InputError([f"--layer: expected distinct 1-based layers such as 9 or 6,9,12, found {layer}"])
-        self.model, cfg = load_model(checkpoint, device=device, layer=max(self.layers))
+        below = [v for v in self.layers if v < 1]  # load_model names the checkpoint and its layers
+        self.model, cfg = load_model(checkpoint, device=device, layer=below[0] if below else max(self.layers))
         #: the deepest layer: where the forward stops
         self.layer = max(self.layers)
         self._device = torch.device(device)
