@@ -76,7 +76,8 @@ def run(a) -> dict:
                     "phone_purity", "cluster_purity", "pnmi", "frames", "phones", "clusters")}})
             print(f"done {tag} in {time.time() - t0:.0f}s", flush=True)
     return {"checkpoint": os.path.abspath(a.checkpoint), "data": os.path.abspath(a.data), "n_clusters": a.n_clusters,
-            "temperatures": temps, "eval_split": a.eval_split, "seed": a.seed, "n_init": a.n_init, "percent": a.percent, "threads": a.threads,
+            "temperatures": temps, "eval_split": a.eval_split, "seed": a.seed, "n_init": a.n_init,
+            "percent": a.percent, "threads": a.threads,
             "entropy": rows, "quality": quality}
 
 

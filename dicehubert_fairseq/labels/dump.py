@@ -182,7 +182,8 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
     normalize = fitted_normalized(meta)
     if cfg.normalize is not None and bool(cfg.normalize) != normalize:
         raise InputError([
-            f"{km_path}: fitted on raw features (no 'fit --normalize'{'' if meta else '; fairseq learn_kmeans model'}), "
+            f"{km_path}: fitted on raw features "
+            f"(no 'fit --normalize'{'' if meta else '; fairseq learn_kmeans model'}), "
             f"but --normalize asks for L2-normalised ones: fit a model with 'dicehubert-labels fit --normalize'"
             if cfg.normalize else
             f"{km_path}: fitted on L2-normalised features (fit --normalize), but raw features were asked for"])
@@ -287,8 +288,8 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
 
     total_frames, kept_units = _assemble(block_path, label_dir, tag, name, label_path, K, soft,
                                          dict(temperature=float(temperature), temperature_gap=cfg.temperature_gap,
-                                              normalize=bool(normalize),
-                                              features=reader.description, km=os.path.abspath(km_path)) if soft else None,
+                                              normalize=bool(normalize), features=reader.description,
+                                              km=os.path.abspath(km_path)) if soft else None,
                                          top_k)
     write_dictionary(os.path.join(label_dir, f"dict.{name}.txt"), K)
     shutil.rmtree(parts)

@@ -171,7 +171,8 @@ class TeacherFeatureReader(FeatureReader):
             "normalize_wav": self.normalize_wav, "extractor_mode": self.extractor_mode,
             "max_chunk": self.max_chunk, "dtype": dtype or "float32",
         }
-        logger.info(f"teacher {checkpoint}: layer {','.join(map(str, self.layers))} of {len(self.model.encoder.layers)}, "
+        logger.info(f"teacher {checkpoint}: layer {','.join(map(str, self.layers))} of "
+                    f"{len(self.model.encoder.layers)}, "
                     f"dim {self.dim}, {self.frame_rate:g} Hz, device {device}, dtype {dtype or 'float32'}")
 
     @property

@@ -54,6 +54,7 @@ class FitConfig:
     report_frames: int = field(default=10000, metadata={
         "help": "frames (a uniform sample) on which fit measures typical distances and entropies"})
 
+
 #: the mode of a model fitted by fairseq's learn_kmeans (no metadata): raw features
 RAW = False
 

@@ -185,7 +185,8 @@ def measure_quality(cfg: QualityConfig) -> List[Dict[str, object]]:
         InputError: missing files, row counts or durations that do not match, bad rates.
     """
     if not cfg.align_rate > 0 or not cfg.label_rate > 0:
-        raise InputError([f"--align-rate and --label-rate must be > 0, found {cfg.align_rate:g} and {cfg.label_rate:g}"])
+        raise InputError([f"--align-rate and --label-rate must be > 0, found {cfg.align_rate:g} and "
+                          f"{cfg.label_rate:g}"])
     phone_rows = _read_rows(cfg.align, "phone alignment file")
     results = []
     for name in cfg.labels:
@@ -207,7 +208,8 @@ def measure_quality(cfg: QualityConfig) -> List[Dict[str, object]]:
 
 def format_table(results: Sequence[Dict[str, object]]) -> str:
     """The results as a Markdown table (one row per label stream)."""
-    lines = ["| labels | frames | phones | clusters | phone purity | cluster purity | PNMI |", "|---|---|---|---|---|---|---|"]
+    lines = ["| labels | frames | phones | clusters | phone purity | cluster purity | PNMI |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['name']} | {r['frames']} | {r['phones']} | {r['clusters']} | {r['phone_purity']:.4f} | "
                      f"{r['cluster_purity']:.4f} | {r['pnmi']:.4f} |")

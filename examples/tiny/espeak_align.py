@@ -8,11 +8,12 @@ text with the same voice, speed and pitch as the ``espeak-ng -w`` command line, 
 the library's audio is the command's, sample for sample; the events then time the phones of that
 very audio.  Each utterance is spoken by a fresh process (``python espeak_align.py ...``, as
 :func:`phone_events` runs it): the library keeps state from one synthesis to the next (measured
-here: a few utterances in a row in one process no longer matched the command's audio), and the
-command line starts fresh every time.  These are the synthesiser's own phone boundaries, not a forced alignment: they are
-exact for the audio espeak-ng made (each phone starts where the synthesiser started it), and
-phones carry espeak-ng's names, those of ``espeak-ng -x``.  Pauses (``_``, ``_:``, ...) and the
-frames before the first phone are silence.
+here: in one process, utterances spoken after others came out different from the command's
+audio; in fresh processes all 147 utterances tried matched it), and the command line starts
+fresh every time.  These are the synthesiser's own phone boundaries, not a forced alignment:
+they are exact for the audio espeak-ng made (each phone starts where the synthesiser started
+it), and phones carry espeak-ng's names, those of ``espeak-ng -x``.  Pauses (``_``, ``_:``, ...)
+and the frames before the first phone are silence.
 
 ``mbrola`` voices would be needed for ``espeak-ng --pho`` (phone durations on stdout); the events
 need none.
@@ -152,7 +153,8 @@ def read_wav_int16(path: str) -> Tuple[np.ndarray, int]:
     """``(samples, rate)`` of a 16-bit mono wav."""
     with wave.open(path) as w:
         if w.getsampwidth() != 2 or w.getnchannels() != 1:
-            raise ValueError(f"{path}: expected 16-bit mono, found {8 * w.getsampwidth()}-bit, {w.getnchannels()} channels")
+            raise ValueError(f"{path}: expected 16-bit mono, found {8 * w.getsampwidth()}-bit, "
+                             f"{w.getnchannels()} channels")
         return np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16), w.getframerate()
 
 
