@@ -9,6 +9,8 @@ help. Unlike it, list fields take space-separated values (``--labels km mfcc``) 
   ``progress: bool = True``); ``argparse_alias``: a second name (fairseq's key, e.g. ``-q``);
 * ``type``: a converter that also validates (:func:`positive_int` ...: a bad value is a usage
   error, exit status 2); ``choices``, ``metavar``; ``action="append"`` for a repeatable option;
+  ``nargs``: for a list field, overrides ``+`` (``None``: one token, which ``type`` turns into
+  the list, e.g. :func:`int_list` for ``--layer 6,9,12``);
 * ``positional``: a positional argument instead of an option (required: no default).
 
 A ``bool`` field is a switch: ``store_true`` when it defaults to False, ``store_false`` (under
@@ -47,6 +49,18 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def int_list(text: str) -> list:
+    """argparse type: comma-separated integers (``6,9,12``), at least one, no repeats (their range is
+    the caller's to check: it can name the file that sets it)."""
+    try:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 6,9,12, got {text!r}") from None
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct integers, got {text!r}")
+    return values
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -98,7 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser, config: type,
         else:
             if typing.get_origin(annotation) in (list, typing.List):
                 annotation = typing.get_args(annotation)[0]
-                if meta.get("action") != "append":
+                if "nargs" in meta:
+                    if meta["nargs"] is not None:
+                        kwargs["nargs"] = meta["nargs"]
+                elif meta.get("action") != "append":
                     kwargs["nargs"] = "+"
             kwargs["type"] = meta.get("type", annotation)
             for key in ("choices", "metavar", "action"):

@@ -73,11 +73,17 @@ def hidden_states(
         target_list: label tensors ``(B, T_label, ...)`` to align to the frames with fairseq's
             ``forward_targets`` (which may trim the frames to the labels); passed to
             ``apply_mask`` as fairseq does.
-        exact_padding: each utterance's states equal the ones it gets alone: its frames are
-            counted from its length (:func:`~dicehubert_fairseq.frames.conv_output_length`)
-            and a conv front end that normalises over time (GroupNorm, ``extractor_mode=default``)
-            runs per utterance.  False (training): fairseq's semantics, the front end on the
-            padded batch and ``forward_padding_mask``.
+        exact_padding: each utterance's states equal the ones it gets alone (up to float
+            rounding; a model in eval mode): its frames are counted from its length
+            (:func:`~dicehubert_fairseq.frames.conv_output_length`), a conv front end that
+            normalises over time (GroupNorm, ``extractor_mode=default``) runs per utterance, and
+            the positional convolution reads zeros on padded frames, as it reads zeros past the
+            end of a lone utterance (fairseq zeroes them at the encoder's input, but with
+            ``conv_pos_batch_norm`` its BatchNorm makes them non-zero again).  An encoder whose
+            layers mix frames outside attention (the conformer's depthwise convolution, which
+            fairseq does not mask) runs each utterance alone; then ``mask`` and ``target_list``
+            are refused.  False (training): fairseq's semantics, the front end on the padded
+            batch and ``forward_padding_mask``.
 
     Returns:
         :class:`HiddenStates` with ``len(layers) == output_layer`` (or the number of layers).
@@ -85,6 +91,11 @@ def hidden_states(
     n_layers = len(model.encoder.layers) if output_layer is None else int(output_layer)
     if exact_padding and padding_mask is not None and not padding_mask.any():
         padding_mask = None  # as alone: no mask at all
+    if exact_padding and padding_mask is not None and _layers_mix_frames(model):
+        if mask or target_list is not None:
+            raise ValueError("exact_padding runs this model's utterances one by one (its encoder layers mix "
+                             "frames outside attention): mask and target_list are not supported")
+        return _one_by_one(model, source, padding_mask, output_layer)
     if exact_padding and padding_mask is not None:
         features, frame_mask = _exact_front_end(model, source, padding_mask)
     else:
@@ -104,7 +115,8 @@ def hidden_states(
     if mask:
         features, mask_indices = model.apply_mask(features, padding_mask, target_list)
     x, layers = _encoder_layers(model.encoder, features, padding_mask, n_layers,
-                                None if output_layer is None else n_layers - 1)
+                                None if output_layer is None else n_layers - 1,
+                                zero_padded_conv_input=frame_mask is not None)
     no_frames = features.new_zeros(features.shape[:2], dtype=torch.bool)
     return HiddenStates(
         x=x, layers=layers, features=features,
@@ -132,9 +144,51 @@ def _exact_front_end(model: nn.Module, source: torch.Tensor, padding_mask: torch
     return features, frame_mask
 
 
+def _layers_mix_frames(model: nn.Module) -> bool:
+    """Whether an encoder layer mixes frames outside attention (a convolution or batch norm: the
+    conformer's convolution module), where fairseq lets padded frames leak into real ones."""
+    return any(isinstance(m, (nn.Conv1d, nn.modules.batchnorm._BatchNorm)) for m in model.encoder.layers.modules())
+
+
+def _one_by_one(model: nn.Module, source: torch.Tensor, padding_mask: torch.Tensor,
+                output_layer: Optional[int]) -> HiddenStates:
+    """:func:`hidden_states` of each utterance alone, zero-padded into one batch."""
+    lengths = (~padding_mask).sum(1).tolist()
+    outs = [hidden_states(model, source[b : b + 1, :n], output_layer=output_layer) for b, n in enumerate(lengths)]
+    frames = [o.x.size(1) for o in outs]
+    T = max(frames)
+
+    def stack(items: List[torch.Tensor]) -> torch.Tensor:
+        out = items[0].new_zeros((len(items), T) + tuple(items[0].shape[2:]))
+        for b, t in enumerate(items):
+            out[b, : t.size(1)] = t[0]
+        return out
+
+    frame_mask = torch.arange(T, device=source.device)[None, :] >= torch.tensor(frames, device=source.device)[:, None]
+    # HuBERT's feature penalty is a mean over the batch's conv features: here over every utterance's own
+    pen = sum(o.features_pen * t for o, t in zip(outs, frames)) / sum(frames)
+    return HiddenStates(
+        x=stack([o.x for o in outs]), layers=[stack([o.layers[k] for o in outs]) for k in range(len(outs[0].layers))],
+        features=stack([o.features for o in outs]), padding_mask=frame_mask,
+        mask_indices=torch.zeros_like(frame_mask), features_pen=pen, target_list=None,
+    )
+
+
+def _zero_padding(padding_mask: torch.Tensor):
+    """A forward pre-hook that zeroes the padded frames of a ``(B, C, T)`` conv input."""
+    def hook(_module, args):
+        x = args[0]
+        return (x.masked_fill(padding_mask[:, None, : x.size(2)], 0.0),) + tuple(args[1:])
+    return hook
+
+
 def _encoder_layers(encoder: nn.Module, x: torch.Tensor, padding_mask: Optional[torch.Tensor], n: int,
-                    stop: Optional[int]):
-    """fairseq's encoder on ``x`` ``(B, T, D)``; its output and layers ``1..n``'s outputs by forward hooks."""
+                    stop: Optional[int], zero_padded_conv_input: bool = False):
+    """fairseq's encoder on ``x`` ``(B, T, D)``; its output and layers ``1..n``'s outputs by forward hooks.
+
+    With ``zero_padded_conv_input``, every convolution of the positional embedding reads zeros on
+    the frames ``padding_mask`` marks (see :func:`hidden_states`' ``exact_padding``).
+    """
     T = x.size(1)
     outputs: Dict[int, torch.Tensor] = {}
     first_input: List[torch.Tensor] = []
@@ -149,6 +203,10 @@ def _encoder_layers(encoder: nn.Module, x: torch.Tensor, padding_mask: Optional[
         return hook
 
     handles = []
+    if zero_padded_conv_input and padding_mask is not None and getattr(encoder, "pos_conv", None) is not None:
+        for m in encoder.pos_conv.modules():
+            if isinstance(m, nn.Conv1d):
+                handles.append(m.register_forward_pre_hook(_zero_padding(padding_mask)))
     for k, layer in enumerate(encoder.layers[:n]):
         handles.append(layer.register_forward_pre_hook(pre_hook))
         handles.append(layer.register_forward_hook(make_hook(k)))

@@ -7,7 +7,7 @@ from typing import List, Optional
 import pytest
 from omegaconf import MISSING
 
-from dicehubert_fairseq.cli_args import add_arguments, from_args, positive_int
+from dicehubert_fairseq.cli_args import add_arguments, from_args, int_list, positive_int
 from dicehubert_fairseq.export.cli import build_parser as export_parser
 from dicehubert_fairseq.labels.cli import build_parser as labels_parser
 from dicehubert_fairseq.probe.cli import build_parser as probe_parser
@@ -64,6 +64,23 @@ def test_exclusive_group_needs_exactly_one(capsys):
     capsys.readouterr()
 
 
+
+def test_list_field_in_one_comma_separated_token(capsys):
+    @dataclass
+    class Layers:
+        layer: Optional[List[int]] = field(default=None, metadata={"help": "l", "type": int_list, "nargs": None})
+
+    p = argparse.ArgumentParser()
+    add_arguments(p, Layers)
+    assert from_args(Layers, p.parse_args(["--layer", "6,9,12"])) == Layers(layer=[6, 9, 12])
+    assert from_args(Layers, p.parse_args(["--layer", "9"])) == Layers(layer=[9])
+    assert from_args(Layers, p.parse_args([])) == Layers()
+    assert from_args(Layers, p.parse_args(["--layer", "0"])) == Layers(layer=[0])  # the range is the reader's
+    for argv in (["--layer", "6", "9"], ["--layer", "6,x"], ["--layer", "6,6"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(argv)
+    capsys.readouterr()
+
 def test_positional_fields(capsys):
     @dataclass
     class Command:
@@ -101,20 +118,26 @@ FEATURES = {"--checkpoint": None, "--mfcc": False, "--layer": None, "--device": 
 LABELS = {
     "fit": {**COMMON, **FEATURES, "--split": "train", "--n-clusters": None, "--out": None, "--percent": 1.0,
             "--batch-size": 10000, "--seed": 0, "--pool-size": None, "--n-init": 20, "--max-iter": 100,
-            "--block-size": 200},
+            "--block-size": 200, "--normalize": False, "--report-temperatures": [1.0, 5.0, 10.0],
+            "--report-frames": 10000},
     "dump": {**COMMON, **FEATURES, "--split": None, "--km": None, "--label-dir": None, "--name": "km",
-             "--soft": False, "--temperature": 1.0, "--top-k": 10, "--normalize": False, "--nshard": 1, "--rank": 0,
+             "--soft": False, "--temperature": 1.0, "--temperature-gap": None, "--top-k": 10, "--normalize": None,
+             "--nshard": 1, "--rank": 0,
              "--block-size": 200},
     # fit + dump in one process: fit's options and dump's but --km (the model it fits), --nshard and
-    # --rank (one process) and a second --block-size (fit's serves both)
+    # --rank (one process), a second --block-size (fit's serves both) and dump's --normalize (fit's
+    # sets the mode, stored in the model, which the labels follow)
     "run": {**COMMON, **FEATURES, "--split": None, "--n-clusters": None, "--out": None, "--percent": 1.0,
             "--batch-size": 10000, "--seed": 0, "--pool-size": None, "--n-init": 20, "--max-iter": 100,
-            "--block-size": 200, "--label-dir": None, "--name": "km", "--soft": False, "--temperature": 1.0,
-            "--top-k": 10, "--normalize": False},
+            "--block-size": 200, "--normalize": False, "--report-temperatures": [1.0, 5.0, 10.0],
+            "--report-frames": 10000, "--label-dir": None, "--name": "km", "--soft": False, "--temperature": 1.0,
+            "--temperature-gap": None, "--top-k": 10},
     "merge": {**COMMON, "--label-dir": None, "--split": None, "--nshard": None, "--name": "km",
               "--manifest-dir": None, "--out-dir": None},
     "check": {**COMMON, "--manifest-dir": None, "--label-dir": None, "--labels": ["km"], "--label-rate": 50.0,
               "--split": None, "--sample-rate": 16000, "--tolerance": 0.1, "--no-audio-headers": True},
+    "quality": {**COMMON, "--label-dir": None, "--labels": ["km"], "--split": "valid", "--align": None,
+                "--align-rate": 100.0, "--label-rate": 50.0, "--tolerance": 0.1, "--exclude": [], "--json": None},
 }
 PROBE = {"--checkpoint": None, "--data": None, "--train-split": "train", "--valid-split": "valid",
          "--test-split": "test", "--json": None, "--epochs": 30, "--lr": 0.01, "--batch-size": 8, "--patience": 10,

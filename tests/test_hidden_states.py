@@ -1,5 +1,7 @@
 """hidden_states(): the one path to a HuBERT-family model's layer outputs, checked against fairseq's own."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,37 @@ def test_exact_padding_gives_each_utterance_its_states_alone(tiny_teacher):
         x, _ = model.extract_features(src, pad)
         assert torch.equal(batched.x, x)
         assert not torch.allclose(batched.x[1, :10], exact.x[1, :10], atol=1e-3)
+
+
+@pytest.mark.parametrize("name,batched", [("posbn", True), ("conformer", False), ("shallow", True)])
+def test_exact_padding_is_exact_for_batch_norm_positional_conv_and_conformer(export_models, name, batched):
+    """conv_pos_batch_norm: the BatchNorm turns the zeroed padding into non-zero frames that the positional
+    conv reads (0.13-0.17 off before the fix); the conformer's depthwise conv reads padded frames in every
+    layer (runs one by one). Both as each utterance alone; the BatchNorm model still in one batch."""
+    model, _ = load_model(export_models[name])
+    g = torch.Generator().manual_seed(0)
+    lengths = [12000, 7000, 9500]
+    wavs = [torch.randn(n, generator=g) for n in lengths]
+    src = torch.zeros(3, max(lengths))
+    for b, w in enumerate(wavs):
+        src[b, : len(w)] = w
+    pad = torch.arange(src.size(1))[None, :] >= torch.tensor(lengths)[:, None]
+    calls = []
+    hook = model.encoder.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        exact = hidden_states(model, src, pad, exact_padding=True)
+        n_calls = len(calls)
+        plain = hidden_states(model, src, pad)
+        for b, w in enumerate(wavs):
+            alone = hidden_states(model, w[None])
+            T = alone.x.size(1)
+            assert int((~exact.padding_mask[b]).sum()) == T
+            torch.testing.assert_close(exact.x[b, :T], alone.x[0], atol=2e-5, rtol=1e-4)
+            for a, s in zip(exact.layers, alone.layers):
+                torch.testing.assert_close(a[b, :T], s[0], atol=2e-5, rtol=1e-4)
+    hook.remove()
+    assert n_calls == (1 if batched else 3)
+    if name != "shallow":  # what fairseq's padded batch gives instead (the bug the test is about)
+        assert (plain.x[1, :20] - exact.x[1, :20]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="one by one") if not batched else contextlib.nullcontext():
+        hidden_states(model, src, pad, exact_padding=True, mask=True)

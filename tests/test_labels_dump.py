@@ -5,15 +5,19 @@ import glob
 import importlib.util
 import os
 
+import joblib
 import numpy as np
 import pytest
 import torch
 
 from dicehubert_fairseq.data.audio import read_audio
 from dicehubert_fairseq.data.files import SoftLabels, read_dictionary_symbols, read_manifest
+from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.labels.cli import main
-from dicehubert_fairseq.labels.features import MfccFeatureReader, TeacherFeatureReader
+from dicehubert_fairseq.labels.dump import DumpConfig, dump_labels
+from dicehubert_fairseq.labels.features import FeatureConfig, MfccFeatureReader, TeacherFeatureReader
 from dicehubert_fairseq.labels.fit import load_kmeans
+from dicehubert_fairseq.labels.kmeans import new_kmeans, objective_of
 from tests.helpers.data import num_frames
 
 pytestmark = pytest.mark.usefixtures("one_openmp_thread")
@@ -33,12 +37,21 @@ def _features(data, split, reader):
     return [reader.features([read_audio(m, i)])[0] for i in range(len(m))]
 
 
+@pytest.fixture(scope="module")
+def mfcc_km_unit(tiny_corpus, tmp_path_factory):
+    """K=12 k-means fitted on the L2-normalised MFCC of the tiny train split (fit --normalize)."""
+    path = str(tmp_path_factory.mktemp("km_unit") / "mfcc_unit.joblib")
+    assert main(["fit", "--manifest-dir", tiny_corpus["data"], "--split", "train", "--mfcc", "--n-clusters", "12",
+                 "--out", path, "--n-init", "3", "--normalize", "--no-progress"]) == 0
+    return path
+
+
 def _nearest(feats, centers, normalize=False):
-    """float64 brute force; also the gap between the best and second best squared distance."""
+    """float64 brute force; also the gap between the best and second best squared distance.  ``normalize``:
+    the frames scaled to unit norm, the centroids (fitted on unit vectors) as they are."""
     x, c = feats.astype(np.float64), centers.astype(np.float64)
     if normalize:
         x = x / np.linalg.norm(x, axis=1, keepdims=True)
-        c = c / np.linalg.norm(c, axis=1, keepdims=True)
     d2 = ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)
     srt = np.sort(d2, 1)
     return d2.argmin(1), srt[:, 1] - srt[:, 0], d2
@@ -70,6 +83,31 @@ def test_teacher_fit_dump_labels_are_nearest_centroids(tiny_corpus, tiny_teacher
     assert not glob.glob(os.path.join(out, "*.parts")) and not glob.glob(os.path.join(out, "*.tmp"))
 
 
+
+def test_concatenated_layers_fit_and_dump(tiny_corpus, tiny_teacher, tmp_path, capsys, one_torch_thread):
+    """--layer 1,2 in fit and dump: k-means on both layers' outputs side by side; the labels are the nearest
+    centroids of those concatenated frames; dumping other layers than the model's is refused."""
+    data = tiny_corpus["data"]
+    km_path, out = str(tmp_path / "km.joblib"), str(tmp_path / "labels")
+    common = ["--manifest-dir", data, "--checkpoint", tiny_teacher, "--layer", "1,2", "--no-progress"]
+    assert main(["fit", *common, "--split", "train", "--n-clusters", "6", "--out", km_path, "--n-init", "2"]) == 0
+    km, meta = load_kmeans(km_path)
+    assert meta["features"]["layer"] == [1, 2] and km.cluster_centers_.shape == (6, 64)
+    assert main(["dump", *common, "--split", "valid", "--km", km_path, "--label-dir", out, "--name", "cat"]) == 0
+    model = TeacherFeatureReader(tiny_teacher, 2).model
+    m = read_manifest(os.path.join(data, "valid.tsv"))
+    for i, got in enumerate(_lines(os.path.join(out, "valid.cat"))):
+        with torch.no_grad():
+            src = torch.from_numpy(read_audio(m, i))[None]
+            f = torch.cat([model.extract_features(source=src, padding_mask=None, mask=False, output_layer=layer)[0][0]
+                           for layer in (1, 2)], dim=1)
+        ref, gap, _ = _nearest(f.numpy(), km.cluster_centers_)
+        np.testing.assert_array_equal(np.asarray(got)[gap > 1e-3], ref[gap > 1e-3])
+    capsys.readouterr()
+    assert main(["dump", "--manifest-dir", data, "--checkpoint", tiny_teacher, "--layer", "2", "--split", "valid",
+                 "--km", km_path, "--label-dir", out, "--no-progress"]) == 1
+    assert "centroids have dimension 64, but the features have 32" in capsys.readouterr().err
+
 def test_mfcc_dump_hard_labels_and_100hz(tiny_corpus, mfcc_km, tmp_path):
     out = str(tmp_path / "labels")
     assert main(["dump", "--manifest-dir", tiny_corpus["data"], "--split", "train", "--mfcc", "--km", mfcc_km,
@@ -86,11 +124,14 @@ def test_mfcc_dump_hard_labels_and_100hz(tiny_corpus, mfcc_km, tmp_path):
 
 
 @pytest.mark.parametrize("normalize,temperature", [(False, 5.0), (True, 1.0)])
-def test_soft_labels_are_softmax_of_negative_sq_distances(tiny_corpus, mfcc_km, tmp_path, normalize, temperature):
+def test_soft_labels_are_softmax_of_negative_sq_distances(tiny_corpus, mfcc_km, mfcc_km_unit, tmp_path, normalize,
+                                                          temperature):
+    """Normalised: the model's stored mode is used (no --normalize needed)."""
     data, out = tiny_corpus["data"], str(tmp_path / "soft")
-    args = ["dump", "--manifest-dir", data, "--split", "valid", "--mfcc", "--km", mfcc_km, "--label-dir", out,
+    km_path = mfcc_km_unit if normalize else mfcc_km
+    args = ["dump", "--manifest-dir", data, "--split", "valid", "--mfcc", "--km", km_path, "--label-dir", out,
             "--soft", "--temperature", str(temperature), "--top-k", "12", "--no-progress"]
-    assert main(args + (["--normalize"] if normalize else [])) == 0
+    assert main(args) == 0
     soft = SoftLabels(out, "valid", "km")
     assert soft.top_k == 12 and soft.n_clusters == 12 and soft.meta["temperature"] == temperature
     assert soft.meta["normalize"] is normalize and soft.meta["mean_kept_mass"] == pytest.approx(1.0)
@@ -101,7 +142,7 @@ def test_soft_labels_are_softmax_of_negative_sq_distances(tiny_corpus, mfcc_km, 
     hard = _lines(os.path.join(out, "valid.km"))
     assert np.concatenate(hard).tolist() == np.asarray(soft.ids[:, 0]).tolist()  # hard file = argmax
     # one frame checked by hand: p = softmax(-d^2 / T) over all 12 centroids
-    km, _ = load_kmeans(mfcc_km)
+    km, _ = load_kmeans(km_path)
     feats = _features(data, "valid", MfccFeatureReader())
     utt, frame = 2, 17
     _, _, d2 = _nearest(feats[utt][frame : frame + 1], km.cluster_centers_, normalize)
@@ -119,9 +160,63 @@ def test_soft_labels_are_softmax_of_negative_sq_distances(tiny_corpus, mfcc_km, 
                  "--split", "valid"]) == 0
 
 
-def test_soft_top_k_renormalised(tiny_corpus, mfcc_km, tmp_path):
+
+def test_fit_normalize_is_kmeans_on_unit_vectors_and_dump_uses_the_stored_mode(tiny_corpus, mfcc_km, mfcc_km_unit,
+                                                                               tmp_path, capsys):
+    data = tiny_corpus["data"]
+    km, meta = load_kmeans(mfcc_km_unit)
+    assert meta["normalize"] is True and load_kmeans(mfcc_km)[1]["normalize"] is False
+    # centroids of unit vectors (means of them: norm <= 1), as good as an in-memory fit on the unit vectors
+    X = np.concatenate(_features(data, "train", MfccFeatureReader()))
+    U = X / np.linalg.norm(X, axis=1, keepdims=True)
+    assert np.linalg.norm(km.cluster_centers_, axis=1).max() <= 1 + 1e-5
+    assert np.linalg.norm(load_kmeans(mfcc_km)[0].cluster_centers_, axis=1).min() > 10  # raw MFCC centroids
+    direct = new_kmeans(12, seed=0, n_init=3).fit(U)
+    assert objective_of(km.cluster_centers_, U) <= 1.05 * objective_of(direct.cluster_centers_, U)
+    # dump without --normalize: the stored mode; labels = the nearest fitted centroid of the unit frame
+    out = str(tmp_path / "unit")
+    assert main(["dump", "--manifest-dir", data, "--split", "valid", "--mfcc", "--km", mfcc_km_unit, "--label-dir", out,
+                 "--no-progress"]) == 0
+    feats = _features(data, "valid", MfccFeatureReader())
+    for got, f in zip(_lines(os.path.join(out, "valid.km")), feats):
+        ref, gap, _ = _nearest(f, km.cluster_centers_, normalize=True)
+        np.testing.assert_array_equal(np.asarray(got)[gap > 1e-4], ref[gap > 1e-4])
+    # a mismatch is an error, before any feature is read
+    capsys.readouterr()
+    assert main(["dump", "--manifest-dir", data, "--split", "valid", "--mfcc", "--km", mfcc_km, "--label-dir",
+                 str(tmp_path / "x"), "--normalize", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{mfcc_km}: fitted on raw features" in err and "fit --normalize" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "x")
+    with pytest.raises(InputError, match="fitted on L2-normalised features"):
+        dump_labels(os.path.join(data, "valid.tsv"), "valid", FeatureConfig(mfcc=True),
+                    DumpConfig(km=mfcc_km_unit, label_dir=str(tmp_path / "y"), normalize=False), progress=False)
+
+
+def test_temperature_as_a_multiple_of_the_stored_median_gap(tiny_corpus, mfcc_km_unit, tmp_path, capsys):
+    data = tiny_corpus["data"]
+    km, meta = load_kmeans(mfcc_km_unit)
+    gap = meta["distances"]["gap"]["p50"]
+    out = str(tmp_path / "gap")
+    base = ["dump", "--manifest-dir", data, "--split", "valid", "--mfcc", "--label-dir", out, "--soft", "--no-progress"]
+    assert main(base + ["--km", mfcc_km_unit, "--temperature-gap", "2", "--name", "g2"]) == 0
+    soft = SoftLabels(out, "valid", "g2")
+    assert soft.meta["temperature"] == pytest.approx(2 * gap) and soft.meta["temperature_gap"] == 2.0
+    assert f"at T={2 * gap:.4g}" in capsys.readouterr().out
+    assert main(base + ["--km", mfcc_km_unit, "--temperature", str(2 * gap), "--name", "abs"]) == 0
+    np.testing.assert_allclose(np.asarray(SoftLabels(out, "valid", "abs").probs), np.asarray(soft.probs), atol=1e-6)
+    # a model without the stored gap (fairseq's learn_kmeans writes none), or no --soft: refused
+    plain = str(tmp_path / "plain.joblib")
+    joblib.dump(new_kmeans(12, seed=0).fit(np.random.default_rng(0).normal(size=(200, 39)).astype(np.float32)), plain)
+    capsys.readouterr()
+    assert main(base + ["--km", plain, "--temperature-gap", "1"]) == 1
+    assert f"{plain}: no median gap stored" in capsys.readouterr().err
+    assert main(base[:-2] + ["--no-progress", "--km", mfcc_km_unit, "--temperature-gap", "1"]) == 1
+    assert "--temperature-gap needs --soft" in capsys.readouterr().err
+
+def test_soft_top_k_renormalised(tiny_corpus, mfcc_km_unit, tmp_path):
     out = str(tmp_path / "soft3")
-    assert main(["dump", "--manifest-dir", tiny_corpus["data"], "--split", "valid", "--mfcc", "--km", mfcc_km,
+    assert main(["dump", "--manifest-dir", tiny_corpus["data"], "--split", "valid", "--mfcc", "--km", mfcc_km_unit,
                  "--label-dir", out, "--soft", "--normalize", "--temperature", "0.5", "--top-k", "3",
                  "--no-progress"]) == 0
     soft = SoftLabels(out, "valid", "km")
@@ -130,9 +225,9 @@ def test_soft_top_k_renormalised(tiny_corpus, mfcc_km, tmp_path):
     assert 0.0 < soft.meta["mean_kept_mass"] < 1.0
 
 
-def test_shards_merged_equal_unsharded(tiny_corpus, mfcc_km, tmp_path):
+def test_shards_merged_equal_unsharded(tiny_corpus, mfcc_km_unit, tmp_path):
     data = tiny_corpus["data"]
-    base = ["dump", "--manifest-dir", data, "--split", "train", "--mfcc", "--km", mfcc_km, "--soft", "--top-k", "4",
+    base = ["dump", "--manifest-dir", data, "--split", "train", "--mfcc", "--km", mfcc_km_unit, "--soft", "--top-k", "4",
             "--normalize", "--no-progress"]
     whole, shards = str(tmp_path / "whole"), str(tmp_path / "shards")
     assert main(base + ["--label-dir", whole]) == 0

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dicehubert_fairseq.data.files import read_manifest
+from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.data.audio import read_audio
 from dicehubert_fairseq.frames import conv_output_length
 from dicehubert_fairseq.labels.features import (
@@ -50,6 +51,44 @@ def test_teacher_batched_features_equal_fairseq_per_utterance(tiny_teacher, utts
     # 50 Hz: (S - 400) // 320 + 1 for HuBERT's conv stack
     assert [len(f) for f in feats] == [(len(w) - 400) // 320 + 1 for w in wavs]
 
+
+
+@pytest.mark.parametrize("name", ["posbn", "conformer"])
+def test_teacher_batched_features_equal_fairseq_per_utterance_batch_norm_pos_conv_and_conformer(
+        export_models, utts, name):
+    """Teachers whose padded batches fairseq gets wrong: conv_pos_batch_norm, conformer layers."""
+    _, wavs = utts
+    reader = TeacherFeatureReader(export_models[name], 2)
+    for w, f in zip(wavs, reader.features(wavs)):
+        np.testing.assert_allclose(f, _fairseq_layer(reader.model, w, 2), atol=2e-5, rtol=1e-4)
+
+
+def test_teacher_layers_concatenated_per_frame(feat_world, one_torch_thread):
+    """--layer 6,9,12: each frame is the three layers' outputs side by side, in the order given, each equal to
+    fairseq's extract_features(output_layer=L) alone; one forward to the deepest layer."""
+    m = read_manifest(os.path.join(feat_world["data"], "valid.tsv"))
+    wavs = [read_audio(m, i) for i in range(len(m))]
+    reader = TeacherFeatureReader(feat_world["teacher"], [12, 6, 9])
+    assert reader.dim == 3 * 32 and reader.description["layer"] == [12, 6, 9]
+    called = []
+    hooks = [layer.register_forward_hook(lambda *a, i=i: called.append(i))
+             for i, layer in enumerate(reader.model.encoder.layers)]
+    feats = reader.features(wavs)
+    for h in hooks:
+        h.remove()
+    assert called == list(range(12))  # one batch, one forward through the 12 layers
+    for w, f in zip(wavs, feats):
+        assert f.shape == (reader.num_frames(len(w)), 96)
+        for k, layer in enumerate([12, 6, 9]):
+            np.testing.assert_allclose(f[:, 32 * k : 32 * (k + 1)], _fairseq_layer(reader.model, w, layer),
+                                       atol=2e-5, rtol=1e-4)
+    assert TeacherFeatureReader(feat_world["teacher"], [9]).description["layer"] == 9  # one layer: as before
+    with pytest.raises(InputError, match="layer 13 out of range"):
+        TeacherFeatureReader(feat_world["teacher"], [6, 13])
+    with pytest.raises(InputError, match=r"layer 0 out of range \(the model has transformer layers 1\.\.12\)"):
+        TeacherFeatureReader(feat_world["teacher"], [0, 6])
+    with pytest.raises(InputError, match="distinct"):
+        TeacherFeatureReader(feat_world["teacher"], [6, 6])
 
 def test_teacher_long_utterances_are_chunked_like_fairseq(tiny_teacher, utts):
     _, wavs = utts

@@ -5,8 +5,9 @@ import pytest
 
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.labels.cli import main
-from dicehubert_fairseq.labels.features import MfccFeatureReader
-from dicehubert_fairseq.labels.fit import load_kmeans, sample_rows, save_kmeans
+from dicehubert_fairseq.labels.dump import DumpConfig
+from dicehubert_fairseq.labels.features import FeatureConfig, MfccFeatureReader
+from dicehubert_fairseq.labels.fit import FitConfig, fit_kmeans, load_kmeans, sample_rows, save_kmeans
 from dicehubert_fairseq.labels.kmeans import new_kmeans, objective_of
 from tests.test_labels_dump import _features
 from tests.test_labels_kmeans import mixture
@@ -56,3 +57,31 @@ def test_fit_streams_past_the_pool(tiny_corpus, tmp_path, capsys):
     X = np.concatenate(_features(data, "train", MfccFeatureReader()))
     full = new_kmeans(12, seed=0, batch_size=100, n_init=3).fit(X)
     assert objective_of(km.cluster_centers_, X) <= 1.15 * objective_of(full.cluster_centers_, X)
+
+
+def test_fit_reports_typical_distances_and_soft_label_entropies(tiny_corpus, tmp_path, capsys):
+    """The distances a user chooses the soft labels' temperature by, measured on the fitted frames with the final
+    centroids (here every frame: fewer than --report-frames), and the entropy at each reported temperature with
+    dump's default top-k."""
+    data, km_path = tiny_corpus["data"], str(tmp_path / "km.joblib")
+    assert main(["fit", "--manifest-dir", data, "--mfcc", "--n-clusters", "12", "--out", km_path, "--n-init", "2",
+                 "--report-temperatures", "100", "1000", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    km, meta = load_kmeans(km_path)
+    d = meta["distances"]
+    X = np.concatenate(_features(data, "train", MfccFeatureReader())).astype(np.float64)
+    d2 = ((X[:, None, :] - km.cluster_centers_[None].astype(np.float64)) ** 2).sum(-1)
+    srt = np.sort(d2, 1)
+    assert d["frames"] == len(X) == meta["frames"]
+    assert d["nearest"]["p50"] == pytest.approx(np.percentile(srt[:, 0], 50), rel=1e-3)
+    assert d["gap"]["p90"] == pytest.approx(np.percentile(srt[:, 1] - srt[:, 0], 90), rel=1e-3)
+    assert d["top_k"] == DumpConfig().top_k == 10  # one soft-label top-k default: dump's
+    assert set(d["entropy_bits"]) == {"100", "1000"} and 0 < d["entropy_bits"]["100"] < d["entropy_bits"]["1000"]
+    assert f"gap to the second nearest: {d['gap']['p10']:.4g} / {d['gap']['p50']:.4g}" in out
+    assert "--soft --temperature 1000: " in out and "--soft --temperature-gap 1 (T = " in out
+
+
+def test_fit_refuses_bad_report_options(tiny_corpus, tmp_path):
+    cfg = FitConfig(n_clusters=4, out=str(tmp_path / "km.joblib"), report_temperatures=[0.0])
+    with pytest.raises(InputError, match="--report-temperatures must be > 0"):
+        fit_kmeans(str(tmp_path / "none.tsv"), FeatureConfig(mfcc=True), cfg)

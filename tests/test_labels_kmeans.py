@@ -8,7 +8,8 @@ import torch
 
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.labels.kmeans import (
-    LEARN_KMEANS_SETTINGS, SKLEARN_COUNTS, Assigner, ReservoirSample, StreamingKMeans, new_kmeans, objective_of,
+    LEARN_KMEANS_SETTINGS, SKLEARN_COUNTS, Assigner, ReservoirSample, StreamingKMeans, distance_report, new_kmeans,
+    objective_of,
 )
 
 pytestmark = pytest.mark.usefixtures("one_openmp_thread")
@@ -101,11 +102,48 @@ def test_assigner_hard_and_soft_by_hand():
     ids, probs, kept = a.soft(x[:1], temperature=2.0, top_k=2)  # renormalised over the kept two
     np.testing.assert_allclose(probs[0].numpy(), [0.5, 0.5], atol=1e-6)
     assert kept[0].item() == pytest.approx(p[0] + p[1], rel=1e-5)
-    # normalised: the distance is 2 - 2 cos, whatever the norms
-    an = Assigner(centers[1:], normalize=True)
+    # normalised mode: the frame is scaled to unit norm, the centroids (fitted on unit vectors) are used as
+    # they are: (10, 10) -> (r, r), r = 1/sqrt(2), at 45 degrees from both centroids
+    unit_fitted = np.array([[0.6, 0.0], [0.0, 1.0]], np.float32)
+    an = Assigner(unit_fitted, normalize=True)
     ids, probs, _ = an.soft(torch.tensor([[10.0, 10.0]]), temperature=1.0, top_k=2)
-    np.testing.assert_allclose(probs[0].numpy(), [0.5, 0.5], atol=1e-6)
+    r = 1 / np.sqrt(2)
+    d2 = np.array([(r - 0.6) ** 2 + r ** 2, r ** 2 + (r - 1.0) ** 2])  # 0.5115; 0.5858 = 2 - 2 cos 45deg
+    p = np.exp(-d2) / np.exp(-d2).sum()
+    assert ids[0].tolist() == [0, 1] and an.hard(torch.tensor([[10.0, 10.0]])).tolist() == [0]
+    np.testing.assert_allclose(probs[0].numpy(), p, atol=1e-6)
+    # not the centroids' directions alone: normalising them too would tie (0.6, 0) with (1, 0)
+    assert Assigner(np.array([[0.6, 0.0], [1.0, 0.0]], np.float32), normalize=True).hard(
+        torch.tensor([[3.0, 0.0]])).tolist() == [1]
 
+
+
+def test_distance_report_by_hand():
+    """Squared distances to the nearest centroid, the gap to the second, and the soft labels' entropy."""
+    centers = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 3.0]], np.float32)
+    X = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]], np.float32)
+    # d^2 rows: (0, 4, 9), (1, 1, 10), (4, 8, 1) -> nearest 0, 1, 1; gaps 4, 0, 3
+    r = distance_report(centers, X, temperatures=[2.0, 1e-3, 1e6], top_k=3)
+    assert r["frames"] == 3 and r["top_k"] == 3 and r["max_entropy_bits"] == pytest.approx(np.log2(3))
+    assert r["nearest"]["p50"] == pytest.approx(1.0) and r["gap"]["p50"] == pytest.approx(3.0)
+    assert r["gap"]["p10"] == pytest.approx(0.6) and r["gap"]["p90"] == pytest.approx(3.8)  # linear interpolation
+    d2 = np.array([[0, 4, 9], [1, 1, 10], [4, 8, 1]], np.float64)
+    p = np.exp(-d2 / 2.0)
+    p /= p.sum(1, keepdims=True)
+    assert r["entropy_bits"]["2"] == pytest.approx(float((-(p * np.log2(p)).sum(1)).mean()), rel=1e-5)
+    assert r["top1"]["2"] == pytest.approx(float(p.max(1).mean()), rel=1e-5)
+    # a tiny T: one-hot except the tie of frame 2 (1 bit); a huge T: uniform over the 3 kept
+    assert r["entropy_bits"]["0.001"] == pytest.approx(1 / 3, abs=1e-6)
+    assert r["entropy_bits"]["1e+06"] == pytest.approx(np.log2(3), abs=1e-4)
+    # T relative to the median gap (3): T = 1.5 and 3 for multiples 0.5 and 1
+    for m, t in (("0.5", 1.5), ("1", 3.0)):
+        q = np.exp(-d2 / t)
+        q /= q.sum(1, keepdims=True)
+        assert r["entropy_bits_gap"][m] == pytest.approx(float((-(q * np.log2(q)).sum(1)).mean()), rel=1e-5)
+    # normalised mode: the frames are scaled to unit norm first
+    rn = distance_report(np.array([[1.0, 0.0], [0.0, 1.0]], np.float32), np.array([[5.0, 0.0]], np.float32),
+                         normalize=True, temperatures=[1.0], top_k=2)
+    assert rn["nearest"]["p50"] == pytest.approx(0.0, abs=1e-6) and rn["gap"]["p50"] == pytest.approx(2.0)
 
 def test_reservoir_is_uniform_and_bounded():
     counts = np.zeros(100)

@@ -118,6 +118,33 @@ def test_run_with_batches_recomputes_the_sample_and_writes_the_same(tiny_corpus,
     assert n_run == n_fit_dump > len(tiny_corpus["sizes"]["train"]) and "computed again" in capsys.readouterr().out
 
 
+def test_run_normalized_mode_and_gap_temperature(tiny_corpus, tiny_teacher, tmp_path, computed):
+    """fit --normalize stores the mode, run's labels follow it; --temperature-gap reads the gap run's
+    fit just stored: the files of fit --normalize + dump --soft --temperature-gap."""
+    ours, theirs, (km_a, km_b), n_fit_dump, n_run = _both(
+        tiny_corpus, tiny_teacher, tmp_path, computed, ["--percent", "0.5", "--normalize"],
+        ["--soft", "--temperature-gap", "1", "--top-k", "3"])
+    assert ours == theirs and "train.km.soft_probs.npy" in ours
+    assert km_a.read_bytes() == km_b.read_bytes()
+    meta = load_kmeans(km_b)[1]
+    assert meta["normalize"] is True
+    side = next(v for k, v in ours.items() if k.endswith(".json"))
+    assert side["normalize"] is True and side["temperature_gap"] == 1.0
+    assert side["temperature"] == pytest.approx(meta["distances"]["gap"]["p50"])
+    assert n_run < n_fit_dump
+
+
+def test_run_concatenated_layers(tiny_corpus, tiny_teacher, tmp_path, computed):
+    ours, theirs, (km_a, km_b), n_fit_dump, n_run = _both(
+        tiny_corpus, tiny_teacher, tmp_path, computed, ["--percent", "0.5"],
+        features=["--checkpoint", tiny_teacher, "--layer", "2,1"])
+    assert ours == theirs and km_a.read_bytes() == km_b.read_bytes()
+    meta = load_kmeans(km_b)[1]
+    assert meta["features"]["layer"] == [2, 1] and load_kmeans(km_b)[0].cluster_centers_.shape[1] == \
+        meta["features"]["dim"] == 2 * TeacherFeatureReader(tiny_teacher, 2).dim
+    assert n_run < n_fit_dump
+
+
 def test_run_mfcc(tiny_corpus, tmp_path, computed):
     ours, theirs, (km_a, km_b), _, _ = _both(tiny_corpus, None, tmp_path, computed, ["--percent", "0.5"],
                                              features=["--mfcc"])

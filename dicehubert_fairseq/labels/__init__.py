@@ -7,6 +7,7 @@
 * :mod:`.fit` -- ``fit``: k-means on (a sample of) a manifest, the joblib model files;
 * :mod:`.dump` -- ``dump``/``merge``: resumable, sharded hard/soft label dumping, shard merging;
 * :mod:`.onepass` -- ``run``: fit + dump in one process, the k-means sample's features reused;
+* :mod:`.quality` -- ``quality``: phone purity, cluster purity and PNMI against phone alignments;
 * :mod:`.cli` -- the ``dicehubert-labels`` command (``python -m dicehubert_fairseq.labels``), its
   options generated from the config dataclasses of the modules above.
 """

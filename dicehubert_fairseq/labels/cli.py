@@ -2,13 +2,15 @@
 
 Subcommands (``dicehubert-labels SUBCOMMAND -h`` for every option)::
 
-  fit    --manifest-dir D --split train (--checkpoint CKPT --layer L | --mfcc) --n-clusters K --out KM.joblib
-  dump   --manifest-dir D --split SPLIT (--checkpoint CKPT --layer L | --mfcc) --km KM.joblib --label-dir OUT
-         [--name km] [--soft --temperature T --top-k N] [--normalize] [--nshard N --rank R]
-  run    --manifest-dir D --split train (--checkpoint CKPT --layer L | --mfcc) --n-clusters K --out KM.joblib
-         --label-dir OUT [dump's options but --km/--nshard/--rank]: fit + dump in one process, same files
+  fit    --manifest-dir D --split train (--checkpoint CKPT --layer L[,L...] | --mfcc) --n-clusters K --out KM.joblib
+         [--normalize]
+  dump   --manifest-dir D --split SPLIT (--checkpoint CKPT --layer L[,L...] | --mfcc) --km KM.joblib --label-dir OUT
+         [--name km] [--soft (--temperature T | --temperature-gap G) --top-k N] [--nshard N --rank R]
+  run    --manifest-dir D --split train (--checkpoint CKPT --layer L[,L...] | --mfcc) --n-clusters K --out KM.joblib
+         --label-dir OUT [fit's and dump's options but --km/--nshard/--rank]: fit + dump in one process, same files
   merge  --label-dir OUT --split SPLIT --nshard N [--name km] [--manifest-dir D]
   check  --manifest-dir D --label-dir OUT --labels km [--label-rate R]
+  quality --label-dir OUT --labels km [km2 ...] --split SPLIT --align SPLIT.align [--align-rate 100] [--label-rate 50]
 
 Bad input gives one line per problem on stderr and exit status 1 (``--debug``: the traceback).
 """
@@ -36,6 +38,7 @@ from .dump import DumpConfig, dump_labels, merge_shards
 from .features import FeatureConfig
 from .fit import FitConfig, fit_kmeans
 from .onepass import run_labels
+from .quality import QualityConfig, format_table, measure_quality
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +106,14 @@ SUBCOMMANDS = {
             (Source, FeatureConfig, FitConfig, DumpConfig)),
     "merge": ("join the shards of a split into {split}.{name}", (MergeArgs,)),
     "check": ("validate manifests, audio and label files; report every problem", (CheckArgs,)),
+    "quality": ("phone purity, cluster purity and PNMI of label files against frame-level phone alignments",
+                (QualityConfig,)),
 }
 
 
-#: (subcommand, config) -> fields that get no option there: ``run`` dumps with the model it fits,
-#: in one process, in fit's blocks
-SKIPPED = {("run", DumpConfig): ("km", "nshard", "rank", "block_size")}
+#: (subcommand, config) -> fields that get no option there: ``run`` dumps with the model it fits
+#: (in the mode fit's ``--normalize`` stored in it), in one process, in fit's blocks
+SKIPPED = {("run", DumpConfig): ("km", "nshard", "rank", "block_size", "normalize")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,11 +143,26 @@ def _print_fit(cfg: FitConfig, meta: dict) -> None:
     print(f"wrote {cfg.out}: K={cfg.n_clusters}, fitted on {meta['frames']} frames of {meta['utterances']} "
           f"utterances, objective {meta['init_objective']:.4f} on the {meta['init_frames']} frames of the "
           f"initial fit" + (f", {meta['stream_objective']:.4f} held-out on {meta['partial_fit_steps']} streamed batches"
-                            if meta["partial_fit_steps"] else ""))
+                            if meta["partial_fit_steps"] else "")
+          + (", on L2-normalised features" if meta["normalize"] else ""))
+    d = meta.get("distances")
+    if d:
+        print(f"squared distance to the nearest centroid (10/50/90th percentile over {d['frames']} frames): "
+              f"{d['nearest']['p10']:.4g} / {d['nearest']['p50']:.4g} / {d['nearest']['p90']:.4g}")
+        print(f"gap to the second nearest: {d['gap']['p10']:.4g} / {d['gap']['p50']:.4g} / {d['gap']['p90']:.4g} "
+              f"(--temperature equal to the median gap gives the runner-up 0.37 of the winner's probability "
+              f"on the median frame)")
+        print(f"mean entropy of the top-{d['top_k']} soft label (one-hot 0 bits, uniform "
+              f"{d['max_entropy_bits']:.3f}) and the nearest centroid's mean probability:")
+        for t, h in d["entropy_bits"].items():
+            print(f"  --soft --temperature {t}: {h:.3f} bits, {d['top1'][t]:.3f}")
+        for m, h in d.get("entropy_bits_gap", {}).items():
+            print(f"  --soft --temperature-gap {m} (T = {float(m) * d['gap']['p50']:.4g}): {h:.3f} bits, "
+                  f"{d['top1_gap'][m]:.3f}")
 
 
 def _print_dump(cfg: DumpConfig, s: dict) -> None:
-    extra = (f", soft top-{cfg.top_k} at T={cfg.temperature:g} (mean kept mass {s['mean_kept_mass']:.3f})"
+    extra = (f", soft top-{cfg.top_k} at T={s['temperature']:.4g} (mean kept mass {s['mean_kept_mass']:.3f})"
              if cfg.soft else "")
     resumed = f" (resumed: {s['resumed_blocks']} of {s['blocks']} blocks were done)" if s["resumed_blocks"] else ""
     print(f"wrote {s['label_path']}: {s['utterances']} utterances, {s['frames']} frames{extra}{resumed}")
@@ -165,7 +185,8 @@ def cmd_dump(args, progress: bool) -> int:
 
 def cmd_run(args, progress: bool) -> int:
     src, features, fit_cfg = from_args(Source, args), from_args(FeatureConfig, args), from_args(FitConfig, args)
-    dump_cfg = from_args(DumpConfig, args, km=fit_cfg.out, nshard=1, rank=0, block_size=fit_cfg.block_size)
+    dump_cfg = from_args(DumpConfig, args, km=fit_cfg.out, nshard=1, rank=0, block_size=fit_cfg.block_size,
+                         normalize=None)
     r = run_labels(_manifest_path(src), src.split, features, fit_cfg, dump_cfg, check_headers=src.check_headers,
                    progress=progress)
     if r["fit"] is None:
@@ -215,7 +236,14 @@ def cmd_check(args, progress: bool) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "dump": cmd_dump, "run": cmd_run, "merge": cmd_merge, "check": cmd_check}
+def cmd_quality(args, progress: bool) -> int:
+    results = measure_quality(from_args(QualityConfig, args))
+    print(format_table(results))
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "dump": cmd_dump, "run": cmd_run, "merge": cmd_merge, "check": cmd_check,
+            "quality": cmd_quality}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -51,8 +51,8 @@ from ..data.preflight import check_audio, require_valid
 from ..errors import InputError
 from .features import (FeatureCache, FeatureConfig, FeatureReader, computed_alone, iter_features, make_reader,
                        max_batch_samples)
-from .fit import load_kmeans
-from .kmeans import Assigner
+from .fit import fitted_normalized, load_kmeans
+from .kmeans import SOFT_TOP_K, Assigner
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,13 @@ class DumpConfig:
     name: str = field(default="km", metadata={"help": "label name: {split}.{name}, dict.{name}.txt"})
     soft: bool = field(default=False, metadata={"help": "also write soft labels (top-k ids + probabilities)"})
     temperature: float = field(default=1.0, metadata={"help": "T of softmax(-d^2/T)"})
-    top_k: int = field(default=10, metadata={"help": "clusters kept per frame for --soft"})
-    normalize: bool = field(default=False, metadata={"help": "L2-normalise features and centroids first"})
+    temperature_gap: Optional[float] = field(default=None, metadata={
+        "help": "T as a multiple of the model's median gap between the nearest and second-nearest squared "
+                "distance (fit reports it and stores it in the model); overrides --temperature"})
+    top_k: int = field(default=SOFT_TOP_K, metadata={"help": "clusters kept per frame for --soft"})
+    normalize: Optional[bool] = field(default=None, metadata={
+        "help": "require a model fitted on L2-normalised features (fit --normalize); the features are "
+                "normalised whenever the model was (its stored mode), so this only checks"})
     nshard: int = field(default=1, metadata={"help": "number of shards"})
     rank: int = field(default=0, metadata={"help": "0-based shard to write"})
     block_size: int = field(default=200, metadata={
@@ -147,10 +152,14 @@ def check_dump_config(cfg: DumpConfig, n_clusters: Optional[int] = None, km_path
         km_path: the model file, to name in the message.
 
     Raises:
-        InputError: ``--temperature`` <= 0, ``--top-k`` < 1 or > K (with ``--soft``).
+        InputError: ``--temperature`` <= 0, ``--top-k`` < 1 or > K (with ``--soft``), ``--temperature-gap``
+            without ``--soft`` or <= 0.
     """
     if cfg.soft and not cfg.temperature > 0:
         raise InputError([f"--temperature must be > 0, found {cfg.temperature}"])
+    if cfg.temperature_gap is not None and not (cfg.soft and cfg.temperature_gap > 0):
+        raise InputError([f"--temperature-gap needs --soft and a value > 0, found {cfg.temperature_gap}"
+                          + ("" if cfg.soft else " without --soft")])
     if cfg.soft and cfg.top_k < 1:
         raise InputError([f"--top-k must be >= 1, found {cfg.top_k}"])
     if cfg.soft and n_clusters is not None and cfg.top_k > n_clusters:
@@ -180,22 +189,40 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
 
     Returns:
         dict with ``label_path``, ``utterances``, ``frames``, ``blocks``, ``resumed_blocks``,
-        ``mean_kept_mass`` (soft only), ``seconds``.
+        ``mean_kept_mass`` (soft only), ``seconds``, ``temperature`` (the T used, soft only).
+
+    Features are L2-normalised when the model was fitted on normalised features (its stored
+    mode, :func:`~.fit.fitted_normalized`); ``cfg.normalize`` True (or False) requires that
+    mode (or the other).
 
     Raises:
         InputError: bad options / manifest / shard / model / audio / teacher, feature dimension
-            != the model's.
+            != the model's, ``cfg.normalize`` set and different from the model's mode.
     """
     t0 = time.time()
-    km_path, label_dir, name, soft, temperature, top_k, normalize, nshard, rank, block_size = (
-        cfg.km, cfg.label_dir, cfg.name, cfg.soft, cfg.temperature, cfg.top_k, cfg.normalize, cfg.nshard,
-        cfg.rank, cfg.block_size)
+    km_path, label_dir, name, soft, temperature, top_k, nshard, rank, block_size = (
+        cfg.km, cfg.label_dir, cfg.name, cfg.soft, cfg.temperature, cfg.top_k, cfg.nshard, cfg.rank, cfg.block_size)
     check_dump_config(cfg)
     manifest = read_manifest(manifest_path)
     start, end = shard_range(len(manifest), nshard, rank, manifest.path)
     km, meta = load_kmeans(km_path)
     centers = np.asarray(km.cluster_centers_, dtype=np.float32)
+    normalize = fitted_normalized(meta)
+    if cfg.normalize is not None and bool(cfg.normalize) != normalize:
+        raise InputError([
+            f"{km_path}: fitted on raw features "
+            f"(no 'fit --normalize'{'' if meta else '; fairseq learn_kmeans model'}), "
+            f"but --normalize asks for L2-normalised ones: fit a model with 'dicehubert-labels fit --normalize'"
+            if cfg.normalize else
+            f"{km_path}: fitted on L2-normalised features (fit --normalize), but raw features were asked for"])
     K, D = centers.shape
+    if cfg.temperature_gap is not None:
+        gap = ((meta.get("distances") or {}).get("gap") or {}).get("p50")
+        if not gap or not gap > 0:
+            raise InputError([f"{km_path}: no median gap stored (a model not written by this version's "
+                              f"'dicehubert-labels fit', or K = 1): give --temperature instead of --temperature-gap"])
+        temperature = float(cfg.temperature_gap) * float(gap)
+        logger.info(f"--temperature-gap {cfg.temperature_gap:g} x median gap {gap:.6g}: T = {temperature:.6g}")
     check_dump_config(cfg, K, km_path)
     reader = reader or make_reader(features)
     if D != reader.dim:
@@ -215,7 +242,7 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
     label_path = os.path.join(label_dir, f"{tag}.{name}")
     parts = label_path + ".parts"
     fingerprint = {
-        "version": 2, "manifest": _file_id(manifest.path), "km": _file_id(km_path),
+        "version": 3, "manifest": _file_id(manifest.path), "km": _file_id(km_path),
         "features": {k: v for k, v in reader.description.items()},
         "soft": bool(soft), "temperature": float(temperature) if soft else None,
         "top_k": int(top_k) if soft else None, "normalize": bool(normalize),
@@ -288,13 +315,15 @@ def dump_labels(manifest_path: str, split: str, features: FeatureConfig, cfg: Du
     bar.close()
 
     total_frames, kept_units = _assemble(block_path, label_dir, tag, name, label_path, K, soft,
-                                         dict(temperature=float(temperature), normalize=bool(normalize),
-                                              features=reader.description, km=os.path.abspath(km_path)) if soft else None,
+                                         dict(temperature=float(temperature), temperature_gap=cfg.temperature_gap,
+                                              normalize=bool(normalize), features=reader.description,
+                                              km=os.path.abspath(km_path)) if soft else None,
                                          top_k)
     write_dictionary(os.path.join(label_dir, f"dict.{name}.txt"), K)
     shutil.rmtree(parts)
     summary = {"label_path": label_path, "utterances": len(rows), "frames": total_frames, "blocks": len(blocks),
-               "resumed_blocks": resumed, "seconds": time.time() - t0}
+               "resumed_blocks": resumed, "seconds": time.time() - t0,
+               "temperature": float(temperature) if soft else None}
     if soft:
         summary["mean_kept_mass"] = kept_units / KEPT_MASS_UNITS / max(total_frames, 1)
     logger.info(f"wrote {label_path}: {len(rows)} utterances, {total_frames} frames"

@@ -3,15 +3,20 @@
 Two readers with one interface (:class:`FeatureReader`):
 
 * :class:`TeacherFeatureReader` -- output of transformer layer ``L`` (1-based) of any fairseq
-  ``hubert`` or ``dicehubert_student`` checkpoint, exactly what fairseq's
+  ``hubert`` or ``dicehubert_student`` checkpoint (or of several layers, concatenated per frame
+  in the order given: ``--layer 6,9,12``, one forward to the deepest), exactly what fairseq's
   ``dump_hubert_feature.py`` computes (``extract_features(..., output_layer=L)``, waveform
   ``layer_norm`` when the task normalises, utterances longer than ``max_chunk`` samples cut into
   independent chunks), under ``torch.inference_mode``, forward stopped at layer ``L``,
   optionally in fp16/bf16; one utterance at a time on CPU (padded batches were slower there), in
   length-sorted padded batches on a GPU (``--max-batch-seconds``, :func:`max_batch_samples`).
   Batching does not change the features: the conv front end runs per utterance when it has a
-  GroupNorm over time (``extractor_mode=default``, HuBERT Base) and the transformer sees a
-  frame-exact padding mask, so a batched frame equals the unbatched one up to float rounding.
+  GroupNorm over time (``extractor_mode=default``, HuBERT Base), the positional convolution
+  reads zeros on padded frames (also behind ``conv_pos_batch_norm``'s BatchNorm), the
+  transformer sees a frame-exact padding mask, and a conformer encoder (whose convolution
+  module fairseq does not mask) runs each utterance alone, so a batched frame equals the
+  unbatched one up to float rounding (:func:`~dicehubert_fairseq.hidden_states.hidden_states`,
+  ``exact_padding=True``).
   Features computed alone are bit-for-bit the same whatever the other utterances
   (:func:`computed_alone`), which lets :class:`FeatureCache` reuse them exactly.
 * :class:`MfccFeatureReader` -- 13 MFCC + delta + delta-delta (39 dims) at 100 Hz, the recipe
@@ -27,12 +32,13 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Collection, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..checkpoint import load_model
+from ..cli_args import int_list
 from ..data.audio import read_audio
 from ..data.files import Manifest
 from ..errors import InputError
@@ -114,7 +120,9 @@ class TeacherFeatureReader(FeatureReader):
 
     Args:
         checkpoint: fairseq ``hubert`` or ``dicehubert_student`` checkpoint.
-        layer: 1-based transformer layer (as fairseq's ``dump_hubert_feature.py``).
+        layer: 1-based transformer layer (as fairseq's ``dump_hubert_feature.py``), or several
+            distinct layers whose outputs are concatenated per frame in the order given
+            (``dim`` = their number x the model's width; one forward to the deepest).
         device: ``cpu`` or ``cuda``.
         dtype: ``float32`` (default), ``float16`` (CUDA only) or ``bfloat16`` (autocast; on CPU
             only where the CPU supports it well).  Features are returned as float32.
@@ -125,8 +133,8 @@ class TeacherFeatureReader(FeatureReader):
         InputError: checkpoint missing/corrupt/not HuBERT-family, layer out of range, fp16 on CPU.
     """
 
-    def __init__(self, checkpoint: str, layer: int, device: str = "cpu", dtype: Optional[str] = None,
-                 max_chunk: int = MAX_CHUNK):
+    def __init__(self, checkpoint: str, layer: Union[int, Sequence[int]], device: str = "cpu",
+                 dtype: Optional[str] = None, max_chunk: int = MAX_CHUNK):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError([f"--device {device}: CUDA is not available on this machine"])
         self.autocast_dtype = _dtype(dtype)
@@ -136,8 +144,13 @@ class TeacherFeatureReader(FeatureReader):
             # measured here (AVX2 only): the conv front end ~25x and the transformer ~3x slower than fp32
             logger.warning("--dtype bfloat16: this CPU has no bfloat16 instructions (avx512_bf16/amx_bf16); "
                            "expect it to be much slower than float32")
-        self.model, cfg = load_model(checkpoint, device=device, layer=layer)
-        self.layer = int(layer)
+        self.layers = [int(layer)] if isinstance(layer, int) else [int(v) for v in layer]
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise InputError([f"--layer: expected distinct 1-based layers such as 9 or 6,9,12, found {layer}"])
+        below = [v for v in self.layers if v < 1]  # load_model names the checkpoint and its layers
+        self.model, cfg = load_model(checkpoint, device=device, layer=below[0] if below else max(self.layers))
+        #: the deepest layer: where the forward stops
+        self.layer = max(self.layers)
         self._device = torch.device(device)
         self.max_chunk = int(max_chunk)
         task_cfg = cfg["task"] if hasattr(cfg, "__getitem__") else cfg.task
@@ -147,8 +160,9 @@ class TeacherFeatureReader(FeatureReader):
         self.extractor_mode = str(model_cfg.get("extractor_mode", "default"))
         self._conv = conv_layers(self.model)
         self.frame_rate = self.sample_rate / frame_stride(self._conv)
-        self.dim = int(self.model.encoder.embedding_dim if hasattr(self.model.encoder, "embedding_dim")
-                       else model_cfg["encoder_embed_dim"])
+        width = int(self.model.encoder.embedding_dim if hasattr(self.model.encoder, "embedding_dim")
+                    else model_cfg["encoder_embed_dim"])
+        self.dim = width * len(self.layers)
         # fp16 weights on CUDA halve memory; bf16 on CPU stays under autocast with fp32 weights
         if self.autocast_dtype is torch.float16:
             self.model.half()
@@ -157,12 +171,14 @@ class TeacherFeatureReader(FeatureReader):
         else:
             self._input_dtype = torch.float32
         self.description = {
-            "type": "hubert", "checkpoint": os.path.abspath(checkpoint), "layer": self.layer,
+            "type": "hubert", "checkpoint": os.path.abspath(checkpoint),
+            "layer": self.layers[0] if len(self.layers) == 1 else list(self.layers),
             "dim": self.dim, "frame_rate": self.frame_rate, "sample_rate": self.sample_rate,
             "normalize_wav": self.normalize_wav, "extractor_mode": self.extractor_mode,
             "max_chunk": self.max_chunk, "dtype": dtype or "float32",
         }
-        logger.info(f"teacher {checkpoint}: layer {layer} of {len(self.model.encoder.layers)}, "
+        logger.info(f"teacher {checkpoint}: layer {','.join(map(str, self.layers))} of "
+                    f"{len(self.model.encoder.layers)}, "
                     f"dim {self.dim}, {self.frame_rate:g} Hz, device {device}, dtype {dtype or 'float32'}")
 
     @property
@@ -189,7 +205,8 @@ class TeacherFeatureReader(FeatureReader):
         padding_mask = torch.arange(src.size(1), device=src.device)[None, :] >= torch.tensor(
             lengths, device=src.device)[:, None]
         # HubertModel.extract_features(output_layer=L), batched, each utterance as if alone
-        x = hidden_states(self.model, src, padding_mask, output_layer=self.layer, exact_padding=True).x
+        h = hidden_states(self.model, src, padding_mask, output_layer=self.layer, exact_padding=True)
+        x = h.x if len(self.layers) == 1 else torch.cat([h.layers[k - 1] for k in self.layers], dim=-1)
         return [x[b, : conv_output_length(n, self._conv)].float() for b, n in enumerate(lengths)]
 
     def features_torch(self, wavs: Sequence[np.ndarray]) -> List[torch.Tensor]:
@@ -363,8 +380,10 @@ class FeatureConfig:
     checkpoint: Optional[str] = field(default=None, metadata={
         "help": "fairseq hubert / dicehubert_student checkpoint (teacher)"})
     mfcc: bool = field(default=False, metadata={"help": "39-dim Kaldi MFCC at 100 Hz instead of a teacher"})
-    layer: Optional[int] = field(default=None, metadata={
-        "help": "1-based transformer layer of --checkpoint (as fairseq's dump_hubert_feature)"})
+    layer: Optional[List[int]] = field(default=None, metadata={
+        "help": "1-based transformer layer of --checkpoint (as fairseq's dump_hubert_feature); several, "
+                "e.g. 6,9,12: their outputs concatenated per frame", "type": int_list, "nargs": None,
+        "metavar": "L[,L...]"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]"})
     dtype: str = field(default="float32", metadata={
         "help": "teacher compute precision: float16 on CUDA only; bfloat16 via autocast",

@@ -3,14 +3,18 @@
 Features (:mod:`.features`) are streamed into :class:`~.kmeans.StreamingKMeans` in length-sorted
 blocks; nothing but the model is written.  The model is saved with ``joblib`` as a plain
 ``MiniBatchKMeans`` (fairseq's ``dump_km_label.py`` loads it unchanged), carrying a
-``dicehubert_meta_`` dict (features, seed, frames seen).
+``dicehubert_meta_`` dict (features, seed, frames seen, the mode, typical distances).
+
+Modes: k-means on the features as they are (fairseq's), or with ``normalize`` on the features
+scaled to unit L2 norm (k-means on unit vectors); the mode is stored in the model file
+(``meta["normalize"]``) and ``dump`` assigns in the mode the model was fitted in.
 """
 
 import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import joblib
 import numpy as np
@@ -21,7 +25,7 @@ from ..data.files import atomic_write, read_manifest
 from ..data.preflight import check_audio, require_valid
 from ..errors import InputError
 from .features import FeatureCache, FeatureConfig, FeatureReader, iter_features, make_reader, max_batch_samples
-from .kmeans import ReservoirSample, StreamingKMeans
+from .kmeans import SOFT_TOP_K, ReservoirSample, StreamingKMeans, distance_report, l2_normalize_np
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,22 @@ class FitConfig:
     n_init: int = field(default=20, metadata={"help": "k-means++ trials (as fairseq)"})
     max_iter: int = field(default=100, metadata={"help": "epochs of the initial fit (as fairseq)"})
     block_size: int = field(default=200, metadata={"help": "utterances length-sorted together"})
+    normalize: bool = field(default=False, metadata={
+        "help": "k-means on L2-normalised features (unit vectors); stored in the model, dump then assigns "
+                "normalised features"})
+    report_temperatures: List[float] = field(default_factory=lambda: [1.0, 5.0, 10.0], metadata={
+        "help": "soft-label temperatures whose mean entropy fit reports (top-k as dump's default)"})
+    report_frames: int = field(default=10000, metadata={
+        "help": "frames (a uniform sample) on which fit measures typical distances and entropies"})
+
+
+#: the mode of a model fitted by fairseq's learn_kmeans (no metadata): raw features
+RAW = False
+
+
+def fitted_normalized(meta: Dict[str, object]) -> bool:
+    """The mode stored in a k-means model's metadata: True if fitted on L2-normalised features."""
+    return bool(meta.get("normalize", RAW))
 
 
 # --------------------------------------------------------------------------- model files
@@ -115,7 +135,8 @@ def check_fit_config(cfg: FitConfig) -> None:
     """Refuse bad k-means settings (one line each) before anything is loaded.
 
     Raises:
-        InputError: K or the mini-batch < 1, ``percent`` outside (0, 1] (and not -1).
+        InputError: K or the mini-batch < 1, ``percent`` outside (0, 1] (and not -1), a report
+            temperature <= 0, ``report_frames`` < 1.
     """
     if cfg.n_clusters < 1:
         raise InputError([f"--n-clusters must be at least 1, found {cfg.n_clusters}"])
@@ -123,6 +144,10 @@ def check_fit_config(cfg: FitConfig) -> None:
         raise InputError([f"--batch-size must be at least 1, found {cfg.batch_size}"])
     if cfg.percent == 0 or cfg.percent > 1:
         raise InputError([f"--percent is a fraction in (0, 1] (or -1 for all), found {cfg.percent}"])
+    if any(not t > 0 for t in cfg.report_temperatures):
+        raise InputError([f"--report-temperatures must be > 0, found {cfg.report_temperatures}"])
+    if cfg.report_frames < 1:
+        raise InputError([f"--report-frames must be at least 1, found {cfg.report_frames}"])
 
 
 def fit_kmeans(manifest_path: str, features: FeatureConfig, cfg: FitConfig, check_headers: bool = True,
@@ -146,7 +171,9 @@ def fit_kmeans(manifest_path: str, features: FeatureConfig, cfg: FitConfig, chec
 
     Returns:
         ``(model, meta)``: the fitted ``MiniBatchKMeans`` and the metadata saved with it
-        (features, frames, utterances, objectives, steps, ...).
+        (features, mode ``normalize``, frames, utterances, objectives, steps, and ``distances``:
+        :func:`~.kmeans.distance_report` of the final centroids on a uniform sample of
+        ``report_frames`` fitted frames, ``None`` for K = 1).
 
     Raises:
         InputError: bad settings, manifest, audio or teacher; K larger than the frames sampled.
@@ -170,13 +197,18 @@ def fit_kmeans(manifest_path: str, features: FeatureConfig, cfg: FitConfig, chec
     skm = StreamingKMeans(K, reader.dim, seed=cfg.seed, batch_size=cfg.batch_size, pool_size=cfg.pool_size,
                           n_init=cfg.n_init, max_iter=cfg.max_iter)
     two_pass = frames > skm.pool_size
+    # a uniform sample of the fitted frames, for the typical distances reported at the end
+    sample = ReservoirSample(max(1, min(int(cfg.report_frames), frames)), reader.dim, seed=cfg.seed + 1)
 
-    def stream(consume, desc):
+    def stream(consumers, desc):
         bar = tqdm(total=frames, unit="frame", unit_scale=True, desc=desc, disable=not progress, smoothing=0.1)
         for s in range(0, len(rows), cfg.block_size):
             block = [int(r) for r in rows[s : s + cfg.block_size]]
             for _row, feats in iter_features(reader, manifest, block, batch_samples, cache=cache):
-                consume(feats)
+                if cfg.normalize:
+                    feats = l2_normalize_np(feats)
+                for consume in consumers:
+                    consume(feats)
                 bar.update(len(feats))
         bar.close()
 
@@ -185,18 +217,21 @@ def fit_kmeans(manifest_path: str, features: FeatureConfig, cfg: FitConfig, chec
         # stream need not be representative); pass 2: every frame through partial_fit
         logger.info(f"{frames} frames > pool of {skm.pool_size}: pass 1 samples the pool uniformly, pass 2 streams")
         reservoir = ReservoirSample(skm.pool_size, reader.dim, seed=cfg.seed)
-        stream(reservoir.add, "fit 1/2")
+        stream([reservoir.add, sample.add], "fit 1/2")
         skm.fit_initial(reservoir.data)
         del reservoir
-        stream(skm.add, "fit 2/2")
+        stream([skm.add], "fit 2/2")
     else:
-        stream(skm.add, "fit")
+        stream([skm.add, sample.add], "fit")
     km = skm.finish()
+    distances = (distance_report(km.cluster_centers_, sample.data, normalize=False,
+                                 temperatures=cfg.report_temperatures, top_k=SOFT_TOP_K)
+                 if K >= 2 else None)  # the sample is normalised already
     meta = {"features": reader.description, "manifest": os.path.abspath(manifest.path), "n_clusters": K,
-            "seed": cfg.seed, "percent": cfg.percent, "batch_size": cfg.batch_size,
+            "normalize": bool(cfg.normalize), "seed": cfg.seed, "percent": cfg.percent, "batch_size": cfg.batch_size,
             "utterances": len(rows), "frames": frames, "init_objective": skm.init_objective,
             "init_frames": skm.init_frames, "stream_objective": skm.stream_objective,
             "partial_fit_steps": skm.steps, "pool_size": skm.pool_size, "passes": 2 if two_pass else 1,
-            "settings": fit_settings(cfg, batch_samples)}
+            "distances": distances, "settings": fit_settings(cfg, batch_samples)}
     save_kmeans(km, cfg.out, meta)
     return km, meta

@@ -26,7 +26,8 @@ This module is the algorithm only: fitting on a manifest and the model files are
 """
 
 import logging
-from typing import Optional, Tuple
+import math
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,6 +43,10 @@ logger = logging.getLogger(__name__)
 #: ``tests/test_labels_kmeans.py::test_sklearn_private_counts_still_mean_what_we_rescale`` fails
 #: if a version changes it.
 SKLEARN_COUNTS = "_counts"
+
+#: Clusters kept per frame in soft labels, unless told otherwise (``dump --top-k``, and the
+#: entropies ``fit`` reports).
+SOFT_TOP_K = 10
 
 #: fairseq examples/hubert/simple_kmeans/learn_kmeans.py defaults.
 LEARN_KMEANS_SETTINGS = dict(
@@ -251,6 +256,11 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, p=2.0, dim=-1, eps=1e-12)
 
 
+def l2_normalize_np(x: np.ndarray) -> np.ndarray:
+    """``(N, D)`` float32 rows scaled to unit L2 norm (zero rows stay zero), as :func:`l2_normalize`."""
+    return l2_normalize(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+
 def objective_of(centers: np.ndarray, X: np.ndarray, dtype=np.float64) -> float:
     """Mean squared distance of every row of ``X`` ``(N, D)`` to its nearest of ``centers`` ``(K, D)``.
 
@@ -273,14 +283,17 @@ class Assigner:
 
     Args:
         centers: ``(K, D)`` centroids.
-        normalize: L2-normalise features and centroids first (distances become ``2 - 2 cos``).
+        normalize: L2-normalise the features first: the mode of a k-means model fitted on unit
+            vectors (``fit --normalize``), whose centroids are used as fitted, so the hard
+            labels are that k-means' own assignment; ``d^2 = |x/|x| - c|^2`` lies in
+            ``[0, (1 + |c|)^2]`` (``2 - 2 cos`` for a centroid of unit norm).
         device: where to compute.
     """
 
     def __init__(self, centers: np.ndarray, normalize: bool = False, device: str = "cpu"):
         c = torch.from_numpy(np.asarray(centers, dtype=np.float32)).to(device)
         self.normalize = bool(normalize)
-        self.centers = l2_normalize(c) if self.normalize else c
+        self.centers = c
         self.c_sq = self.centers.pow(2).sum(1)
         self.n_clusters, self.dim = self.centers.shape
 
@@ -319,3 +332,63 @@ class Assigner:
         probs = torch.softmax(top, dim=1)
         kept = torch.exp(torch.logsumexp(top, 1) - torch.logsumexp(logits, 1))
         return ids.cpu(), probs.float().cpu(), kept.float().cpu()
+
+
+def distance_report(centers: np.ndarray, X: np.ndarray, normalize: bool = False,
+                    temperatures: Sequence[float] = (), top_k: int = SOFT_TOP_K,
+                    gap_multiples: Sequence[float] = (0.5, 1.0, 2.0)) -> Dict[str, object]:
+    """Typical squared distances of frames to their centroids, and the soft labels' entropy per temperature.
+
+    What a user needs to choose the soft labels' temperature ``T`` of ``softmax(-d^2 / T)``: on a
+    frame whose nearest and second-nearest centroids lie ``d1 < d2`` away (squared), the
+    runner-up gets ``exp(-(d2 - d1) / T)`` times the winner's probability, so ``T`` equal to the
+    median gap gives it ``1/e`` (0.37) on the median frame; ``T`` well below the gaps gives
+    one-hot targets, well above them uniform ones over the kept clusters.
+
+    Args:
+        centers: ``(K, D)`` centroids (``K >= 2``).
+        X: ``(N, D)`` frames (raw: normalised here when ``normalize``).
+        normalize: the model's mode (see :class:`Assigner`).
+        temperatures: ``T`` values whose soft labels' entropy to measure.
+        top_k: clusters kept per frame, as ``dump --soft --top-k``.
+        gap_multiples: also measure at ``T = m x`` the median gap (``dump --temperature-gap m``).
+
+    Returns:
+        dict: ``frames``; ``nearest`` and ``gap``: the 10th, 50th and 90th percentiles of ``d1``
+        and of ``d2 - d1`` (keys ``p10``, ``p50``, ``p90``); ``entropy_bits``: per ``T`` (str),
+        the mean entropy in bits of the top-k renormalised soft label (0: one-hot,
+        ``log2(top_k)``: uniform); ``top1``: per ``T``, the mean probability of the nearest
+        centroid; ``entropy_bits_gap`` and ``top1_gap``: the same per gap multiple ``m`` (str);
+        ``top_k``; ``max_entropy_bits`` (``log2(top_k)``).
+    """
+    a = Assigner(centers, normalize=normalize)
+    k = min(int(top_k), a.n_clusters)
+    x = torch.from_numpy(np.asarray(X, dtype=np.float32))
+    chunks = [x[s : s + 8192] for s in range(0, len(x), 8192)]
+    nearest, gaps = [], []
+    for c in chunks:
+        two = torch.topk(a._dist(c).clamp_min(0), min(2, a.n_clusters), dim=1, largest=False).values
+        nearest.append(two[:, 0])
+        gaps.append(two[:, -1] - two[:, 0])
+
+    def pct(v):
+        q = torch.quantile(torch.cat(v).double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+        return {"p10": float(q[0]), "p50": float(q[1]), "p90": float(q[2])}
+
+    gap = pct(gaps)
+
+    def soft_stats(t: float):
+        h = top1 = 0.0
+        for c in chunks:
+            _, probs, _ = a.soft(c, t, k)
+            p = probs.double()
+            h += float(-(p * torch.log2(p.clamp_min(1e-300))).sum())
+            top1 += float(p[:, 0].sum())
+        n = max(len(x), 1)
+        return h / n, top1 / n
+
+    by_t = {f"{float(t):g}": soft_stats(float(t)) for t in temperatures}
+    by_gap = {f"{float(m):g}": soft_stats(float(m) * gap["p50"]) for m in gap_multiples if gap["p50"] > 0}
+    return {"frames": len(x), "nearest": pct(nearest), "gap": gap, "top_k": k, "max_entropy_bits": math.log2(k),
+            "entropy_bits": {t: v[0] for t, v in by_t.items()}, "top1": {t: v[1] for t, v in by_t.items()},
+            "entropy_bits_gap": {m: v[0] for m, v in by_gap.items()}, "top1_gap": {m: v[1] for m, v in by_gap.items()}}

@@ -17,6 +17,11 @@ computed once where memory allows:
   default) nothing is cached and the sample is recomputed in the dump's batches: the files stay
   those of ``fit`` + ``dump``.
 
+Every feature and k-means option of ``fit`` and ``dump`` applies: ``--layer 6,9,12`` (the
+cache keeps the concatenated features), ``--normalize`` (fit's: the mode is stored in the model
+and the labels follow it, as ``dump`` does), ``--soft --temperature-gap G`` (the gap is read from
+the model the fit has just written).
+
 Resumable like ``dump``: the model is written atomically at the end of the fit; a rerun of the
 same command whose model file carries the same inputs and settings skips the fit (its cache is
 then empty and the sample is recomputed, to the same bits), and the dump resumes from its

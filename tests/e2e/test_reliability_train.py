@@ -173,8 +173,8 @@ def test_same_seed_same_first_losses(runs):
 def test_resumed_run_logs_the_uninterrupted_runs_losses(runs):
     """Masks follow (seed, update) and crops (seed, epoch, utterance), fairseq reseeds torch per
     update: the run resumed after SIGKILL logs, update for update, what the reference logged."""
-    ref = {int(r["num_updates"]): r for r in _json_rows(runs["reference"], "train_inner")}
-    rows = _json_rows(runs["resumed"], "train_inner")
+    ref = {int(r["num_updates"]): r for r in json_rows(runs["reference"], "train_inner")}
+    rows = json_rows(runs["resumed"], "train_inner")
     assert rows
     keys = ("loss", "loss_m_0", "correct_m_0", "loss_features_pen", "gnorm")
     assert [[r[k] for k in keys] for r in rows] == [[ref[int(r["num_updates"])][k] for k in keys] for r in rows]
