@@ -59,6 +59,24 @@ def test_fit_streams_past_the_pool(tiny_corpus, tmp_path, capsys):
     assert objective_of(km.cluster_centers_, X) <= 1.15 * objective_of(full.cluster_centers_, X)
 
 
+def test_fit_warns_when_the_pool_holds_few_frames_per_cluster(tiny_corpus, tmp_path, capsys):
+    """Past the pool, fewer than POOL_FRAMES_PER_CLUSTER pool frames per cluster measured a worse objective: warned,
+    with the --pool-size that avoids it; at 25 per cluster (and when the sample fits the pool) nothing is said."""
+    data = tiny_corpus["data"]
+
+    def fit(k, pool):  # the CLI logs to stderr (its basicConfig replaces the root handlers)
+        capsys.readouterr()
+        assert main(["fit", "--manifest-dir", data, "--mfcc", "--n-clusters", str(k), "--out", str(tmp_path / "km.joblib"),
+                     "--batch-size", "100", "--pool-size", str(pool), "--n-init", "1", "--threads", "1",
+                     "--no-progress"]) == 0
+        return [line for line in capsys.readouterr().err.splitlines() if "| WARNING |" in line]
+
+    warned = fit(40, 300)
+    assert len(warned) == 1 and "7.5 frames per cluster for K=40" in warned[0] and "--pool-size 1000" in warned[0]
+    assert fit(12, 300) == []  # 25 per cluster
+    assert fit(40, 5000) == []  # the sample fits the pool: in-memory fit
+
+
 def test_fit_reports_typical_distances_and_soft_label_entropies(tiny_corpus, tmp_path, capsys):
     """The distances a user chooses the soft labels' temperature by, measured on the fitted frames with the final
     centroids (here every frame: fewer than --report-frames), and the entropy at each reported temperature with
