@@ -4,7 +4,10 @@ Same corpus, same teacher (HuBERT Base size, random weights), same layer, K and 
 machine's CPU; each step runs in its own process under ``measure.py`` (wall time, peak RSS, bytes
 written).  fairseq: ``dump_hubert_feature.py`` -> ``learn_kmeans.py`` -> ``dump_km_label.py`` (the
 installed copies, run with ``measure.py --fairseq-shim``; needs ``pip install npy-append-array``).
-Ours: ``dicehubert-labels fit`` -> ``dicehubert-labels dump``.  Clustering quality: the k-means
+Ours: ``dicehubert-labels fit`` -> ``dicehubert-labels dump``, and ``dicehubert-labels run`` (both
+in one process; its files are checked equal to fit + dump's); ``--bf16`` adds both in bfloat16;
+on the largest corpus, rows beyond the pool (``--pool-size``: k-means on every utterance, the
+sample >= 20x the pool, against learn_kmeans in memory).  Clustering quality: the k-means
 objective (mean squared distance of every frame to its nearest centroid) of both models on the
 same features, fairseq's dumped features of the whole corpus.
 
