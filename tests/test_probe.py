@@ -22,6 +22,7 @@ from dicehubert_fairseq.probe.probe import (
     ctc_greedy_decode,
     edit_distance,
     extract_hidden_states,
+    extract_split,
     phone_error_rate,
     read_audio,
     run_probe,
@@ -209,6 +210,40 @@ def test_probe_on_dicehubert_student_has_one_weight_per_hidden_state(tones, tmp_
     assert sum(result["layer_weights"]) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_probe_of_chosen_layers_caches_and_weighs_only_them(tones, capsys):
+    """``--layers``: the cache holds exactly the chosen hidden states, in the order given, and the
+    probe weighs only them (one index: that layer alone)."""
+    from dicehubert_fairseq.checkpoint import load_model
+
+    model, _ = load_model(tones["ckpt"], "cpu")
+    manifest = read_manifest(os.path.join(tones["data"], "valid.tsv"))
+    full = extract_split(model, manifest, limit=3)
+    some = extract_split(model, manifest, limit=3, layers=[2, 0])
+    assert some.feats.shape == (2,) + full.feats.shape[1:]
+    torch.testing.assert_close(some.feats, full.feats[[2, 0]], rtol=0, atol=0)
+    torch.testing.assert_close(some.offsets, full.offsets)
+
+    code, stdout, err, _ = run(capsys, "--checkpoint", tones["ckpt"], "--data", tones["data"], "--layers", "1",
+                               "--json", os.path.join(tones["root"], "layer1.json"), *FAST)
+    assert code == 0, err
+    with open(os.path.join(tones["root"], "layer1.json")) as f:
+        one = json.load(f)
+    assert one["layers"] == [1] and one["layer_weights"] == [1.0] and one["num_layers"] == 1
+    assert "layer weights [1:1.000]" in stdout
+    both = run_probe(tones["ckpt"], tones["data"], cfg=ProbeConfig(epochs=2, max_train_utterances=8, layers=[0, 2]))
+    assert both["layers"] == [0, 2] and len(both["layer_weights"]) == 2
+    assert run_probe(tones["ckpt"], tones["data"], cfg=ProbeConfig(epochs=2, max_train_utterances=8))["layers"] \
+        == [0, 1, 2]
+
+
+def test_probe_layer_out_of_range_is_one_line_error(tones, capsys):
+    code, _, err, errors = run(capsys, "--checkpoint", tones["ckpt"], "--data", tones["data"], "--layers", "0,3",
+                               *FAST)
+    assert code == 1 and "Traceback" not in err
+    assert errors == [f"dicehubert-probe: error: {tones['ckpt']}: layers [0, 3]: expected distinct hidden-state "
+                      f"indices in 0..2 (0 = transformer input, k = layer k; the model has 2 layers)"], err
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 
@@ -354,7 +389,8 @@ def test_cache_too_large_refused_before_extraction(tones, capsys):
 
 
 def test_bad_options_are_usage_errors(tones, capsys):
-    for bad in (["--epochs", "0"], ["--lr", "-1"], ["--unseen-phones", "skip"]):
+    for bad in (["--epochs", "0"], ["--lr", "-1"], ["--unseen-phones", "skip"], ["--layers", "1,a"],
+                ["--layers", "-1"], ["--layers", "2,2"]):
         with pytest.raises(SystemExit) as e:
             main(["--checkpoint", tones["ckpt"], "--data", tones["data"], *bad])
         assert e.value.code == 2

@@ -44,6 +44,18 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _layer_list(text: str) -> List[int]:
+    try:
+        layers = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, e.g. 0,3,6; got {text!r}")
+    if any(k < 0 for k in layers):
+        raise argparse.ArgumentTypeError(f"layer indices must be >= 0, got {text}")
+    if len(set(layers)) != len(layers):
+        raise argparse.ArgumentTypeError(f"layer indices must be distinct, got {text}")
+    return layers
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = ProbeConfig()
     p = argparse.ArgumentParser(
@@ -82,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cache-gb", type=_positive_float, default=None, metavar="GB",
                    help="the hidden states of all utterances are cached in memory (float32, all layers); "
                         "refuse to start if they would exceed this (default: half the physical memory)")
+    p.add_argument("--layers", type=_layer_list, default=None, metavar="K[,K...]",
+                   help="hidden states the probe weighs (0 = transformer input, k = transformer layer k); "
+                        "one index probes that layer alone (default: all)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result")
     p.add_argument("--debug", action="store_true", help="debug logging; tracebacks for errors")
     return p
@@ -120,7 +135,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     cfg = ProbeConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, patience=args.patience,
                       seed=args.seed, device=args.device, max_train_utterances=args.max_train_utterances,
-                      unseen=args.unseen_phones, max_cache_gb=args.max_cache_gb)
+                      unseen=args.unseen_phones, max_cache_gb=args.max_cache_gb,
+                      layers=args.layers)
     def work():
         if args.json and os.path.isdir(args.json):
             raise InputError([f"--json {args.json}: is a directory (expected a file name)"])
@@ -137,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     code, result = run_reporting_errors(PROG, args.debug, work)
     if code:
         return code
-    weights = " ".join(f"{w:.3f}" for w in result["layer_weights"])
+    weights = " ".join(f"{k}:{w:.3f}" for k, w in zip(result["layers"], result["layer_weights"]))
     print(f"PER {result['per']:.4f} on {args.test_split} ({result['utterances']['test']} utterances, "
           f"{result['num_phones']} phones); valid PER {result['valid_per']:.4f} at epoch "
           f"{result['best_epoch']}/{result['epochs']}; layer weights [{weights}]")

@@ -11,6 +11,8 @@ Each hidden state is layer-normalised (no affine; s3prl's ``Featurizer(normalize
 cached.  The probe learns a softmax-weighted sum of the ``L + 1`` states, a ``LayerNorm`` and a
 linear head trained with CTC (blank = index 0) over the phone set of ``{train}.phn``; it keeps
 the epoch with the lowest valid PER (early stopping with patience) and reports the test PER.
+``ProbeConfig.layers`` (``--layers``) restricts the sum to chosen hidden states; one index
+probes that layer alone (per-layer PER: which layer carries the most phonetic information).
 
 Transcripts: ``{split}.phn`` beside ``{split}.tsv``, one line per manifest row, phones separated
 by white space.  A phone of valid/test that never occurs in train cannot be predicted; by default
@@ -337,10 +339,12 @@ def num_conv_frames(model: nn.Module, num_samples: int) -> int:
     return max(n, 0)
 
 
-def cache_bytes(model: nn.Module, manifests: Sequence[Manifest]) -> int:
-    """Bytes of float32 hidden states :func:`extract_split` would cache for ``manifests``."""
+def cache_bytes(model: nn.Module, manifests: Sequence[Manifest], num_states: Optional[int] = None) -> int:
+    """Bytes of float32 hidden states :func:`extract_split` would cache for ``manifests``
+    (``num_states`` of them per frame; default: all of the model's)."""
     frames = sum(num_conv_frames(model, size) for m in manifests for size in m.sizes)
-    return frames * num_hidden_states(model) * model.encoder.embedding_dim * 4
+    states = num_hidden_states(model) if num_states is None else num_states
+    return frames * states * model.encoder.embedding_dim * 4
 
 
 def extract_split(
@@ -350,6 +354,7 @@ def extract_split(
     normalize_waveform: bool = False,
     limit: Optional[int] = None,
     desc: str = "",
+    layers: Optional[Sequence[int]] = None,
 ) -> FeatureCache:
     """Extract and cache the layer-normalised hidden states of every utterance of a manifest.
 
@@ -360,16 +365,19 @@ def extract_split(
         normalize_waveform: the task's ``normalize`` (see :func:`extract_hidden_states`).
         limit: only the first ``limit`` utterances.
         desc: progress-bar label.
+        layers: the hidden states to keep (indices ``0..L``); None: all ``L + 1``.
 
     Returns:
-        a :class:`FeatureCache` on the CPU, ``feats`` ``(L + 1, N, D)`` allocated once.
+        a :class:`FeatureCache` on the CPU, ``feats`` ``(len(layers), N, D)`` (``(L + 1, N, D)``
+        when ``layers`` is None) allocated once.
     """
     n = len(manifest) if limit is None else min(limit, len(manifest))
     lengths = [num_conv_frames(model, size) for size in manifest.sizes[:n]]
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    feats = torch.empty(num_hidden_states(model), int(offsets[-1]), model.encoder.embedding_dim)
+    keep = list(range(num_hidden_states(model))) if layers is None else list(layers)
+    feats = torch.empty(len(keep), int(offsets[-1]), model.encoder.embedding_dim)
     for i in tqdm(range(n), desc=f"features {desc}".strip(), unit="utt", leave=False, disable=None):
-        h = extract_hidden_states(model, read_audio(manifest.audio_path(i)).to(device), normalize_waveform)
+        h = extract_hidden_states(model, read_audio(manifest.audio_path(i)).to(device), normalize_waveform)[keep]
         if h.shape[1] != lengths[i]:
             raise InputError([f"{where(manifest.path, i + 2)}: {manifest.audio_path(i)} gave {h.shape[1]} frames, "
                               f"expected {lengths[i]} for the {manifest.sizes[i]} samples the manifest lists"])
@@ -444,6 +452,10 @@ class ProbeConfig:
     max_cache_gb: Optional[float] = field(default=None, metadata={"help": "refuse to cache more hidden states "
                                                                           "than this (default: half the "
                                                                           "physical memory)"})
+    layers: Optional[List[int]] = field(default=None, metadata={"help": "hidden states the probe weighs "
+                                                                        "(0 = transformer input, k = layer k); "
+                                                                        "None: all; one index probes that "
+                                                                        "layer alone"})
 
 
 def _frame_argmax(head: nn.Module, cache: FeatureCache, chunk: int = 16384) -> torch.Tensor:
@@ -599,7 +611,7 @@ def run_probe(
 
     Returns:
         a JSON-ready dict: ``per`` (test), ``valid_per``, ``layer_weights`` (softmaxed, one per
-        hidden state), ``epochs``, ``best_epoch``, ``checkpoint``, ``num_phones``, ``phones``,
+        hidden state probed), ``layers`` (the hidden states probed), ``epochs``, ``best_epoch``, ``checkpoint``, ``num_phones``, ``phones``,
         ``num_layers``, ``utterances``, ``frames``, ``unseen_phones``, ``history``,
         ``seconds``, ``config``.
 
@@ -633,6 +645,12 @@ def run_probe(
         raise InputError(problems)
 
     model, model_cfg = load_model(checkpoint, cfg.device)
+    n_states = num_hidden_states(model)
+    layers = list(range(n_states)) if cfg.layers is None else list(cfg.layers)
+    bad = [k for k in layers if not 0 <= k < n_states]
+    if bad or not layers or len(set(layers)) != len(layers):
+        raise InputError([f"{checkpoint}: layers {layers}: expected distinct hidden-state indices in 0..{n_states - 1} "
+                          f"(0 = transformer input, k = layer k; the model has {n_states - 1} layers)"])
     task_cfg = model_cfg.get("task", {}) if hasattr(model_cfg, "get") else {}
     sample_rate = int(task_cfg.get("sample_rate", 16000) or 16000)
     normalize = bool(task_cfg.get("normalize", False))
@@ -641,7 +659,7 @@ def run_probe(
     if problems:
         raise InputError(problems)
     unique = {(s.name, *s.manifest.names): s.manifest for s in (train, valid, test)}
-    need = cache_bytes(model, list(unique.values()))
+    need = cache_bytes(model, list(unique.values()), len(layers))
     memory = physical_memory_bytes()
     limit = cfg.max_cache_gb * 2**30 if cfg.max_cache_gb is not None else (memory / 2 if memory else None)
     if limit is not None and need > limit:
@@ -657,14 +675,15 @@ def run_probe(
                        f"{len(infeasible)} such training utterance(s) add no loss")
     t_load = time.perf_counter()
     seconds = sum(sum(m.sizes) for m in unique.values()) / sample_rate
-    logger.info(f"extracting {num_hidden_states(model)} hidden states of {sum(len(m) for m in unique.values())} "
+    logger.info(f"extracting {len(layers)} hidden states of {sum(len(m) for m in unique.values())} "
                 f"utterances ({seconds / 60:.1f} min of audio, {need / 2**20:.0f} MiB cached)")
 
     caches: Dict[Tuple[str, ...], FeatureCache] = {}
     key = lambda split: (split.name, *split.manifest.names)  # noqa: E731
     for split in (train, valid, test):
         if key(split) not in caches:
-            caches[key(split)] = extract_split(model, split.manifest, cfg.device, normalize, desc=split.name)
+            caches[key(split)] = extract_split(model, split.manifest, cfg.device, normalize, desc=split.name,
+                                               layers=layers)
     del model
     train_cache, valid_cache, test_cache = (caches[key(s)] for s in (train, valid, test))
     t_extract = time.perf_counter()
@@ -684,6 +703,7 @@ def run_probe(
         "per": per,
         "valid_per": info["valid_per"],
         "layer_weights": weights,
+        "layers": layers,
         "epochs": info["epochs"],
         "best_epoch": info["best_epoch"],
         "checkpoint": os.path.abspath(checkpoint),
