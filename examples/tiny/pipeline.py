@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
 BIN = os.path.dirname(sys.executable)
 
 #: the students of the paper's table, in the order of the report; name -> config row + overlays
@@ -127,6 +128,13 @@ def build_jobs(a: argparse.Namespace) -> List[Job]:
                       more=[f"criterion.teacher_checkpoint={ckpt('teacher_n2')}"])
             else:
                 train(name + suffix, row, ["labels_it2"], a.student_updates, seed, lab("it2"))
+    # the teachers' hidden states probed one at a time (which layer carries the phones)
+    for name in a.layer_probes:
+        jobs.append(Job(f"probe_{name}.layers", [sys.executable, os.path.join(HERE, "probe_layers.py"),
+                                                 "--checkpoint", ckpt(name), "--data", w, "--out",
+                                                 os.path.join(w, "probe", f"{name}.layers.json"),
+                                                 "--seed", str(a.seed), "--epochs", str(a.probe_epochs)],
+                        [name], kind="probe"))
     # probes of every trained model
     for job in [j for j in jobs if j.kind == "train"]:
         jobs.append(Job(f"probe_{job.name}", [os.path.join(BIN, "dicehubert-probe"), "--checkpoint", ckpt(job.name),
@@ -145,6 +153,42 @@ def fmt(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def job_group(job: str) -> str:
+    """The report's kind of a job name: labels, teachers, students or probes."""
+    base = job.split(".")[0]
+    if job.startswith("probe_"):
+        return "probes"
+    return "teachers" if base in TEACHERS else "students" if base in STUDENTS else "labels"
+
+
+def timing(workdir: str) -> Dict[str, Dict]:
+    """Wall and CPU seconds of the finished jobs of ``workdir`` (its ``.done`` markers), per
+    :func:`job_group`; ``span_seconds``: first start to last end (jobs run in parallel)."""
+    kinds: Dict[str, Dict] = {}
+    done = os.path.join(workdir, ".done")
+    for f in sorted(os.listdir(done)) if os.path.isdir(done) else []:
+        if not f.endswith(".done.json"):
+            continue
+        with open(os.path.join(done, f)) as fh:
+            info = json.load(fh)
+        k = kinds.setdefault(job_group(f[: -len(".done.json")]),
+                             {"jobs": 0, "wall_seconds": 0.0, "cpu_seconds": 0.0, "start": None, "end": None})
+        k["jobs"] += 1
+        k["wall_seconds"] += info["seconds"]
+        k["cpu_seconds"] += info["cpu_seconds"]
+        if "start" in info and "end" in info:
+            k["start"] = info["start"] if k["start"] is None else min(k["start"], info["start"])
+            k["end"] = info["end"] if k["end"] is None else max(k["end"], info["end"])
+    order = ("labels", "teachers", "students", "probes")
+    out = {}
+    for kind in sorted(kinds, key=order.index):
+        k = kinds[kind]
+        out[kind] = {"jobs": k["jobs"], "wall_seconds": round(k["wall_seconds"], 1),
+                     "cpu_seconds": round(k["cpu_seconds"], 1),
+                     "span_seconds": None if k["start"] is None else round(k["end"] - k["start"], 1)}
+    return out
+
+
 class Runner:
     """Runs jobs in dependency order, at most ``slots`` at a time, skipping finished ones."""
 
@@ -159,6 +203,7 @@ class Runner:
         os.makedirs(self.done_dir, exist_ok=True)
         os.makedirs(self.log_dir, exist_ok=True)
         self.rerun: set = set()
+        self.started_at: Dict[str, float] = {}
         self.running: Dict[str, tuple] = {}
         self.t0 = time.time()
 
@@ -200,6 +245,7 @@ class Runner:
         proc = subprocess.Popen(job.cmd, cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.running[job.name] = (proc, log, time.time())
+        self.started_at[job.name] = time.time()
         print(f"[{fmt(time.time() - self.t0):>6}] start  {job.name}", flush=True)
 
     def progress(self, job: Job) -> str:
@@ -223,7 +269,8 @@ class Runner:
         if status != 0:
             self.fail(name, status)
         with open(self.marker(name), "w") as f:
-            json.dump({"command": self.jobs[name].key, "seconds": wall, "cpu_seconds": cpu}, f)
+            json.dump({"command": self.jobs[name].key, "seconds": wall, "cpu_seconds": cpu,
+                       "start": self.started_at[name], "end": time.time()}, f)
         self.rerun.add(name)
         print(f"[{fmt(time.time() - self.t0):>6}] done   {name} in {fmt(wall)} (cpu {fmt(cpu)})", flush=True)
 
@@ -306,8 +353,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=int(env("TINY_SEED", 1)))
     p.add_argument("--replicas", type=int, default=int(env("TINY_REPLICAS", 3)),
                    help="seeds of the --replicate students (seed, seed+1, ...)")
-    p.add_argument("--replicate", default=env("TINY_REPLICATE", "dicehubert_narrow,scratch_narrow"),
-                   help="comma-separated students trained with several seeds")
+    p.add_argument("--replicate", default=env("TINY_REPLICATE", ",".join(STUDENTS)),
+                   help="comma-separated students trained with several seeds (default: all five)")
+    p.add_argument("--layer-probes", default=env("TINY_LAYER_PROBES", "teacher_n2"),
+                   help="comma-separated teachers whose hidden states are also probed one at a time "
+                        "(examples/tiny/probe_layers.py); empty: none")
     p.add_argument("--probe-epochs", type=int, default=int(env("TINY_PROBE_EPOCHS", 60)))
     p.add_argument("--jobs", type=int, default=int(env("TINY_JOBS", 2)), help="jobs at once (one thread each)")
     p.add_argument("--extra-overrides", default=env("TINY_OVERRIDES", ""),
@@ -318,6 +368,11 @@ def main(argv=None) -> int:
     if a.teacher_updates2 is None:
         a.teacher_updates2 = int(env("TINY_TEACHER_UPDATES2", a.teacher_updates))
     a.replicate = [s for s in a.replicate.split(",") if s]
+    a.layer_probes = [s for s in a.layer_probes.split(",") if s]
+    for names, known in ((a.replicate, STUDENTS), (a.layer_probes, TEACHERS)):
+        for name in names:
+            if name not in known:
+                p.error(f"unknown model {name!r} (expected one of {', '.join(known)})")
     jobs = build_jobs(a)
     if a.only:
         by = {j.name: j for j in jobs}
@@ -337,6 +392,10 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     runner.run()
+    print("\ntime per kind of job (wall and CPU summed over jobs; span: first start to last end):")
+    for kind, k in timing(a.workdir).items():
+        span = "" if k["span_seconds"] is None else f", span {fmt(k['span_seconds'])}"
+        print(f"  {kind:<9} {k['jobs']:>3} jobs: wall {fmt(k['wall_seconds'])}, cpu {fmt(k['cpu_seconds'])}{span}")
     return 0
 
 

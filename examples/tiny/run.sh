@@ -16,9 +16,10 @@
 # Finished stages are skipped when run again (WORKDIR/.done/), an interrupted training resumes.
 # Logs: WORKDIR/logs/{job}.log. Knobs (environment; defaults are the measured choice, see
 # examples/tiny/README.md):
-#   TINY_SEED=1 TINY_MINUTES=10 TINY_JOBS=2 TINY_TEACHER_UPDATES TINY_TEACHER_UPDATES2
-#   TINY_STUDENT_UPDATES TINY_K_MFCC TINY_K TINY_LAYER_IT1 TINY_LAYER_IT2 TINY_TEMPERATURE
-#   TINY_REPLICAS TINY_REPLICATE TINY_PROBE_EPOCHS TINY_OVERRIDES (extra hydra overrides)
+#   TINY_SEED=1 TINY_MINUTES=12 TINY_JOBS=2 TINY_CORPUS=default|other (voice set and sentences,
+#   see synth_corpus.py) TINY_TEACHER_UPDATES TINY_TEACHER_UPDATES2 TINY_STUDENT_UPDATES
+#   TINY_K_MFCC TINY_K TINY_LAYER_IT1 TINY_LAYER_IT2 TINY_TEMPERATURE TINY_REPLICAS TINY_REPLICATE
+#   TINY_LAYER_PROBES TINY_PROBE_EPOCHS TINY_OVERRIDES (extra hydra overrides)
 #   TINY_PRESET=ci: a reduced run (small corpus, a handful of updates) for the test suite.
 set -euo pipefail
 
@@ -41,29 +42,51 @@ for tool in "$PYTHON" fairseq-hydra-train dicehubert-labels dicehubert-probe; do
   command -v "$tool" >/dev/null || { echo "run.sh: error: '$tool' not found on PATH (activate the" \
     "project's environment: 'make setup' or '. .venv/bin/activate')" >&2; exit 1; }
 done
+# optional dependencies, checked before any work: without matplotlib everything but the plot runs
+if ! "$PYTHON" -c "import matplotlib" 2>/dev/null; then
+  echo "note: matplotlib is not installed: results.md and results.json will be written, results.png skipped" \
+    "(to get it: pip install -e '.[plot]', then run $PYTHON $HERE/report.py WORKDIR again)"
+fi
+case "${TINY_CORPUS:=default}" in
+  default) CORPUS_ARGS=() ;;
+  other) CORPUS_ARGS=(--voices other --text-seed $((TINY_SEED + 1000))) ;;
+  *) echo "run.sh: error: TINY_CORPUS=$TINY_CORPUS: expected 'default' or 'other'" >&2; exit 1 ;;
+esac
 
 T0=$SECONDS
-stage() { printf '\n== %s  [%dm%02ds]\n' "$1" $(((SECONDS - T0) / 60)) $(((SECONDS - T0) % 60)); }
+LAST=$SECONDS
+TIMES=""
+mmss() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+stage() {  # stage SHORT_NAME HEADER: prints the header; records the time of the previous stage
+  [[ -n "${CURRENT:-}" ]] && TIMES+="$(printf '  %-10s %s' "$CURRENT" "$(mmss $((SECONDS - LAST)))")"$'\n'
+  CURRENT="$1"; LAST=$SECONDS
+  printf '\n== %s  [%s]\n' "$2" "$(mmss $((SECONDS - T0)))"
+}
 mkdir -p "$WORKDIR"
 echo "tiny DiceHuBERT pipeline in $WORKDIR (seed $TINY_SEED)"
 
-stage "1/4 corpus"
+stage corpus "1/4 corpus"
 if [[ -e "$WORKDIR/train.tsv" || -e "$WORKDIR/valid.tsv" || -e "$WORKDIR/test.tsv" ]]; then
   echo "using the corpus already in $WORKDIR"
 else
   command -v espeak-ng >/dev/null && command -v sox >/dev/null || { echo "run.sh: error: espeak-ng and" \
     "sox are needed to synthesise the corpus (apt-get install espeak-ng sox)" >&2; exit 1; }
-  echo "synthesising about $TINY_MINUTES minutes of speech (espeak-ng + sox)"
+  echo "synthesising about $TINY_MINUTES minutes of speech (espeak-ng + sox; voices: $TINY_CORPUS)"
   "$PYTHON" "$HERE/synth_corpus.py" --out "$WORKDIR" --minutes "$TINY_MINUTES" --seed "$TINY_SEED" \
-    --jobs "${TINY_JOBS:-2}"
+    --jobs "${TINY_JOBS:-2}" ${CORPUS_ARGS[@]+"${CORPUS_ARGS[@]}"}
 fi
 "$PYTHON" "$HERE/check_corpus.py" "$WORKDIR"   # bad corpus: clear message, exit 1, nothing trained
 
-stage "2/4 labels, teachers, students, probes (jobs in parallel; logs in $WORKDIR/logs)"
+stage training "2/4 labels, teachers, students, probes (jobs in parallel; logs in $WORKDIR/logs)"
 "$PYTHON" "$HERE/pipeline.py" "$WORKDIR"
 
-stage "3/4 report"
+stage report "3/4 report"
 "$PYTHON" "$HERE/report.py" "$WORKDIR"
 
-stage "4/4 done"
-echo "results: $WORKDIR/results.md, $WORKDIR/results.json, $WORKDIR/results.png"
+stage done "4/4 done"
+printf 'time per stage:\n%s  total %s\n' "$TIMES" "$(mmss $((SECONDS - T0)))"
+if [[ -f "$WORKDIR/results.png" ]]; then
+  echo "results: $WORKDIR/results.md, $WORKDIR/results.json, $WORKDIR/results.png"
+else
+  echo "results: $WORKDIR/results.md, $WORKDIR/results.json (no results.png: matplotlib is not installed)"
+fi

@@ -258,6 +258,7 @@ def main(argv=None) -> int:
         secs = sum(results[j["name"]][0] for j in js) / SAMPLE_RATE
         info["splits"][split] = {"utterances": len(js), "seconds": round(secs, 1)}
         print(f"  {split}: {len(js)} utterances, {secs / 60:.1f} min", flush=True)
+    info["synthesis_seconds"] = round(time.time() - t0, 1)
     accents, variants = VOICE_SETS[args.voices]
     info["voices"] = {"accents": sorted(set(accents)), "variants": list(variants), "speed_wpm": SPEED,
                       "pitch": PITCH}
