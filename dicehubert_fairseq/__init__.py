@@ -12,6 +12,7 @@ and allow-lists the few Python objects that fairseq checkpoints pickle, so that
 """
 
 from . import _compat  # noqa: F401  (must come before anything loads a checkpoint)
+from . import _distributed  # noqa: F401  (fairseq's CUDA-only all_gather_list, made to work under gloo)
 from . import criterions, models, tasks  # noqa: F401  (fairseq never scans criterions/)
 
 __version__ = "0.1.0"

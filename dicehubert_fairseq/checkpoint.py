@@ -7,6 +7,7 @@ import zipfile
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from fairseq import checkpoint_utils
 
 from . import _compat  # noqa: F401  (allow-list fairseq globals for torch.load)
 from .errors import InputError
@@ -26,8 +27,6 @@ def load_state(path: str) -> Dict[str, Any]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError([f"{path}: checkpoint not found"])
-    from fairseq import checkpoint_utils
-
     try:
         # fairseq's loader also upgrades old (argparse) checkpoints to a config
         state = checkpoint_utils.load_checkpoint_to_cpu(path)
@@ -90,8 +89,6 @@ def load_model(path: str, device: str = "cpu", layer: Optional[int] = None) -> T
     Returns:
         ``(model, cfg)`` where ``cfg`` is the checkpoint's full fairseq config.
     """
-    from fairseq import checkpoint_utils
-
     state = load_state(path)
     require_hubert_family(state, path)
     n = num_layers(state)

@@ -63,6 +63,34 @@ def count_correct(logits: torch.Tensor, target: torch.Tensor) -> int:
     return int((logits.argmax(-1) == target).sum().item())
 
 
+def _real_frames(pred: torch.Tensor, padding_mask) -> torch.Tensor:
+    """``(B, T)`` bool, True on the frames that count (not padding)."""
+    if padding_mask is None:
+        return torch.ones(pred.shape[:2], dtype=torch.bool, device=pred.device)
+    return ~padding_mask
+
+
+def feature_mse_loss(pred: torch.Tensor, target: torch.Tensor, padding_mask) -> torch.Tensor:
+    """FitHuBERT's per-layer loss: mean squared error, averaged over real frames and dimensions.
+
+    FitHuBERT (``rec_loss_type: mse``, no cosine term) takes ``F.mse_loss(..., reduction="none")``
+    over ``(B, N, T, D)`` and averages everything; per layer that is this mean, with padded
+    frames left out.
+
+    Args:
+        pred: ``(B, T, D)`` student predictions.
+        target: ``(B, T, D)`` teacher features (no gradient needed).
+        padding_mask: ``(B, T)`` bool, True on padded frames (or None).
+
+    Returns:
+        scalar: ``sum over real frames t and dims d of (pred - target)^2 / (n_real * D)``.
+    """
+    pred, target = pred.float(), target.float()
+    keep = _real_frames(pred, padding_mask)
+    n = keep.sum().clamp(min=1)
+    return (((pred - target) ** 2).mean(-1) * keep).sum() / n
+
+
 def feature_distillation_loss(
     pred: torch.Tensor, target: torch.Tensor, padding_mask: torch.Tensor, cos_weight: float = 1.0
 ):
@@ -79,10 +107,7 @@ def feature_distillation_loss(
     """
     pred = pred.float()
     target = target.float()
-    if padding_mask is None:
-        keep = torch.ones(pred.shape[:2], dtype=torch.bool, device=pred.device)
-    else:
-        keep = ~padding_mask
+    keep = _real_frames(pred, padding_mask)
     n = keep.sum().clamp(min=1)
     l1 = ((pred - target).abs().mean(-1) * keep).sum() / n
     cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-8)

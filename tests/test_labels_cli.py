@@ -1,8 +1,6 @@
 """dicehubert-labels bad input: one clear line per problem, exit status 1, no traceback (unless --debug)."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,8 +9,7 @@ import torch
 
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.labels.cli import main
-from dicehubert_fairseq.testing import write_corpus, write_random_labels
-
+from tests.helpers.data import write_corpus, write_random_labels
 
 pytestmark = pytest.mark.usefixtures("one_openmp_thread")
 
@@ -71,7 +68,7 @@ def test_bad_audio_named_with_manifest_line(tmp_path, capsys, mfcc_km, writer, e
              else ["--km", mfcc_km, "--label-dir", str(tmp_path / "lab")])
     code, errors, err = run(capsys, command, "--manifest-dir", data, "--split", "train", "--mfcc", *extra, "--no-progress")
     assert code == 1
-    assert any(f"train.tsv:5: " in e and expected in e for e in errors), err
+    assert any("train.tsv:5: " in e and expected in e for e in errors), err
     assert "Traceback" not in err
     assert not os.path.exists(tmp_path / "km.joblib") and not os.path.exists(tmp_path / "lab" / "train.km")
 
@@ -193,16 +190,6 @@ def test_debug_shows_the_exception(tmp_path, tiny_corpus, mfcc_km):
               "--label-dir", str(tmp_path), "--nshard", "2", "--rank", "-1", "--debug"])
 
 
-def test_python_m_one_line_no_traceback(tmp_path, tiny_corpus, mfcc_km):
-    p = subprocess.run([sys.executable, "-m", "dicehubert_fairseq.labels", "dump", "--manifest-dir",
-                        tiny_corpus["data"], "--split", "train", "--mfcc", "--km", mfcc_km, "--label-dir",
-                        str(tmp_path), "--nshard", "2", "--rank", "5"], capture_output=True, text=True)
-    assert p.returncode == 1
-    assert "Traceback" not in p.stderr
-    assert [line for line in p.stderr.splitlines() if "error" in line] == [
-        "dicehubert-labels dump: error: --rank 5 out of range: ranks are 0-based, expected 0..1 for --nshard 2"]
-
-
 def test_bad_audio_in_a_shard_names_the_real_manifest_line(tmp_path, capsys, mfcc_km):
     data, _ = corpus_with(tmp_path, "bad.wav", _stereo)  # rows 0..3, the bad file is row 3 (line 5)
     base = ["dump", "--manifest-dir", data, "--split", "train", "--mfcc", "--km", mfcc_km,
@@ -210,3 +197,17 @@ def test_bad_audio_in_a_shard_names_the_real_manifest_line(tmp_path, capsys, mfc
     code, errors, err = run(capsys, *base, "--rank", "1")  # rows [2, 4)
     assert code == 1 and any("train.tsv:5: " in e and "bad.wav has 2 channels" in e for e in errors), err
     assert run(capsys, *base, "--rank", "0")[0] == 0  # rows [0, 2) are fine
+
+
+def test_check_options(flawed, capsys):
+    """``check --no-audio-headers`` skips the header check, ``--tolerance`` widens the label length check."""
+    w = flawed
+    base = ["check", "--manifest-dir", w["data"], "--label-dir", w["labels"], "--split", "train"]
+    code, _, err = run(capsys, *base)
+    assert code == 1 and "8000 Hz" in err and f"{w['km']}:4:" in err
+    code, _, err = run(capsys, *base, "--no-audio-headers")
+    assert code == 1 and "8000" not in err and f"{w['km']}:4:" in err
+    code, _, err = run(capsys, *base, "--tolerance", "0.3")
+    assert code == 1 and "8000 Hz" in err and f"{w['km']}:4:" not in err
+    code, _, err = run(capsys, *base, "--no-audio-headers", "--tolerance", "0.3")
+    assert code == 0, err

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from dicehubert_fairseq.data.files import read_manifest
+from dicehubert_fairseq.errors import InputError
+from dicehubert_fairseq.data.audio import read_audio
+from dicehubert_fairseq.frames import conv_output_length
 from dicehubert_fairseq.labels.features import (
-    MfccFeatureReader, TeacherFeatureReader, compute_deltas, conv_num_frames, kaldi_mfcc,
-    length_sorted_batches, mfcc_39, read_audio,
+    MfccFeatureReader, TeacherFeatureReader, compute_deltas, kaldi_mfcc, length_sorted_batches, mfcc_39,
 )
 
 
@@ -50,6 +52,44 @@ def test_teacher_batched_features_equal_fairseq_per_utterance(tiny_teacher, utts
     assert [len(f) for f in feats] == [(len(w) - 400) // 320 + 1 for w in wavs]
 
 
+
+@pytest.mark.parametrize("name", ["posbn", "conformer"])
+def test_teacher_batched_features_equal_fairseq_per_utterance_batch_norm_pos_conv_and_conformer(
+        export_models, utts, name):
+    """Teachers whose padded batches fairseq gets wrong: conv_pos_batch_norm, conformer layers."""
+    _, wavs = utts
+    reader = TeacherFeatureReader(export_models[name], 2)
+    for w, f in zip(wavs, reader.features(wavs)):
+        np.testing.assert_allclose(f, _fairseq_layer(reader.model, w, 2), atol=2e-5, rtol=1e-4)
+
+
+def test_teacher_layers_concatenated_per_frame(feat_world, one_torch_thread):
+    """--layer 6,9,12: each frame is the three layers' outputs side by side, in the order given, each equal to
+    fairseq's extract_features(output_layer=L) alone; one forward to the deepest layer."""
+    m = read_manifest(os.path.join(feat_world["data"], "valid.tsv"))
+    wavs = [read_audio(m, i) for i in range(len(m))]
+    reader = TeacherFeatureReader(feat_world["teacher"], [12, 6, 9])
+    assert reader.dim == 3 * 32 and reader.description["layer"] == [12, 6, 9]
+    called = []
+    hooks = [layer.register_forward_hook(lambda *a, i=i: called.append(i))
+             for i, layer in enumerate(reader.model.encoder.layers)]
+    feats = reader.features(wavs)
+    for h in hooks:
+        h.remove()
+    assert called == list(range(12))  # one batch, one forward through the 12 layers
+    for w, f in zip(wavs, feats):
+        assert f.shape == (reader.num_frames(len(w)), 96)
+        for k, layer in enumerate([12, 6, 9]):
+            np.testing.assert_allclose(f[:, 32 * k : 32 * (k + 1)], _fairseq_layer(reader.model, w, layer),
+                                       atol=2e-5, rtol=1e-4)
+    assert TeacherFeatureReader(feat_world["teacher"], [9]).description["layer"] == 9  # one layer: as before
+    with pytest.raises(InputError, match="layer 13 out of range"):
+        TeacherFeatureReader(feat_world["teacher"], [6, 13])
+    with pytest.raises(InputError, match=r"layer 0 out of range \(the model has transformer layers 1\.\.12\)"):
+        TeacherFeatureReader(feat_world["teacher"], [0, 6])
+    with pytest.raises(InputError, match="distinct"):
+        TeacherFeatureReader(feat_world["teacher"], [6, 6])
+
 def test_teacher_long_utterances_are_chunked_like_fairseq(tiny_teacher, utts):
     _, wavs = utts
     reader = TeacherFeatureReader(tiny_teacher, 2, max_chunk=12000)
@@ -58,7 +98,7 @@ def test_teacher_long_utterances_are_chunked_like_fairseq(tiny_teacher, utts):
         ref = _fairseq_layer(reader.model, w, 2, max_chunk=12000)
         assert got.shape == ref.shape
         np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
-        assert len(got) == sum(conv_num_frames(min(12000, len(w) - s), reader._conv) for s in range(0, len(w), 12000))
+        assert len(got) == sum(conv_output_length(min(12000, len(w) - s), reader._conv) for s in range(0, len(w), 12000))
 
 
 def test_teacher_forward_stops_at_layer(tiny_teacher, utts):
@@ -189,7 +229,7 @@ def test_mfcc_matches_torchaudio_kaldi_source_used_by_fairseq(utts):
         ref = torch.cat([mfccs, deltas, ddeltas], dim=0).transpose(0, 1).numpy()
         got = MfccFeatureReader().features([w])[0]
         assert got.shape == ref.shape
-        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
+        np.testing.assert_array_equal(got, ref)  # bit-identical, as the README says
 
 
 def test_mfcc_known_properties():
@@ -212,7 +252,7 @@ def test_mfcc_known_properties():
 
 def test_student_checkpoint_is_a_valid_teacher(tiny_corpus, utts, tmp_path):
     """Our own dicehubert_student checkpoints (next DiceHuBERT round) feed the same reader."""
-    from dicehubert_fairseq.testing import write_checkpoint
+    from tests.helpers.data import write_checkpoint
 
     path = str(tmp_path / "student.pt")
     write_checkpoint(path, tiny_corpus["data"], tiny_corpus["labels"], model="dicehubert_student", task="dicehubert",

@@ -8,11 +8,9 @@ import torch
 
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.labels.kmeans import (
-    LEARN_KMEANS_SETTINGS, Assigner, ReservoirSample, StreamingKMeans, load_kmeans, new_kmeans, objective_of,
-    sample_rows,
-    save_kmeans,
+    LEARN_KMEANS_SETTINGS, SKLEARN_COUNTS, Assigner, ReservoirSample, StreamingKMeans, distance_report, new_kmeans,
+    objective_of,
 )
-
 
 pytestmark = pytest.mark.usefixtures("one_openmp_thread")
 
@@ -91,16 +89,6 @@ def test_too_few_frames_for_k():
         skm.finish()
 
 
-def test_sample_rows_fairseq_percent():
-    rows = sample_rows(10, 0.25, seed=0)
-    assert len(rows) == 3 and len(set(rows.tolist())) == 3  # ceil(10 * 0.25)
-    np.random.seed(0)  # what fairseq's learn_kmeans does with --seed 0 --percent 0.25
-    np.testing.assert_array_equal(rows, np.random.choice(10, 3, replace=False))
-    np.testing.assert_array_equal(rows, sample_rows(10, 0.25, seed=0))
-    assert sorted(sample_rows(10, -1, seed=0).tolist()) == list(range(10))
-    assert sorted(sample_rows(10, 1.0, seed=4).tolist()) == list(range(10))
-
-
 def test_assigner_hard_and_soft_by_hand():
     centers = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 3.0]], np.float32)
     x = torch.tensor([[1.0, 0.0], [0.1, 2.9]])
@@ -114,30 +102,48 @@ def test_assigner_hard_and_soft_by_hand():
     ids, probs, kept = a.soft(x[:1], temperature=2.0, top_k=2)  # renormalised over the kept two
     np.testing.assert_allclose(probs[0].numpy(), [0.5, 0.5], atol=1e-6)
     assert kept[0].item() == pytest.approx(p[0] + p[1], rel=1e-5)
-    # normalised: the distance is 2 - 2 cos, whatever the norms
-    an = Assigner(centers[1:], normalize=True)
+    # normalised mode: the frame is scaled to unit norm, the centroids (fitted on unit vectors) are used as
+    # they are: (10, 10) -> (r, r), r = 1/sqrt(2), at 45 degrees from both centroids
+    unit_fitted = np.array([[0.6, 0.0], [0.0, 1.0]], np.float32)
+    an = Assigner(unit_fitted, normalize=True)
     ids, probs, _ = an.soft(torch.tensor([[10.0, 10.0]]), temperature=1.0, top_k=2)
-    np.testing.assert_allclose(probs[0].numpy(), [0.5, 0.5], atol=1e-6)
+    r = 1 / np.sqrt(2)
+    d2 = np.array([(r - 0.6) ** 2 + r ** 2, r ** 2 + (r - 1.0) ** 2])  # 0.5115; 0.5858 = 2 - 2 cos 45deg
+    p = np.exp(-d2) / np.exp(-d2).sum()
+    assert ids[0].tolist() == [0, 1] and an.hard(torch.tensor([[10.0, 10.0]])).tolist() == [0]
+    np.testing.assert_allclose(probs[0].numpy(), p, atol=1e-6)
+    # not the centroids' directions alone: normalising them too would tie (0.6, 0) with (1, 0)
+    assert Assigner(np.array([[0.6, 0.0], [1.0, 0.0]], np.float32), normalize=True).hard(
+        torch.tensor([[3.0, 0.0]])).tolist() == [1]
 
 
-def test_save_load_roundtrip_and_bad_files(tmp_path):
-    km = new_kmeans(3, seed=0, batch_size=100).fit(mixture(300, dim=4, k=3))
-    path = str(tmp_path / "km.joblib")
-    save_kmeans(km, path, {"features": {"type": "mfcc"}})
-    back, meta = load_kmeans(path)
-    np.testing.assert_array_equal(back.cluster_centers_, km.cluster_centers_)
-    assert meta["features"]["type"] == "mfcc"
-    with pytest.raises(InputError, match="k-means model not found"):
-        load_kmeans(str(tmp_path / "nope.joblib"))
-    (tmp_path / "junk.joblib").write_bytes(b"not a pickle")
-    with pytest.raises(InputError, match="not a readable joblib k-means model"):
-        load_kmeans(str(tmp_path / "junk.joblib"))
-    import joblib
 
-    joblib.dump({"a": 1}, tmp_path / "dict.joblib")
-    with pytest.raises(InputError, match="not a fitted k-means model"):
-        load_kmeans(str(tmp_path / "dict.joblib"))
-
+def test_distance_report_by_hand():
+    """Squared distances to the nearest centroid, the gap to the second, and the soft labels' entropy."""
+    centers = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 3.0]], np.float32)
+    X = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]], np.float32)
+    # d^2 rows: (0, 4, 9), (1, 1, 10), (4, 8, 1) -> nearest 0, 1, 1; gaps 4, 0, 3
+    r = distance_report(centers, X, temperatures=[2.0, 1e-3, 1e6], top_k=3)
+    assert r["frames"] == 3 and r["top_k"] == 3 and r["max_entropy_bits"] == pytest.approx(np.log2(3))
+    assert r["nearest"]["p50"] == pytest.approx(1.0) and r["gap"]["p50"] == pytest.approx(3.0)
+    assert r["gap"]["p10"] == pytest.approx(0.6) and r["gap"]["p90"] == pytest.approx(3.8)  # linear interpolation
+    d2 = np.array([[0, 4, 9], [1, 1, 10], [4, 8, 1]], np.float64)
+    p = np.exp(-d2 / 2.0)
+    p /= p.sum(1, keepdims=True)
+    assert r["entropy_bits"]["2"] == pytest.approx(float((-(p * np.log2(p)).sum(1)).mean()), rel=1e-5)
+    assert r["top1"]["2"] == pytest.approx(float(p.max(1).mean()), rel=1e-5)
+    # a tiny T: one-hot except the tie of frame 2 (1 bit); a huge T: uniform over the 3 kept
+    assert r["entropy_bits"]["0.001"] == pytest.approx(1 / 3, abs=1e-6)
+    assert r["entropy_bits"]["1e+06"] == pytest.approx(np.log2(3), abs=1e-4)
+    # T relative to the median gap (3): T = 1.5 and 3 for multiples 0.5 and 1
+    for m, t in (("0.5", 1.5), ("1", 3.0)):
+        q = np.exp(-d2 / t)
+        q /= q.sum(1, keepdims=True)
+        assert r["entropy_bits_gap"][m] == pytest.approx(float((-(q * np.log2(q)).sum(1)).mean()), rel=1e-5)
+    # normalised mode: the frames are scaled to unit norm first
+    rn = distance_report(np.array([[1.0, 0.0], [0.0, 1.0]], np.float32), np.array([[5.0, 0.0]], np.float32),
+                         normalize=True, temperatures=[1.0], top_k=2)
+    assert rn["nearest"]["p50"] == pytest.approx(0.0, abs=1e-6) and rn["gap"]["p50"] == pytest.approx(2.0)
 
 def test_reservoir_is_uniform_and_bounded():
     counts = np.zeros(100)
@@ -152,3 +158,21 @@ def test_reservoir_is_uniform_and_bounded():
     small = ReservoirSample(10, 2)
     small.add(np.ones((4, 2), np.float32))
     assert small.data.shape == (4, 2)
+
+
+def test_sklearn_private_counts_still_mean_what_we_rescale():
+    """StreamingKMeans rescales MiniBatchKMeans._counts after fit (its one use of a private sklearn
+    attribute): partial_fit must still move a centre by n / (count + n) towards its batch mean and add
+    n to its count.  A scikit-learn release that changes this fails here (setup.py bounds the range)."""
+    km = new_kmeans(2, seed=0, batch_size=100, n_init=1).fit(np.array([[0.0, 0.0]] * 50 + [[10.0, 10.0]] * 50,
+                                                                    dtype=np.float32))
+    counts = getattr(km, SKLEARN_COUNTS)
+    assert counts.shape == (2,) and counts.dtype.kind == "f"
+    near = int(np.argmin(np.linalg.norm(km.cluster_centers_, axis=1)))  # the centre at (0, 0)
+    counts[:] = [30.0, 30.0]
+    before = km.cluster_centers_[near].copy()
+    batch = np.array([[1.0, 2.0]] * 10, dtype=np.float32)  # all assigned to that centre
+    km.partial_fit(batch)
+    expected = (30.0 * before + batch.sum(0)) / (30.0 + 10.0)
+    np.testing.assert_allclose(km.cluster_centers_[near], expected, rtol=1e-5)
+    assert getattr(km, SKLEARN_COUNTS)[near] == pytest.approx(40.0)

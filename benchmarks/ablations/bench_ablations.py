@@ -14,7 +14,7 @@ median CPU time of this process. On a machine shared with other jobs, the CPU ti
 thread (the default) is the robust figure: it does not count time spent waiting for a core
 (with several threads, OpenMP spin-waits inflate it instead).
 
-    python benchmarks/ablations/bench_ablations.py [--student narrow] [--teacher CKPT] [--json OUT]
+    python -m benchmarks.ablations.bench_ablations [--student narrow] [--teacher CKPT] [--json OUT]
 
 Without --teacher a randomly initialised HuBERT Base-sized checkpoint (12 x 768, the same
 compute as hubert_base_ls960.pt) is written to the work directory.
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 import dicehubert_fairseq  # noqa: F401
-from dicehubert_fairseq.config import build, compose
+from tests.helpers.config import build, compose
 from dicehubert_fairseq.data.files import SoftLabelWriter, write_dictionary
-from dicehubert_fairseq.testing import num_frames, write_checkpoint, write_corpus
+from tests.helpers.data import num_frames, write_checkpoint, write_corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORK = os.path.join(os.path.dirname(HERE), "work", "ablations")
@@ -126,7 +126,9 @@ def main():
     p.add_argument("--teacher", help="teacher checkpoint for L_feat (default: random HuBERT Base-sized)")
     p.add_argument("--batch", type=int, default=2, help="utterances per update (default 2)")
     p.add_argument("--seconds", type=float, default=2.0, help="seconds per utterance (default 2)")
-    p.add_argument("--clusters", type=int, default=500, help="K (default 500, the paper's)")
+    p.add_argument("--clusters", type=int, default=500,
+                   help="K (default 500, fairseq's HuBERT iteration-2 setting: five times the paper's K = 100, "
+                        "the harder case for soft labels)")
     p.add_argument("--top-k", type=int, default=10, help="soft classes kept per frame (dicehubert-labels default 10)")
     p.add_argument("--rounds", type=int, default=6, help="measured rounds, one update per variant each (default 6)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured updates per variant first (default 1)")

@@ -4,7 +4,7 @@
 Both run in this one process, interleaved (A, B, A, B, ...) so drift in machine load hits
 both equally.  Prints a table and writes JSON.
 
-    python benchmarks/core/bench_train_step.py [--preset narrow] [--steps 20] [--json out.json]
+    python -m benchmarks.core.bench_train_step [--preset narrow] [--steps 20] [--json out.json]
 """
 
 import argparse
@@ -15,23 +15,22 @@ import statistics
 import tempfile
 import time
 
+import numpy as np
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 import dicehubert_fairseq  # noqa: F401
-from dicehubert_fairseq.config import CONFIG_DIR
-from dicehubert_fairseq.testing import write_corpus, write_random_labels
+from fairseq import tasks
+from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
+from fairseq.dataclass.utils import merge_with_parent
+from fairseq.models import MODEL_DATACLASS_REGISTRY
+from fairseq.tasks import TASK_DATACLASS_REGISTRY
+from tests.helpers.config import CONFIG_DIR
+from tests.helpers.data import write_corpus, write_random_labels
 
 
 def build(kind, data, labels, model_cfg):
-    from omegaconf import OmegaConf
-
-    from fairseq import tasks
-    from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
-    from fairseq.dataclass.utils import merge_with_parent
-    from fairseq.models import MODEL_DATACLASS_REGISTRY
-    from fairseq.tasks import TASK_DATACLASS_REGISTRY
-
     task_name, model_name, crit_name = {
         "fairseq": ("hubert_pretraining", "hubert", "hubert"),
         "dicehubert": ("dicehubert", "dicehubert_student", "dicehubert"),
@@ -54,7 +53,8 @@ def build(kind, data, labels, model_cfg):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="narrow", help="config/model/<preset>.yaml (default: narrow)")
+    p.add_argument("--preset", default="narrow",
+                   help="config/model/<preset>.yaml on config/recipe/hubert.yaml's model (default: narrow)")
     p.add_argument("--batch", type=int, default=4, help="utterances per batch")
     p.add_argument("--seconds", type=float, default=2.0, help="seconds per utterance")
     p.add_argument("--clusters", type=int, default=100)
@@ -66,7 +66,11 @@ def main():
     logging.disable(logging.INFO)
     torch.set_num_threads(args.threads)
 
-    model_cfg = yaml.safe_load(open(os.path.join(CONFIG_DIR, "model", f"{args.preset}.yaml")))
+    # the recipe's model settings (fairseq's HuBERT Base recipe), then the preset's size
+    with open(os.path.join(CONFIG_DIR, "recipe", "hubert.yaml")) as f:
+        model_cfg = yaml.safe_load(f)["model"]
+    with open(os.path.join(CONFIG_DIR, "model", f"{args.preset}.yaml")) as f:
+        model_cfg.update(yaml.safe_load(f) or {})
     model_cfg["encoder_layerdrop"] = 0.0  # identical work every step
     with tempfile.TemporaryDirectory() as tmp:
         sizes = write_corpus(os.path.join(tmp, "data"), {"train": args.batch},
@@ -92,7 +96,6 @@ def main():
         for i in range(args.warmup + args.steps):
             for kind in (("fairseq", "dicehubert") if i % 2 == 0 else ("dicehubert", "fairseq")):
                 torch.manual_seed(1000 + i)  # same masks for both
-                import numpy as np
                 np.random.seed(1000 + i)
                 dt, cpu = step(runs[kind])
                 if i >= args.warmup:

@@ -1,17 +1,19 @@
 """Run one Python script or module in this process; record wall time, peak RSS and bytes written.
 
-    python benchmarks/labels/measure.py --out step.json [--fairseq-shim] (--module MOD | SCRIPT) -- ARGS...
+    python benchmarks/labels/measure.py --out step.json [--fairseq-shim | --sox-stub] (--module MOD | SCRIPT) -- ARGS...
 
 Recorded at exit (JSON): ``wall_s``, ``peak_rss_mb`` (``getrusage(RUSAGE_SELF).ru_maxrss``),
 ``write_bytes`` (``/proc/self/io``: bytes this process sent to the storage layer, temporary files
-included), ``wchar`` (bytes passed to write(), terminal output included), ``exit``.
+included), ``wchar`` (bytes passed to write(), terminal output included), ``exit``, and
+``cuda_peak_mb`` (``torch.cuda.max_memory_allocated``) when the step used the GPU.
 
 ``--fairseq-shim`` lets fairseq's examples/hubert/simple_kmeans scripts run on a CPU-only machine
 where torchaudio cannot load: ``.cuda()`` becomes a no-op (dump_hubert_feature.py hard-codes it),
 and a stub ``torchaudio.sox_effects`` module satisfies the import that fairseq's
 ``audio_utils.convert_waveform`` makes for every file (it is used only to resample or downmix,
-never for 16 kHz mono input).  A script that imports its siblings needs its directory on
-``PYTHONPATH`` (run.py sets it).
+never for 16 kHz mono input).  ``--sox-stub`` is that stub alone, for a GPU machine whose
+torchaudio loads but has no ``sox_effects`` (torchaudio >= 2.9 removed it).  A script that
+imports its siblings needs its directory on ``PYTHONPATH`` (run.py sets it).
 """
 
 import argparse
@@ -36,10 +38,31 @@ def _fairseq_shim():
     torch.nn.Module.cuda = lambda self, *a, **k: self
     torch.Tensor.cuda = lambda self, *a, **k: self
     ta = types.ModuleType("torchaudio")
+    sys.modules["torchaudio"] = ta
+    _sox_stub()
+
+
+def _sox_stub():
+    """A stub ``torchaudio.sox_effects`` where the real one cannot be imported."""
+    try:
+        import torchaudio.sox_effects  # noqa: F401
+        return
+    except (ImportError, OSError):  # OSError: a torchaudio built for another torch
+        pass
+    try:
+        import torchaudio as ta
+    except (ImportError, OSError):
+        ta = sys.modules["torchaudio"] = types.ModuleType("torchaudio")
     sox = types.ModuleType("torchaudio.sox_effects")
     ta.sox_effects = sox
-    sys.modules["torchaudio"] = ta
     sys.modules["torchaudio.sox_effects"] = sox
+
+
+def _cuda_peak_mb():
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def main():
@@ -50,6 +73,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--fairseq-shim", action="store_true")
+    p.add_argument("--sox-stub", action="store_true")
     p.add_argument("--module")
     p.add_argument("script", nargs="?")
     args = p.parse_args(argv[:cut])
@@ -64,11 +88,14 @@ def main():
                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                        "write_bytes": io1["write_bytes"] - io0["write_bytes"],
                        "cancelled_write_bytes": io1["cancelled_write_bytes"] - io0["cancelled_write_bytes"],
-                       "wchar": io1["wchar"] - io0["wchar"], "exit": state["exit"]}, f)
+                       "wchar": io1["wchar"] - io0["wchar"], "exit": state["exit"],
+                       "cuda_peak_mb": _cuda_peak_mb()}, f)
 
     atexit.register(record)
     if args.fairseq_shim:
         _fairseq_shim()
+    elif args.sox_stub:
+        _sox_stub()
     try:
         if args.module:
             sys.argv = [args.module] + rest

@@ -8,12 +8,20 @@ Ours: ``dicehubert-labels fit`` -> ``dicehubert-labels dump``.  Clustering quali
 objective (mean squared distance of every frame to its nearest centroid) of both models on the
 same features, fairseq's dumped features of the whole corpus.
 
-    python benchmarks/labels/run.py [--scales 20 80] [--layer 9] [--n-clusters 100] [--percent 0.1]
+    python -m benchmarks.labels.run [--scales 20 80] [--layer 9] [--n-clusters 100] [--percent 0.1]
+    python -m benchmarks.labels.run --device cuda --dtype float16 --agreement   # on a GPU
+
+On ``--device cuda`` ours runs with ``--device cuda --dtype DTYPE`` and fairseq's
+``dump_hubert_feature.py`` runs on the GPU as written (its own ``.cuda()``; only the
+``torchaudio.sox_effects`` stub, ``measure.py --sox-stub``).  ``--agreement`` also dumps our
+labels with fairseq's k-means model and reports the fraction of frames whose label equals
+fairseq's (same centroids: the difference is the features, e.g. our fp16 against its fp32).
 
 Writes ``results.json`` and ``results.md`` in ``--workdir`` and prints the table.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -23,6 +31,10 @@ import sys
 import time
 
 import numpy as np
+
+from dicehubert_fairseq.labels.fit import load_kmeans
+from dicehubert_fairseq.labels.kmeans import objective_of
+from tests.helpers.data import write_checkpoint, write_corpus, write_random_labels
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -35,19 +47,19 @@ HUBERT_BASE = {
 
 
 def simple_kmeans_dir() -> str:
-    import importlib.util
-
     return os.path.join(os.path.dirname(importlib.util.find_spec("fairseq").origin), "examples", "hubert",
                         "simple_kmeans")
 
 
-def measured(name, out_dir, argv, shim=False, module=None, env=None):
+def measured(name, out_dir, argv, shim=False, module=None, env=None, sox_stub=False):
     """Run one step under measure.py; returns its metrics."""
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, f"{name}.json")
     cmd = [sys.executable, os.path.join(HERE, "measure.py"), "--out", out]
     if shim:
         cmd.append("--fairseq-shim")
+    if sox_stub:
+        cmd.append("--sox-stub")
     cmd += (["--module", module] if module else [argv[0]]) + ["--"] + (argv if module else argv[1:])
     log = os.path.join(out_dir, f"{name}.log")
     with open(log, "w") as f:
@@ -56,8 +68,9 @@ def measured(name, out_dir, argv, shim=False, module=None, env=None):
         raise SystemExit(f"step {name} failed (exit {p.returncode}); see {log}")
     with open(out) as f:
         m = json.load(f)
-    print(f"  {name:<22} {m['wall_s']:7.1f} s  {m['peak_rss_mb']:7.0f} MB  {m['write_bytes'] / 1e6:9.2f} MB written",
-          flush=True)
+    gpu = f"  {m['cuda_peak_mb']:7.0f} MB GPU" if m.get("cuda_peak_mb") is not None else ""
+    print(f"  {name:<22} {m['wall_s']:7.1f} s  {m['peak_rss_mb']:7.0f} MB  {m['write_bytes'] / 1e6:9.2f} MB written"
+          f"{gpu}", flush=True)
     return m
 
 
@@ -72,8 +85,6 @@ def dir_bytes(*paths):
 
 
 def run_scale(n, args, teacher, work):
-    from dicehubert_fairseq.testing import write_corpus
-
     d = os.path.join(work, f"n{n}")
     shutil.rmtree(d, ignore_errors=True)
     data = os.path.join(d, "data")
@@ -87,17 +98,20 @@ def run_scale(n, args, teacher, work):
                PYTHONPATH=os.pathsep.join(filter(None, [sk, os.environ.get("PYTHONPATH")])))
     L, K, P = str(args.layer), str(args.n_clusters), str(args.percent)
     m = os.path.join(d, "metrics")
+    # on the CPU, fairseq's .cuda() calls are made no-ops; on a GPU its script runs as written
+    shim = {"shim": True} if args.device == "cpu" else {"sox_stub": True}
     fs = {
         "dump_hubert_feature": measured("fairseq_dump_feature", m, [os.path.join(sk, "dump_hubert_feature.py"), data,
-                                        "train", teacher, L, "1", "0", os.path.join(d, "fs_feat")], shim=True, env=env),
+                                        "train", teacher, L, "1", "0", os.path.join(d, "fs_feat")], **shim, env=env),
         "learn_kmeans": measured("fairseq_learn_kmeans", m, [os.path.join(sk, "learn_kmeans.py"),
                                  os.path.join(d, "fs_feat"), "train", "1", os.path.join(d, "fs_km.bin"), K,
-                                 "--percent", P, "--seed", str(args.seed)], shim=True, env=env),
+                                 "--percent", P, "--seed", str(args.seed)], **shim, env=env),
         "dump_km_label": measured("fairseq_dump_km_label", m, [os.path.join(sk, "dump_km_label.py"),
                                   os.path.join(d, "fs_feat"), "train", os.path.join(d, "fs_km.bin"), "1", "0",
-                                  os.path.join(d, "fs_lab")], shim=True, env=env),
+                                  os.path.join(d, "fs_lab")], **shim, env=env),
     }
-    variants = {"ours": []} if not args.bf16 else {"ours": [], "ours_bf16": ["--dtype", "bfloat16"]}
+    device = ["--device", args.device, "--dtype", args.dtype]
+    variants = {"ours": device} if not args.bf16 else {"ours": device, "ours_bf16": ["--dtype", "bfloat16"]}
     ours = {}
     for tag, extra in variants.items():
         common = ["--manifest-dir", data, "--checkpoint", teacher, "--layer", L, *extra]
@@ -109,9 +123,16 @@ def run_scale(n, args, teacher, work):
                                                 os.path.join(d, f"{tag}_km.joblib"), "--label-dir",
                                                 os.path.join(d, f"{tag}_lab")], module="dicehubert_fairseq.labels"),
         }
+    agreement = None
+    if args.agreement:  # our features, fairseq's centroids: labels comparable frame by frame
+        measured("ours_dump_fairseq_km", m, ["dump", "--manifest-dir", data, "--checkpoint", teacher, "--layer", L,
+                                             *device, "--split", "train", "--km", os.path.join(d, "fs_km.bin"),
+                                             "--label-dir", os.path.join(d, "ours_fskm_lab")],
+                 module="dicehubert_fairseq.labels")
+        agreement = label_agreement(os.path.join(d, "ours_fskm_lab", "train.km"),
+                                    os.path.join(d, "fs_lab", "train_0_1.km"))
 
     # clustering quality on the same features: fairseq's dump of the whole corpus
-    from dicehubert_fairseq.labels.kmeans import load_kmeans, objective_of
 
     feats = np.load(os.path.join(d, "fs_feat", "train_0_1.npy"), mmap_mode="r")
     objective = {"fairseq": objective_of(load_kmeans(os.path.join(d, "fs_km.bin"))[0].cluster_centers_, feats)}
@@ -131,6 +152,7 @@ def run_scale(n, args, teacher, work):
                                              os.path.join(d, "fs_lab"))},
         "objective": objective,
         "same_frame_counts": fs_frames == our_frames,
+        "label_agreement": agreement,
     }
     for tag, steps in ours.items():
         result[tag] = {"steps": steps, "wall_s": sum(s["wall_s"] for s in steps.values()),
@@ -140,10 +162,21 @@ def run_scale(n, args, teacher, work):
     return result
 
 
+def label_agreement(ours, theirs):
+    """Fraction of frames with the same label in two label files of the same utterances."""
+    with open(ours) as f, open(theirs) as g:
+        a, b = [line.split() for line in f], [line.split() for line in g]
+    if [len(x) for x in a] != [len(x) for x in b]:
+        raise SystemExit(f"{ours} and {theirs}: different numbers of frames per utterance")
+    same = sum(x == y for u, v in zip(a, b) for x, y in zip(u, v))
+    return same / max(sum(len(x) for x in a), 1)
+
+
 def table(results, args):
     tags = [t for t in ("fairseq", "ours", "ours_bf16") if t in results[0]]
-    names = {"fairseq": "fairseq simple_kmeans (3 scripts)", "ours": "dicehubert-labels fit+dump",
-             "ours_bf16": "dicehubert-labels fit+dump, --dtype bfloat16"}
+    on = "" if args.device == "cpu" and args.dtype == "float32" else f", --device {args.device} --dtype {args.dtype}"
+    names = {"fairseq": "fairseq simple_kmeans (3 scripts)" + (", GPU" if args.device != "cpu" else ""),
+             "ours": "dicehubert-labels fit+dump" + on, "ours_bf16": "dicehubert-labels fit+dump, --dtype bfloat16"}
     lines = ["| pipeline | utterances (audio) | wall time | peak RSS | bytes written | k-means objective |",
              "|---|---|---|---|---|---|"]
     for r in results:
@@ -160,6 +193,11 @@ def table(results, args):
             lines.append(f"| {names[t]} | {b[t]['wall_s'] / a[t]['wall_s']:.2f}x | "
                          f"{b[t]['peak_rss_mb'] / a[t]['peak_rss_mb']:.2f}x | "
                          f"{b[t]['write_bytes'] / max(a[t]['write_bytes'], 1):.2f}x |")
+    if any(r.get("label_agreement") is not None for r in results):
+        lines += ["", f"Labels of our features{on or ' (float32)'} with fairseq's k-means model against "
+                      "fairseq's labels (float32 features):", "",
+                  "| utterances | frames | identical labels |", "|---|---|---|"]
+        lines += [f"| {r['utterances']} | {r['frames']} | {100 * r['label_agreement']:.2f} % |" for r in results]
     lines += ["", "Per step (largest corpus):", "", "| step | wall time | peak RSS | bytes written |", "|---|---|---|---|"]
     r = results[-1]
     for t in tags:
@@ -178,6 +216,12 @@ def main():
     p.add_argument("--percent", type=float, default=0.1, help="fraction of utterances k-means is fitted on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="also run ours with --dtype bfloat16 (autocast on CPU)")
+    p.add_argument("--device", default="cpu", help="ours: dicehubert-labels --device; cuda also runs fairseq's "
+                                                  "dump_hubert_feature.py on the GPU (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="ours: dicehubert-labels --dtype (default float32)")
+    p.add_argument("--agreement", action="store_true",
+                   help="also label with fairseq's k-means model and report agreement with fairseq's labels")
     args = p.parse_args()
     try:
         import npy_append_array  # noqa: F401
@@ -186,14 +230,17 @@ def main():
     os.makedirs(args.workdir, exist_ok=True)
     teacher = os.path.join(args.workdir, "hubert_base_random.pt")
     if not os.path.isfile(teacher):
-        from dicehubert_fairseq.testing import write_checkpoint, write_random_labels
-
         lab = os.path.join(args.workdir, "teacher_labels")
         write_random_labels(lab, {}, n_clusters=100)
         write_checkpoint(teacher, os.path.join(args.workdir, "n20", "data"), lab, model_overrides=HUBERT_BASE)
     t0 = time.time()
     results = [run_scale(n, args, teacher, args.workdir) for n in args.scales]
-    info = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    if args.device != "cpu":
+        import torch
+
+        machine += f", {torch.cuda.get_device_name(torch.device(args.device))}"
+    info = {"machine": machine,
             "load_average_at_end": os.getloadavg(), "total_s": time.time() - t0, "args": vars(args)}
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump({"info": info, "results": results}, f, indent=1)

@@ -3,7 +3,7 @@
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -64,6 +64,9 @@ def check_finite(loss: torch.Tensor, sample, scaled: bool = False) -> None:
 class DiceHubertCriterion(FairseqCriterion):
     """Cross-entropy of the student's cosine logits against teacher cluster ids.
 
+    One model call (:meth:`forward`), one loss (:meth:`compute_loss`): a subclass changes the
+    loss or the model's inputs, never the call (fairseq's translation_moe criterion does the same).
+
     Hard streams: cross-entropy with the cluster id (exactly HuBERT's loss).  Soft streams:
     cross-entropy with the temperature-scaled distribution over clusters.  Loss on masked
     frames weighs ``pred_masked_weight``, on unmasked ones ``pred_nomask_weight``; each stream
@@ -100,11 +103,32 @@ class DiceHubertCriterion(FairseqCriterion):
         return total
 
     def forward(self, model, sample, reduce=True):
-        net_output = model(
-            target_list=sample["target_list"],
-            soft_target_list=sample.get("soft_target_list"),
-            **sample["net_input"],
+        """Run the model once on :meth:`model_inputs`, then :meth:`compute_loss` on its output."""
+        net_output = model(**self.model_inputs(sample))  # through model(...): a DDP wrapper sees the forward
+        loss, sample_size, logging_output = self.compute_loss(model, net_output, sample)
+        check_finite(loss, sample, scaled=loss_scaled(model))
+        logging_output.update(
+            loss=loss.item(),
+            ntokens=sample_size,
+            nsentences=sample["id"].numel(),
+            sample_size=sample_size,
         )
+        return loss, sample_size, logging_output
+
+    def model_inputs(self, sample) -> dict:
+        """Keyword arguments of the model call: the batch's ``net_input`` and its label streams."""
+        return dict(sample["net_input"], target_list=sample["target_list"],
+                    soft_target_list=sample.get("soft_target_list"))
+
+    def compute_loss(self, model, net_output, sample):
+        """L_SSL of one model output.
+
+        Returns:
+            ``(loss, sample_size, logging_output)``: the loss summed over ``sample_size`` frames
+            (masked, plus unmasked if ``pred_nomask_weight > 0``) with the weighted feature
+            penalty; per stream ``i``, ``loss_m_i``, ``correct_m_i``, ``count_m_i`` (``_u_`` for
+            unmasked frames) and ``loss_features_pen``.
+        """
         logging_output = {}
         loss = 0.0
         sample_size = 0
@@ -125,13 +149,6 @@ class DiceHubertCriterion(FairseqCriterion):
                 p = coef * p.float() * sample_size
                 loss = loss + p
                 logging_output[f"loss_{name}"] = p.item()
-        check_finite(loss, sample, scaled=loss_scaled(model))
-        logging_output.update(
-            loss=loss.item(),
-            ntokens=sample_size,
-            nsentences=sample["id"].numel(),
-            sample_size=sample_size,
-        )
         return loss, sample_size, logging_output
 
     @staticmethod
@@ -145,12 +162,12 @@ class DiceHubertCriterion(FairseqCriterion):
             if key.startswith("loss_"):
                 val = sum(log.get(key, 0) for log in logging_outputs)
                 metrics.log_scalar(key, val / denom / math.log(2), sample_size, round=3)
-            elif key.startswith("correct_"):
-                count_key = "count_" + key[len("correct_"):]
-                count = sum(log.get(count_key, 0) for log in logging_outputs)
+            elif key.startswith("count_"):  # fairseq's hubert criterion: count_m_i, and correct_m_i = accuracy
+                count = sum(log.get(key, 0) for log in logging_outputs)
+                metrics.log_scalar(key, count)
                 if count > 0:
-                    val = sum(log.get(key, 0) for log in logging_outputs)
-                    metrics.log_scalar("acc_" + key[len("correct_"):], val / count, count, round=4)
+                    correct = sum(log.get("correct_" + key[len("count_"):], 0) for log in logging_outputs)
+                    metrics.log_scalar("correct_" + key[len("count_"):], correct / count, count, round=4)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

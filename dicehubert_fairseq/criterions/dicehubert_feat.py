@@ -4,8 +4,10 @@ The paper's baseline and its combination with DiceHuBERT's objective:
 
 * ``ssl_weight: 0`` -- L_feat alone (DistilHuBERT / FitHuBERT): the student sees the unmasked
   waveform; each of its prediction heads (``model.feat_target_layers``) regresses one teacher
-  layer with L1 + lambda * (-log sigmoid(cos)) (:func:`~dicehubert_fairseq.losses.feature_distillation_loss`),
-  averaged over non-padded frames.  No labels are needed (``task.labels: []``).
+  layer, averaged over non-padded frames, with ``feat_loss``: ``mse`` (FitHuBERT,
+  :func:`~dicehubert_fairseq.losses.feature_mse_loss`) or ``l1_cos``, L1 + lambda * (-log sigmoid(cos))
+  (DistilHuBERT, :func:`~dicehubert_fairseq.losses.feature_distillation_loss`).  No labels are
+  needed (``task.labels: []``).
 * ``ssl_weight > 0`` -- L_SSL + ``feat_weight`` * L_feat: one student forward with span
   masking gives both the ``dicehubert`` criterion's masked prediction loss (computed by that
   criterion's own code) and the layer states the heads read, so on masked frames the student
@@ -20,20 +22,26 @@ and fairseq's ``criterion.half()`` / ``.to(device)`` never touch it.
 
 import logging
 from dataclasses import dataclass, field
-from typing import List
+from typing import Dict, List, Tuple
 
 import torch
 
 from fairseq.criterions import register_criterion
+from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 from omegaconf import II, MISSING
 
+from ..checkpoint import load_model
 from ..errors import InputError
-from ..losses import feature_distillation_loss
-from ..models.dicehubert_student import frame_stride, layer_states
-from .dicehubert import DiceHubertCriterion, DiceHubertCriterionConfig, loss_scaled, check_finite
+from ..frames import conv_layers, frame_stride
+from ..hidden_states import hidden_states
+from ..losses import feature_distillation_loss, feature_mse_loss
+from .dicehubert import DiceHubertCriterion, DiceHubertCriterionConfig
 
 logger = logging.getLogger(__name__)
+
+#: Per-layer L_feat: ``mse`` (FitHuBERT), ``l1_cos`` (DistilHuBERT: L1 + cos_weight * (-log sigmoid(cos))).
+FEAT_LOSS_CHOICES = ChoiceEnum(["mse", "l1_cos"])
 
 
 @dataclass
@@ -48,8 +56,15 @@ class DiceHubertFeatCriterionConfig(DiceHubertCriterionConfig):
                           "input, no labels needed"},
     )
     feat_weight: float = field(default=1.0, metadata={"help": "weight of L_feat"})
+    feat_loss: FEAT_LOSS_CHOICES = field(
+        default="mse",
+        metadata={"help": "per-layer feature loss, averaged over non-padded frames: mse (FitHuBERT: mean "
+                          "squared error, no cosine term) or l1_cos (DistilHuBERT: L1 + cos_weight * "
+                          "(-log sigmoid(cos)))"},
+    )
     cos_weight: float = field(
-        default=1.0, metadata={"help": "lambda of L1 + lambda * (-log sigmoid(cos)) (DistilHuBERT: 1)"}
+        default=1.0, metadata={"help": "lambda of l1_cos, L1 + lambda * (-log sigmoid(cos)) (DistilHuBERT: 1); "
+                                       "unused by mse"}
     )
     target_layers: List[int] = field(
         default=II("model.feat_target_layers"),
@@ -78,23 +93,6 @@ class _Frozen:
         self.module = module
 
 
-class _LayerStateTap:
-    """Stands in for the model in :meth:`DiceHubertCriterion.forward`: calls the model with
-    ``return_layer_states=True`` and keeps its output, so L_SSL is computed by that criterion's
-    own code and L_feat reuses the same forward pass."""
-
-    def __init__(self, model):
-        self.model = model
-        self.net_output = None
-
-    def __call__(self, **kwargs):
-        self.net_output = self.model(return_layer_states=True, **kwargs)
-        return self.net_output
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
 def check_teacher(path: str, n_layers: int, dim: int, conv_feature_layers: str, normalize: bool,
                   target_layers: List[int], teacher_dim: int, student_conv_feature_layers: str,
                   task_normalize: bool) -> None:
@@ -121,7 +119,8 @@ def check_teacher(path: str, n_layers: int, dim: int, conv_feature_layers: str, 
     if int(dim) != int(teacher_dim):
         problems.append(f"{path}: the teacher's hidden size is {dim}, but model.feat_teacher_dim={teacher_dim} "
                         f"(set model.feat_teacher_dim={dim})")
-    t_stride, s_stride = frame_stride(conv_feature_layers), frame_stride(student_conv_feature_layers)
+    t_stride = frame_stride(conv_layers(conv_feature_layers))
+    s_stride = frame_stride(conv_layers(student_conv_feature_layers))
     if t_stride != s_stride:
         problems.append(f"{path}: the teacher's frames are {t_stride} samples apart, the student's "
                         f"{s_stride} samples apart (model.conv_feature_layers): L_feat needs frame-aligned "
@@ -138,17 +137,16 @@ def check_teacher(path: str, n_layers: int, dim: int, conv_feature_layers: str, 
 class DiceHubertFeatCriterion(DiceHubertCriterion):
     """L_feat (feature distillation from a frozen teacher), alone or added to L_SSL.
 
-    Logged per target layer ``k``: ``feat_loss_L{k}``, ``feat_l1_L{k}``, ``feat_cos_L{k}``
-    (the -log sigmoid(cos) term), each averaged over non-padded frames; ``feat_loss`` is the
-    mean over target layers (L_feat).
+    Logged per target layer ``k``, each averaged over non-padded frames: ``feat_loss_L{k}``, and
+    its terms: ``feat_mse_L{k}`` (``feat_loss: mse``) or ``feat_l1_L{k}`` and ``feat_cos_L{k}``
+    (the -log sigmoid(cos) term, ``feat_loss: l1_cos``); ``feat_loss`` is the mean over target
+    layers (L_feat).
     """
 
     def __init__(self, cfg: DiceHubertFeatCriterionConfig, task):
         super().__init__(cfg, task)
         if cfg.ssl_weight > 0 and not task.cfg.labels:
             raise InputError(["criterion.ssl_weight > 0 needs label streams, but task.labels is empty"])
-        from ..checkpoint import load_model
-
         path = cfg.teacher_checkpoint
         teacher, tcfg = load_model(path)  # eval mode, every parameter frozen
         check_teacher(path, len(teacher.encoder.layers), teacher.encoder.embedding_dim,
@@ -156,8 +154,11 @@ class DiceHubertFeatCriterion(DiceHubertCriterion):
                       list(cfg.target_layers), cfg.teacher_dim, cfg.student_conv_feature_layers, cfg.normalize)
         self.target_layers = list(cfg.target_layers)
         self._teacher = _Frozen(teacher)
-        logger.info(f"teacher {path}: layers {self.target_layers} -> L_feat "
-                    f"(ssl_weight={cfg.ssl_weight}, feat_weight={cfg.feat_weight}); kept out of checkpoints")
+        self.feat_loss_kind = str(cfg.feat_loss)
+        if self.feat_loss_kind not in ("mse", "l1_cos"):  # a plain string from a hand-made config
+            raise InputError([f"criterion.feat_loss={self.feat_loss_kind}: expected mse or l1_cos"])
+        logger.info(f"teacher {path}: layers {self.target_layers} -> L_feat ({self.feat_loss_kind}, "
+                    f"ssl_weight={cfg.ssl_weight}, feat_weight={cfg.feat_weight}); kept out of checkpoints")
 
     @property
     def teacher(self) -> torch.nn.Module:
@@ -178,8 +179,24 @@ class DiceHubertFeatCriterion(DiceHubertCriterion):
         """``(B, T, D_teacher)`` teacher outputs of every ``target_layers`` entry (no gradient)."""
         teacher = self._place_teacher(model)
         teacher.eval()
-        out = layer_states(teacher, source, padding_mask, mask=False, max_layer=max(self.target_layers))
-        return [out["layer_states"][k - 1] for k in self.target_layers]
+        layers = hidden_states(teacher, source, padding_mask, output_layer=max(self.target_layers)).layers
+        return [layers[k - 1] for k in self.target_layers]
+
+    def layer_loss(self, pred, target, padding_mask) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """One target layer's loss (``criterion.feat_loss``) and its logged terms.
+
+        Args:
+            pred, target: ``(B, T, D_teacher)`` student prediction and teacher features.
+            padding_mask: ``(B, T)`` bool, True on padding (left out of every mean).
+
+        Returns:
+            ``(loss, terms)``: the scalar loss and ``{"mse": ...}`` or ``{"l1": ..., "cos": ...}``.
+        """
+        if self.feat_loss_kind == "mse":
+            loss = feature_mse_loss(pred, target, padding_mask)
+            return loss, {"mse": loss}
+        loss, l1, cos = feature_distillation_loss(pred, target, padding_mask, self.cfg.cos_weight)
+        return loss, {"l1": l1, "cos": cos}
 
     def feat_loss(self, model, preds, padding_mask, sample, logging_output):
         """Mean over target layers of the per-layer distillation loss; logs every layer's terms.
@@ -195,36 +212,37 @@ class DiceHubertFeatCriterion(DiceHubertCriterion):
         n_frames = int((~padding_mask).sum().item())
         total = 0.0
         for k, pred, target in zip(self.target_layers, preds, targets):
-            loss, l1, cos = feature_distillation_loss(pred[:, :T], target[:, :T], padding_mask, self.cfg.cos_weight)
+            loss, terms = self.layer_loss(pred[:, :T], target[:, :T], padding_mask)
             total = total + loss
             logging_output[f"feat_loss_L{k}"] = loss.item() * n_frames
-            logging_output[f"feat_l1_L{k}"] = l1.item() * n_frames
-            logging_output[f"feat_cos_L{k}"] = cos.item() * n_frames
+            for name, value in terms.items():
+                logging_output[f"feat_{name}_L{k}"] = value.item() * n_frames
         total = total / len(self.target_layers)
         logging_output["feat_loss"] = total.item() * n_frames
         logging_output["feat_frames"] = n_frames
         return total, n_frames
 
-    def forward(self, model, sample, reduce=True):
+    def model_inputs(self, sample) -> dict:
+        if self.cfg.ssl_weight > 0:  # one masked forward serves L_SSL and L_feat
+            return super().model_inputs(sample)
+        return dict(sample["net_input"], mask=False)  # L_feat alone: unmasked input, no labels
+
+    def compute_loss(self, model, net_output, sample):
+        """``ssl_weight`` * L_SSL + ``feat_weight`` * L_feat of one model output.
+
+        L_feat, a mean over frames, is scaled by ``sample_size`` like L_SSL's sum: the masked
+        frames with L_SSL, the non-padded frames alone.
+        """
+        logging_output = {}
         if self.cfg.ssl_weight > 0:
-            tap = _LayerStateTap(model)
-            ssl_loss, sample_size, logging_output = super().forward(tap, sample, reduce)
-            out = tap.net_output
-            feat, _ = self.feat_loss(model, out["feat_preds"], out["padding_mask"], sample, logging_output)
-            # L_SSL is summed over sample_size frames: scale the frame-averaged L_feat alike
+            ssl_loss, sample_size, logging_output = super().compute_loss(model, net_output, sample)
+        feat, n_frames = self.feat_loss(model, net_output["feat_preds"], net_output["padding_mask"], sample,
+                                        logging_output)
+        if self.cfg.ssl_weight > 0:
             loss = self.cfg.ssl_weight * ssl_loss + self.cfg.feat_weight * feat * sample_size
         else:
-            net_input = sample["net_input"]
-            # through forward (not a helper method), so that a DDP wrapper sees the call
-            out = model(source=net_input["source"], padding_mask=net_input.get("padding_mask"), mask=False,
-                        return_layer_states=True)
-            logging_output = {}
-            feat, n_frames = self.feat_loss(model, out["feat_preds"], out["padding_mask"], sample, logging_output)
             sample_size = n_frames  # summed over frames, as fairseq's other criteria: sum / sample_size
             loss = self.cfg.feat_weight * feat * n_frames
-            logging_output.update(ntokens=n_frames, nsentences=sample["id"].numel(), sample_size=sample_size)
-        check_finite(loss, sample, scaled=loss_scaled(model))
-        logging_output["loss"] = loss.item()
         return loss, sample_size, logging_output
 
     @staticmethod

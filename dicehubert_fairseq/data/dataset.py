@@ -9,11 +9,17 @@ them into
 * ``soft_target_list[j]``: ``((B, T, k) dictionary indices, (B, T, k) probabilities)``,
 
 so the model and criterion see hard and soft streams side by side.
+
+Random crops (``random_crop``) are drawn from an RNG seeded by ``(seed, epoch, dataset index)``
+alone: fairseq's ``HubertDataset`` draws them from numpy's global RNG, which fairseq's
+prefetch thread (where ``collater`` runs) shares with the training thread, so two runs of the
+same command cropped differently.
 """
 
 import itertools
 import logging
-from typing import List, Optional, Sequence
+import threading
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +52,8 @@ class DiceHubertDataset(HubertDataset):
             index (``None`` for hard streams).
         hard_pads: dictionary pad index per stream (soft streams' ``pad_list`` entry must be
             :data:`SOFT_PAD`).
+        seed: seed of the random crops (the task passes ``common.seed``); with the epoch
+            (:meth:`set_epoch`) and the dataset index it fixes every crop.
         **kwargs: everything ``HubertDataset`` takes.
     """
 
@@ -56,8 +64,12 @@ class DiceHubertDataset(HubertDataset):
         soft_labels: Sequence[Optional[SoftLabels]] = (),
         soft_luts: Sequence[Optional[np.ndarray]] = (),
         hard_pads: Sequence[int] = (),
+        seed: int = 1,
         **kwargs,
     ):
+        self.seed = int(seed)
+        self.epoch = 1
+        self._collating: Dict[int, Dict[int, int]] = {}  # thread -> {id(waveform): dataset index}
         self.soft_labels = list(soft_labels)
         self.soft_luts = [None if lut is None else torch.as_tensor(lut, dtype=torch.long) for lut in soft_luts]
         self.hard_pads = list(hard_pads)
@@ -69,6 +81,28 @@ class DiceHubertDataset(HubertDataset):
             # fairseq's load_label_offset measures lines after newline translation, so in a CRLF
             # file every line is a byte short and labels drift: measure the raw bytes instead
             self.label_offsets_list = [_byte_offsets(p, self._rows) for p in self.label_paths]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by fairseq's epoch iterator before each epoch (the crops' second seed)."""
+        self.epoch = int(epoch)
+
+    def crop_rng(self, index: Optional[int]) -> np.random.Generator:
+        """The RNG of utterance ``index``'s crop in the current epoch (a function of seed, epoch, index)."""
+        key = [self.seed % 2**32, self.epoch] + ([] if index is None else [int(index)])
+        return np.random.default_rng(key)
+
+    def crop_to_max_size(self, wav, target_size):
+        """``HubertDataset``'s crop, its random start drawn from :meth:`crop_rng` of the utterance.
+
+        ``collater`` (through ``collater_audio``) calls it once per waveform to crop; the
+        waveform is identified by the object it is, recorded by :meth:`collater`.
+        """
+        diff = len(wav) - target_size
+        if diff <= 0 or not self.random_crop:
+            return super().crop_to_max_size(wav, target_size)
+        index = self._collating.get(threading.get_ident(), {}).get(id(wav))
+        start = int(self.crop_rng(index).integers(0, diff + 1))
+        return wav[start : start + target_size], start
 
     def get_label(self, index, label_idx):
         soft = self.soft_labels[label_idx] if self.soft_labels else None
@@ -86,7 +120,12 @@ class DiceHubertDataset(HubertDataset):
         return torch.arange(start, end, dtype=torch.long)
 
     def collater(self, samples):
-        batch = super().collater(samples)
+        thread = threading.get_ident()
+        self._collating[thread] = {id(s["source"]): s["id"] for s in samples if s["source"] is not None}
+        try:
+            batch = super().collater(samples)
+        finally:
+            self._collating.pop(thread, None)
         if batch:  # named in error messages (e.g. a non-finite loss)
             batch["utt_names"] = [self.audio_names[i] for i in batch["id"].tolist()]
         if not batch or not any(s is not None for s in self.soft_labels):

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import InputError, where
+from ..errors import InputError, Problems, where
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def read_manifest(path: str, check_root: bool = True) -> Manifest:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError([f"{path}: manifest not found (expected a file '<root>\\n<path>\\t<samples>...')"])
-    problems: List[str] = []
+    problems = Problems()
     names: List[str] = []
     sizes: List[int] = []
     lines = _read_lines(path)
@@ -99,32 +99,32 @@ def read_manifest(path: str, check_root: bool = True) -> Manifest:
         raise InputError([f"{where(path, 1)}: manifest is empty (expected the audio root directory on line 1)"])
     stray = [i for i, line in enumerate(lines, start=1) if "\r" in (line[:-1] if line.endswith("\r") else line)]
     if stray:  # fairseq reads '\r' as a line break: it would see other lines than we do
-        raise InputError([f"{where(path, i)}: carriage return (\\r) inside the line" for i in stray[:20]])
+        for i in stray:
+            problems.add(path, f"{where(path, i)}: carriage return (\\r) inside the line")
+        problems.raise_if_any()
     root = lines[0].strip()
     if check_root and not os.path.isdir(root):
-        problems.append(f"{where(path, 1)}: audio root directory '{root}' does not exist")
+        problems.add(path, f"{where(path, 1)}: audio root directory '{root}' does not exist")
     for lineno, line in enumerate(lines[1:], start=2):
         line = line.strip()  # as fairseq's load_audio
         items = line.split("\t")
         if len(items) != 2 or not items[0]:
-            problems.append(
-                f"{where(path, lineno)}: expected '<relative path><TAB><num samples>', found {line[:80]!r}"
-            )
+            problems.add(path, f"{where(path, lineno)}: expected '<relative path><TAB><num samples>', "
+                               f"found {line[:80]!r}")
             continue
         try:
             size = int(items[1])
         except ValueError:
-            problems.append(f"{where(path, lineno)}: num samples must be an integer, found {items[1][:40]!r}")
+            problems.add(path, f"{where(path, lineno)}: num samples must be an integer, found {items[1][:40]!r}")
             continue
         if size <= 0:
-            problems.append(f"{where(path, lineno)}: num samples must be positive, found {size}")
+            problems.add(path, f"{where(path, lineno)}: num samples must be positive, found {size}")
             continue
         names.append(items[0])
         sizes.append(size)
-    if not problems and not names:
-        problems.append(f"{path}: manifest lists no audio (expected at least one row after the root line)")
-    if problems:
-        raise InputError(problems)
+    if not problems.kept and not names:
+        problems.add(path, f"{path}: manifest lists no audio (expected at least one row after the root line)")
+    problems.raise_if_any()
     return Manifest(path=path, root=root, names=names, sizes=sizes)
 
 
@@ -156,7 +156,7 @@ def read_dictionary_symbols(path: str) -> List[str]:
         raise InputError([f"{path}: label dictionary not found (expected lines '<symbol> <count>')"])
     symbols: List[str] = []
     seen: Dict[str, int] = {}
-    problems = []
+    problems = Problems()
     text = "\n".join(_read_lines(path))
     for lineno, line in enumerate(io.StringIO(text, newline=None), start=1):  # fairseq's line breaks
         line = line.rstrip()
@@ -166,33 +166,30 @@ def read_dictionary_symbols(path: str) -> List[str]:
             parts = parts[0].rsplit(" ", 1)
         if len(parts) != 2:
             what = "blank line" if not line else f"found {line[:80]!r}"
-            problems.append(f"{where(path, lineno)}: expected '<symbol> <count>', {what}")
+            problems.add(path, f"{where(path, lineno)}: expected '<symbol> <count>', {what}")
             continue
         sym, count = parts
         try:
             int(count)
         except ValueError:
-            problems.append(f"{where(path, lineno)}: count must be an integer, found {count[:40]!r}")
+            problems.add(path, f"{where(path, lineno)}: count must be an integer, found {count[:40]!r}")
             continue
         if overwrite:  # fairseq appends the symbol again and points it at the new index
             seen.setdefault(sym, lineno)
             symbols.append(sym)
             continue
         if sym in FAIRSEQ_SPECIAL_SYMBOLS:
-            problems.append(f"{where(path, lineno)}: {sym!r} is one of fairseq's special symbols "
-                            f"{list(FAIRSEQ_SPECIAL_SYMBOLS)}, which every dictionary already has")
+            problems.add(path, f"{where(path, lineno)}: {sym!r} is one of fairseq's special symbols "
+                               f"{list(FAIRSEQ_SPECIAL_SYMBOLS)}, which every dictionary already has")
             continue
         if sym in seen:
-            problems.append(
-                f"{where(path, lineno)}: duplicate symbol {sym!r} (first on line {seen[sym]})"
-            )
+            problems.add(path, f"{where(path, lineno)}: duplicate symbol {sym!r} (first on line {seen[sym]})")
             continue
         seen[sym] = lineno
         symbols.append(sym)
-    if not problems and not symbols:
-        problems.append(f"{path}: label dictionary is empty (expected one '<symbol> <count>' line per label)")
-    if problems:
-        raise InputError(problems)
+    if not problems.kept and not symbols:
+        problems.add(path, f"{path}: label dictionary is empty (expected one '<symbol> <count>' line per label)")
+    problems.raise_if_any()
     return symbols
 
 

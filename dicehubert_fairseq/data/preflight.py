@@ -8,7 +8,9 @@ import logging
 import os
 from typing import List, Optional, Sequence
 
-from ..errors import InputError, where
+import soundfile as sf
+
+from ..errors import InputError, Problems, where
 from .files import Manifest, SoftLabels, duration_mismatch, read_dictionary_symbols, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -16,36 +18,18 @@ logger = logging.getLogger(__name__)
 #: Samples in the receptive field of HuBERT's conv front end (one 20 ms frame at 16 kHz).
 MIN_SAMPLES = 400
 
-#: Problems listed per file before the rest are only counted.
-MAX_REPORTED = 20
 
-
-class _Collector:
-    def __init__(self, limit: int = MAX_REPORTED):
-        self.problems: List[str] = []
-        self.limit = limit
-        self._per_file = {}
-
-    def add(self, path: str, message: str) -> None:
-        n = self._per_file.get(path, 0)
-        self._per_file[path] = n + 1
-        if n < self.limit:
-            self.problems.append(message)
-
-    def finish(self) -> List[str]:
-        for path, n in self._per_file.items():
-            if n > self.limit:
-                self.problems.append(f"{path}: ... and {n - self.limit} more problems in this file")
-        return self.problems
-
-
-def check_audio(manifest: Manifest, sample_rate: int = 16000, headers: bool = False, out: Optional[_Collector] = None) -> List[str]:
+def check_audio(manifest: Manifest, sample_rate: int = 16000, headers: bool = False, out: Optional[Problems] = None,
+                rows: Optional[Sequence[int]] = None) -> List[str]:
     """Audio files of a manifest: present (and, with ``headers``, readable, mono, at ``sample_rate``,
-    as long as the manifest says, at least :data:`MIN_SAMPLES`)."""
-    col = out or _Collector()
-    if headers:
-        import soundfile as sf
-    for i, (name, size) in enumerate(zip(manifest.names, manifest.sizes)):
+    as long as the manifest says, at least :data:`MIN_SAMPLES`).
+
+    Args:
+        rows: 0-based rows to check (a shard, a k-means sample); None: every row.
+    """
+    col = out or Problems()
+    for i in range(len(manifest)) if rows is None else rows:
+        name, size = manifest.names[i], manifest.sizes[i]
         line = i + 2
         loc = where(manifest.path, line)
         path = manifest.audio_path(i)
@@ -68,7 +52,7 @@ def check_audio(manifest: Manifest, sample_rate: int = 16000, headers: bool = Fa
             col.add(manifest.path, f"{loc}: {path} has {info.channels} channels, expected mono")
         if info.frames != size:
             col.add(manifest.path, f"{loc}: {path} has {info.frames} samples, the manifest says {size}")
-    return col.problems if out is not None else col.finish()
+    return col.kept if out is not None else col.lines()
 
 
 def check_labels(
@@ -80,10 +64,10 @@ def check_labels(
     sample_rate: int = 16000,
     soft: bool = False,
     tolerance: float = 0.1,
-    out: Optional[_Collector] = None,
+    out: Optional[Problems] = None,
 ) -> List[str]:
     """One label stream against its manifest: dictionary, line count, tokens, lengths, soft files."""
-    col = out or _Collector()
+    col = out or Problems()
     dict_path = os.path.join(label_dir, f"dict.{label}.txt")
     try:
         symbols = set(read_dictionary_symbols(dict_path))
@@ -94,7 +78,7 @@ def check_labels(
     path = os.path.join(label_dir, f"{split}.{label}")
     if not os.path.isfile(path):
         col.add(path, f"{path}: label file not found (expected one line per row of {manifest.path})")
-        return col.problems if out is not None else col.finish()
+        return col.kept if out is not None else col.lines()
     lengths = []
     with open(path, "rb") as f:  # lines end at b"\n" only, as DiceHubertDataset reads them
         for lineno, raw in enumerate(f, start=1):
@@ -146,7 +130,7 @@ def check_labels(
                     if b - a != n:
                         col.add(sl.paths["offsets"], f"{sl.paths['offsets']}: utterance {i + 1} has {b - a} soft "
                                                      f"frames but line {i + 1} of {path} has {n} labels")
-    return col.problems if out is not None else col.finish()
+    return col.kept if out is not None else col.lines()
 
 
 def check_split(
@@ -166,13 +150,13 @@ def check_split(
         manifest = read_manifest(path)
     except InputError as e:
         return e.problems
-    col = _Collector()
+    col = Problems()
     check_audio(manifest, sample_rate, headers=audio_headers, out=col)
     label_dir = manifest_dir if label_dir is None else label_dir
     for label in labels:
         check_labels(manifest, label_dir, split, label, label_rate, sample_rate,
                      soft=label in soft_labels, tolerance=tolerance, out=col)
-    return col.finish()
+    return col.lines()
 
 
 def require_valid(problems: List[str], what: str = "") -> None:

@@ -2,262 +2,229 @@
 
 Subcommands (``dicehubert-labels SUBCOMMAND -h`` for every option)::
 
-  fit    --manifest-dir D --split train (--checkpoint CKPT --layer L | --mfcc) --n-clusters K --out KM.joblib
-  dump   --manifest-dir D --split SPLIT (--checkpoint CKPT --layer L | --mfcc) --km KM.joblib --label-dir OUT
-         [--name km] [--soft --temperature T --top-k N] [--normalize] [--nshard N --rank R]
+  fit    --manifest-dir D --split train (--checkpoint CKPT --layer L[,L...] | --mfcc) --n-clusters K --out KM.joblib
+         [--normalize]
+  dump   --manifest-dir D --split SPLIT (--checkpoint CKPT --layer L[,L...] | --mfcc) --km KM.joblib --label-dir OUT
+         [--name km] [--soft (--temperature T | --temperature-gap G) --top-k N] [--nshard N --rank R]
   merge  --label-dir OUT --split SPLIT --nshard N [--name km] [--manifest-dir D]
   check  --manifest-dir D --label-dir OUT --labels km [--label-rate R]
+  quality --label-dir OUT --labels km [km2 ...] --split SPLIT --align SPLIT.align [--align-rate 100] [--label-rate 50]
 
 Bad input gives one line per problem on stderr and exit status 1 (``--debug``: the traceback).
 """
 
 import argparse
+import contextlib
 import glob
 import logging
 import os
 import sys
+import warnings
+from dataclasses import dataclass, field
 from typing import List, Optional
 
+import torch
+from omegaconf import MISSING
+from threadpoolctl import threadpool_limits
+
+from ..cli_args import add_arguments, from_args, positive_int
 from ..cli_errors import run_reporting_errors
+from ..data.files import soft_label_paths
+from ..data.preflight import check_split
 from ..errors import InputError
+from .dump import DumpConfig, dump_labels, merge_shards
+from .features import FeatureConfig
+from .fit import FitConfig, fit_kmeans
+from .quality import QualityConfig, format_table, measure_quality
 
 logger = logging.getLogger(__name__)
 
 PROG = "dicehubert-labels"
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
-    p.add_argument("--verbose", action="store_true", help="also show fairseq's own INFO logs")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+@dataclass
+class Common:
+    """Options of every subcommand."""
+
+    debug: bool = field(default=False, metadata={"help": "show tracebacks for bad input"})
+    verbose: bool = field(default=False, metadata={"help": "also show fairseq's own INFO logs"})
+    progress: bool = field(default=True, metadata={"help": "no tqdm progress bar", "flag": "--no-progress"})
 
 
-def _add_features(p: argparse.ArgumentParser, split_default: Optional[str]) -> None:
-    p.add_argument("--manifest-dir", required=True, help="directory with {split}.tsv")
-    p.add_argument("--split", default=split_default, required=split_default is None,
-                   help="manifest split to read" + (f" (default {split_default})" if split_default else ""))
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="fairseq hubert / dicehubert_student checkpoint (teacher)")
-    src.add_argument("--mfcc", action="store_true", help="39-dim Kaldi MFCC at 100 Hz instead of a teacher")
-    p.add_argument("--layer", type=int, help="1-based transformer layer of --checkpoint (as fairseq's dump_hubert_feature)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="teacher compute precision: float16 on CUDA only; bfloat16 via autocast (default float32)")
-    p.add_argument("--sample-rate", type=int, default=16000, help="audio sample rate for --mfcc (default 16000)")
-    p.add_argument("--max-batch-seconds", type=float, default=50.0,
-                   help="padded audio per inference batch, in seconds (default 50)")
-    p.add_argument("--max-chunk", type=int, default=1_600_000,
-                   help="longer utterances are cut into chunks of this many samples (fairseq's default)")
-    p.add_argument("--no-header-check", action="store_true",
-                   help="skip reading every audio header before starting")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch and sklearn/OpenMP (default: their own defaults); on a shared "
-                        "machine fewer threads than cores avoids OpenMP spinning")
+@dataclass
+class Source:
+    """The utterances ``dump`` reads (``fit``: :class:`FitSource`)."""
+
+    manifest_dir: str = field(default=MISSING, metadata={"help": "directory with {split}.tsv"})
+    split: str = field(default=MISSING, metadata={"help": "manifest split to read"})
+    check_headers: bool = field(default=True, metadata={
+        "help": "skip reading every audio header before starting", "flag": "--no-header-check"})
+    threads: Optional[int] = field(default=None, metadata={
+        "help": "CPU threads for torch and sklearn/OpenMP (default: their own defaults); on a shared machine "
+                "fewer threads than cores avoids OpenMP spinning", "type": positive_int})
+
+
+@dataclass
+class FitSource(Source):
+    split: str = field(default="train", metadata={"help": "manifest split to read"})
+
+
+@dataclass
+class MergeArgs:
+    label_dir: str = field(default=MISSING, metadata={"help": "directory with {split}_{rank}_{nshard}.{name}"})
+    split: str = field(default=MISSING, metadata={"help": "the split whose shards are joined"})
+    nshard: int = field(default=MISSING, metadata={"help": "number of shards"})
+    name: str = field(default="km", metadata={"help": "label name"})
+    manifest_dir: Optional[str] = field(default=None, metadata={
+        "help": "if given, check the line count against {split}.tsv"})
+    out_dir: Optional[str] = field(default=None, metadata={"help": "where to write (default --label-dir)"})
+
+
+@dataclass
+class CheckArgs:
+    manifest_dir: str = field(default=MISSING, metadata={"help": "directory with {split}.tsv"})
+    label_dir: Optional[str] = field(default=None, metadata={"help": "default: --manifest-dir"})
+    labels: List[str] = field(default_factory=lambda: ["km"], metadata={"help": "label names"})
+    label_rate: float = field(default=50.0, metadata={
+        "help": "labels per second (50 for HuBERT layers, 100 for MFCC)"})
+    split: Optional[List[str]] = field(default=None, metadata={
+        "help": "split(s) to check, repeatable (default: every *.tsv in --manifest-dir)", "action": "append"})
+    sample_rate: int = field(default=16000, metadata={"help": "audio sample rate"})
+    tolerance: float = field(default=0.1, metadata={"help": "seconds labels may differ from the audio"})
+    audio_headers: bool = field(default=True, metadata={
+        "help": "only check that audio files exist", "flag": "--no-audio-headers"})
+
+
+#: subcommand -> (help, option dataclasses)
+SUBCOMMANDS = {
+    "fit": ("fit k-means on teacher-layer (or MFCC) features, streamed", (FitSource, FeatureConfig, FitConfig)),
+    "dump": ("write hard (and soft) labels of a split or shard", (Source, FeatureConfig, DumpConfig)),
+    "merge": ("join the shards of a split into {split}.{name}", (MergeArgs,)),
+    "check": ("validate manifests, audio and label files; report every problem", (CheckArgs,)),
+    "quality": ("phone purity, cluster purity and PNMI of label files against frame-level phone alignments",
+                (QualityConfig,)),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,dump,merge,check}")
-
-    p = sub.add_parser("fit", help="fit k-means on teacher-layer (or MFCC) features, streamed")
-    _add_features(p, "train")
-    p.add_argument("--n-clusters", type=int, required=True, help="K")
-    p.add_argument("--out", required=True, help="k-means model to write (joblib; fairseq's dump_km_label reads it)")
-    p.add_argument("--percent", type=float, default=1.0,
-                   help="fraction of utterances to fit on, as fairseq's --percent (default 1.0 = all; -1 = all)")
-    p.add_argument("--batch-size", type=int, default=10000, help="k-means mini-batch in frames (default 10000)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the sample and k-means (default 0)")
-    p.add_argument("--pool-size", type=int, default=None,
-                   help="frames of the initial fit and of the shuffle pool (default max(3*batch, 3*K))")
-    p.add_argument("--n-init", type=int, default=20, help="k-means++ trials (default 20, as fairseq)")
-    p.add_argument("--max-iter", type=int, default=100, help="epochs of the initial fit (default 100, as fairseq)")
-    p.add_argument("--block-size", type=int, default=200, help="utterances length-sorted together (default 200)")
-    _add_common(p)
-
-    p = sub.add_parser("dump", help="write hard (and soft) labels of a split or shard")
-    _add_features(p, None)
-    p.add_argument("--km", required=True, help="k-means model (from fit, or fairseq's learn_kmeans)")
-    p.add_argument("--label-dir", required=True, help="output directory")
-    p.add_argument("--name", default="km", help="label name: {split}.{name}, dict.{name}.txt (default km)")
-    p.add_argument("--soft", action="store_true", help="also write soft labels (top-k ids + probabilities)")
-    p.add_argument("--temperature", type=float, default=1.0, help="T of softmax(-d^2/T) (default 1)")
-    p.add_argument("--top-k", type=int, default=10, help="clusters kept per frame for --soft (default 10)")
-    p.add_argument("--normalize", action="store_true", help="L2-normalise features and centroids first")
-    p.add_argument("--nshard", type=int, default=1, help="number of shards (default 1)")
-    p.add_argument("--rank", type=int, default=0, help="0-based shard to write (default 0)")
-    p.add_argument("--block-size", type=int, default=200,
-                   help="utterances per resumable block (default 200); keep it equal when resuming")
-    _add_common(p)
-
-    p = sub.add_parser("merge", help="join the shards of a split into {split}.{name}")
-    p.add_argument("--label-dir", required=True, help="directory with {split}_{rank}_{nshard}.{name}")
-    p.add_argument("--split", required=True)
-    p.add_argument("--nshard", type=int, required=True)
-    p.add_argument("--name", default="km")
-    p.add_argument("--manifest-dir", help="if given, check the line count against {split}.tsv")
-    p.add_argument("--out-dir", help="where to write (default --label-dir)")
-    _add_common(p)
-
-    p = sub.add_parser("check", help="validate manifests, audio and label files; report every problem")
-    p.add_argument("--manifest-dir", required=True)
-    p.add_argument("--label-dir", help="default: --manifest-dir")
-    p.add_argument("--labels", nargs="+", default=["km"], help="label names (default km)")
-    p.add_argument("--label-rate", type=float, default=50.0, help="labels per second (50 for HuBERT layers, 100 for MFCC)")
-    p.add_argument("--split", action="append", help="split(s) to check (default: every *.tsv in --manifest-dir)")
-    p.add_argument("--sample-rate", type=int, default=16000)
-    p.add_argument("--tolerance", type=float, default=0.1, help="seconds labels may differ from the audio (default 0.1)")
-    p.add_argument("--no-audio-headers", action="store_true", help="only check that audio files exist")
-    _add_common(p)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for command, (help_text, configs) in SUBCOMMANDS.items():
+        p = sub.add_parser(command, help=help_text)
+        for config in configs + (Common,):
+            add_arguments(p, config, exclusive=[("checkpoint", "mfcc")] if config is FeatureConfig else ())
     return parser
 
 
-def _reader(args):
-    from .features import make_reader
-
-    if args.checkpoint and args.layer is None:
-        raise InputError(["--checkpoint needs --layer L (1-based transformer layer)"])
-    if args.mfcc and args.layer is not None:
-        raise InputError(["--layer applies to --checkpoint, not --mfcc"])
-    return make_reader(args.checkpoint, args.layer, args.mfcc, args.device,
-                       None if args.dtype == "float32" else args.dtype, args.sample_rate, args.max_chunk)
-
-
-def _limit_threads(args):
-    """Apply ``--threads`` to torch and to sklearn's OpenMP/BLAS pools (a context manager)."""
-    import contextlib
-
-    if not getattr(args, "threads", None):
+def _limit_threads(threads: Optional[int]):
+    """``--threads`` for torch and for sklearn's OpenMP/BLAS pools (a context manager)."""
+    if not threads:
         return contextlib.nullcontext()
-    if args.threads < 1:
-        raise InputError([f"--threads must be at least 1, found {args.threads}"])
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(args.threads)
-    return threadpool_limits(limits=args.threads)
+    torch.set_num_threads(threads)
+    return threadpool_limits(limits=threads)
 
 
-def _manifest_path(args) -> str:
-    return os.path.join(args.manifest_dir, f"{args.split}.tsv")
+def _manifest_path(src: Source) -> str:
+    return os.path.join(src.manifest_dir, f"{src.split}.tsv")
 
 
-def cmd_fit(args) -> int:
-    from ..data.files import read_manifest
-    from ..data.preflight import require_valid
-    from .dump import check_audio_rows
-    from .kmeans import fit_kmeans, sample_rows, save_kmeans
-
-    if args.n_clusters < 1:
-        raise InputError([f"--n-clusters must be at least 1, found {args.n_clusters}"])
-    if args.batch_size < 1:
-        raise InputError([f"--batch-size must be at least 1, found {args.batch_size}"])
-    if args.percent == 0 or args.percent > 1:
-        raise InputError([f"--percent is a fraction in (0, 1] (or -1 for all), found {args.percent}"])
-    manifest = read_manifest(_manifest_path(args))
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        os.makedirs(out_dir, exist_ok=True)
-    reader = _reader(args)
-    if not args.no_header_check:
-        rows = sorted(int(r) for r in sample_rows(len(manifest), args.percent, args.seed))
-        require_valid(check_audio_rows(manifest, reader.sample_rate, rows), manifest.path)
-    km, stats = fit_kmeans(reader, manifest, args.n_clusters, percent=args.percent, seed=args.seed,
-                           batch_size=args.batch_size, pool_size=args.pool_size,
-                           max_batch_samples=int(args.max_batch_seconds * reader.sample_rate),
-                           block_size=args.block_size, progress=not args.no_progress,
-                           n_init=args.n_init, max_iter=args.max_iter)
-    meta = {"features": reader.description, "manifest": os.path.abspath(manifest.path), "n_clusters": args.n_clusters,
-            "seed": args.seed, "percent": args.percent, "batch_size": args.batch_size, **stats}
-    save_kmeans(km, args.out, meta)
-    print(f"wrote {args.out}: K={args.n_clusters}, fitted on {stats['frames']} frames of {stats['utterances']} "
-          f"utterances, objective {stats['init_objective']:.4f} on the {stats['init_frames']} frames of the "
-          f"initial fit" + (f", {stats['stream_objective']:.4f} held-out on {stats['partial_fit_steps']} streamed batches"
-                       if stats["partial_fit_steps"] else ""))
+def cmd_fit(args, progress: bool) -> int:
+    src, features, cfg = from_args(FitSource, args), from_args(FeatureConfig, args), from_args(FitConfig, args)
+    _, meta = fit_kmeans(_manifest_path(src), features, cfg, check_headers=src.check_headers, progress=progress)
+    print(f"wrote {cfg.out}: K={cfg.n_clusters}, fitted on {meta['frames']} frames of {meta['utterances']} "
+          f"utterances, objective {meta['init_objective']:.4f} on the {meta['init_frames']} frames of the "
+          f"initial fit" + (f", {meta['stream_objective']:.4f} held-out on {meta['partial_fit_steps']} streamed batches"
+                            if meta["partial_fit_steps"] else "")
+          + (", on L2-normalised features" if meta["normalize"] else ""))
+    d = meta.get("distances")
+    if d:
+        print(f"squared distance to the nearest centroid (10/50/90th percentile over {d['frames']} frames): "
+              f"{d['nearest']['p10']:.4g} / {d['nearest']['p50']:.4g} / {d['nearest']['p90']:.4g}")
+        print(f"gap to the second nearest: {d['gap']['p10']:.4g} / {d['gap']['p50']:.4g} / {d['gap']['p90']:.4g} "
+              f"(--temperature equal to the median gap gives the runner-up 0.37 of the winner's probability "
+              f"on the median frame)")
+        print(f"mean entropy of the top-{d['top_k']} soft label (one-hot 0 bits, uniform "
+              f"{d['max_entropy_bits']:.3f}) and the nearest centroid's mean probability:")
+        for t, h in d["entropy_bits"].items():
+            print(f"  --soft --temperature {t}: {h:.3f} bits, {d['top1'][t]:.3f}")
+        for m, h in d.get("entropy_bits_gap", {}).items():
+            print(f"  --soft --temperature-gap {m} (T = {float(m) * d['gap']['p50']:.4g}): {h:.3f} bits, "
+                  f"{d['top1_gap'][m]:.3f}")
     return 0
 
 
-def cmd_dump(args) -> int:
-    from .dump import dump_labels
-
-    from ..data.files import read_manifest
-    from .dump import shard_range
-    from .kmeans import load_kmeans
-
-    # cheap checks first, before a teacher is loaded
-    manifest = read_manifest(_manifest_path(args))
-    shard_range(len(manifest), args.nshard, args.rank, manifest.path)
-    load_kmeans(args.km)
-    reader = _reader(args)
-    s = dump_labels(reader, _manifest_path(args), args.km, args.label_dir, args.split, name=args.name,
-                    soft=args.soft, temperature=args.temperature, top_k=args.top_k, normalize=args.normalize,
-                    nshard=args.nshard, rank=args.rank, block_size=args.block_size,
-                    max_batch_samples=int(args.max_batch_seconds * reader.sample_rate),
-                    check_headers=not args.no_header_check, progress=not args.no_progress)
-    extra = f", soft top-{args.top_k} at T={args.temperature:g} (mean kept mass {s['mean_kept_mass']:.3f})" if args.soft else ""
+def cmd_dump(args, progress: bool) -> int:
+    src, features, cfg = from_args(Source, args), from_args(FeatureConfig, args), from_args(DumpConfig, args)
+    s = dump_labels(_manifest_path(src), src.split, features, cfg, check_headers=src.check_headers,
+                    progress=progress)
+    extra = (f", soft top-{cfg.top_k} at T={s['temperature']:.4g} (mean kept mass {s['mean_kept_mass']:.3f})"
+             if cfg.soft else "")
     resumed = f" (resumed: {s['resumed_blocks']} of {s['blocks']} blocks were done)" if s["resumed_blocks"] else ""
     print(f"wrote {s['label_path']}: {s['utterances']} utterances, {s['frames']} frames{extra}{resumed}")
     return 0
 
 
-def cmd_merge(args) -> int:
-    from .dump import merge_shards
-
-    manifest = os.path.join(args.manifest_dir, f"{args.split}.tsv") if args.manifest_dir else None
-    if args.nshard < 1:
-        raise InputError([f"--nshard must be at least 1, found {args.nshard}"])
-    s = merge_shards(args.label_dir, args.split, args.name, args.nshard, manifest_path=manifest, out_dir=args.out_dir)
+def cmd_merge(args, progress: bool) -> int:
+    a = from_args(MergeArgs, args)
+    manifest = os.path.join(a.manifest_dir, f"{a.split}.tsv") if a.manifest_dir else None
+    s = merge_shards(a.label_dir, a.split, a.name, a.nshard, manifest_path=manifest, out_dir=a.out_dir)
     print(f"wrote {s['label_path']}: {s['utterances']} utterances, {s['frames']} frames"
           + (" (+ soft labels)" if s["soft"] else ""))
     return 0
 
 
-def cmd_check(args) -> int:
-    from ..data.files import soft_label_paths
-    from ..data.preflight import check_split
-
-    label_dir = args.label_dir or args.manifest_dir
-    if not os.path.isdir(args.manifest_dir):
-        raise InputError([f"{args.manifest_dir}: manifest directory not found"])
-    splits = args.split or sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(args.manifest_dir, "*.tsv")))
+def cmd_check(args, progress: bool) -> int:
+    a = from_args(CheckArgs, args)
+    label_dir = a.label_dir or a.manifest_dir
+    if not os.path.isdir(a.manifest_dir):
+        raise InputError([f"{a.manifest_dir}: manifest directory not found"])
+    splits = a.split or sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(a.manifest_dir, "*.tsv")))
     if not splits:
-        raise InputError([f"{args.manifest_dir}: no *.tsv manifests found"])
+        raise InputError([f"{a.manifest_dir}: no *.tsv manifests found"])
     problems: List[str] = []
     for split in splits:
-        soft = [lab for lab in args.labels
+        soft = [lab for lab in a.labels
                 if any(os.path.exists(p) for p in soft_label_paths(label_dir, split, lab).values())]
-        problems += check_split(args.manifest_dir, split, label_dir, args.labels, args.label_rate,
-                                sample_rate=args.sample_rate, soft_labels=soft,
-                                audio_headers=not args.no_audio_headers, tolerance=args.tolerance)
+        problems += check_split(a.manifest_dir, split, label_dir, a.labels, a.label_rate,
+                                sample_rate=a.sample_rate, soft_labels=soft,
+                                audio_headers=a.audio_headers, tolerance=a.tolerance)
     if problems:
         for p in problems:
             print(p, file=sys.stderr)
         print(f"{PROG} check: {len(problems)} problem(s) in {', '.join(splits)}", file=sys.stderr)
         return 1
-    print(f"OK: {', '.join(splits)} x labels {', '.join(args.labels)} in {label_dir} "
-          f"(label rate {args.label_rate:g} Hz)")
+    print(f"OK: {', '.join(splits)} x labels {', '.join(a.labels)} in {label_dir} "
+          f"(label rate {a.label_rate:g} Hz)")
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "dump": cmd_dump, "merge": cmd_merge, "check": cmd_check}
+def cmd_quality(args, progress: bool) -> int:
+    results = measure_quality(from_args(QualityConfig, args))
+    print(format_table(results))
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "dump": cmd_dump, "merge": cmd_merge, "check": cmd_check, "quality": cmd_quality}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    common = from_args(Common, args)
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S", level=logging.INFO, stream=sys.stderr, force=True)
-    if not args.verbose:
+    if not common.verbose:
         for noisy in ("fairseq", "fairseq.tasks", "fairseq.models"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-        import warnings
-
         warnings.filterwarnings("ignore", category=FutureWarning)
-    def work():
-        with _limit_threads(args):
-            return COMMANDS[args.command](args)
 
-    code, result = run_reporting_errors(f"{PROG} {args.command}", args.debug, work,
+    def work():
+        with _limit_threads(getattr(args, "threads", None)):
+            return COMMANDS[args.command](args, common.progress)
+
+    code, result = run_reporting_errors(f"{PROG} {args.command}", common.debug, work,
                                         interrupted="interrupted (rerun the same command to resume)")
     return result if code == 0 else code
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -3,14 +3,19 @@
 Two readers with one interface (:class:`FeatureReader`):
 
 * :class:`TeacherFeatureReader` -- output of transformer layer ``L`` (1-based) of any fairseq
-  ``hubert`` or ``dicehubert_student`` checkpoint, exactly what fairseq's
+  ``hubert`` or ``dicehubert_student`` checkpoint (or of several layers, concatenated per frame
+  in the order given: ``--layer 6,9,12``, one forward to the deepest), exactly what fairseq's
   ``dump_hubert_feature.py`` computes (``extract_features(..., output_layer=L)``, waveform
   ``layer_norm`` when the task normalises, utterances longer than ``max_chunk`` samples cut into
   independent chunks), but batched over length-sorted utterances, under
   ``torch.inference_mode``, forward stopped at layer ``L``, optionally in fp16/bf16.
   Batching does not change the features: the conv front end runs per utterance when it has a
-  GroupNorm over time (``extractor_mode=default``, HuBERT Base) and the transformer sees a
-  frame-exact padding mask, so a batched frame equals the unbatched one up to float rounding.
+  GroupNorm over time (``extractor_mode=default``, HuBERT Base), the positional convolution
+  reads zeros on padded frames (also behind ``conv_pos_batch_norm``'s BatchNorm), the
+  transformer sees a frame-exact padding mask, and a conformer encoder (whose convolution
+  module fairseq does not mask) runs each utterance alone, so a batched frame equals the
+  unbatched one up to float rounding (:func:`~dicehubert_fairseq.hidden_states.hidden_states`,
+  ``exact_padding=True``).
 * :class:`MfccFeatureReader` -- 13 MFCC + delta + delta-delta (39 dims) at 100 Hz, the recipe
   of fairseq's ``dump_mfcc_feature.py`` (``torchaudio.compliance.kaldi.mfcc`` with
   ``use_energy=False`` then ``torchaudio.functional.compute_deltas`` twice), re-implemented with
@@ -19,76 +24,28 @@ Two readers with one interface (:class:`FeatureReader`):
 Audio is read with soundfile as float32 in [-1, 1] (as fairseq's readers do).
 """
 
+import contextlib
 import logging
 import math
 import os
-from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Collection, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from ..errors import InputError, where
+from ..checkpoint import load_model
+from ..cli_args import int_list
+from ..data.audio import read_audio
 from ..data.files import Manifest
+from ..errors import InputError
+from ..frames import conv_layers, conv_output_length, frame_stride
+from ..hidden_states import hidden_states
 
 logger = logging.getLogger(__name__)
 
 #: fairseq dump_hubert_feature's default ``max_chunk`` (100 s at 16 kHz).
 MAX_CHUNK = 1_600_000
-
-
-# ----------------------------------------------------------------------------------- audio
-
-
-def read_audio(manifest: Manifest, i: int, sample_rate: int = 16000) -> np.ndarray:
-    """Read row ``i`` of ``manifest`` as float32 mono samples in [-1, 1].
-
-    Args:
-        manifest: a parsed ``{split}.tsv``.
-        i: 0-based row index.
-        sample_rate: the rate the audio must have.
-
-    Returns:
-        ``(S,)`` float32 waveform.
-
-    Raises:
-        InputError: unreadable/corrupt file, wrong sample rate, more than one channel (message
-            names the manifest line and the file).
-    """
-    import soundfile as sf
-
-    path = manifest.audio_path(i)
-    loc = where(manifest.path, i + 2)
-    try:
-        wav, sr = sf.read(path, dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises RuntimeError / LibsndfileError / TypeError
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise InputError([f"{loc}: cannot read audio {path} ({msg})"]) from None
-    if sr != sample_rate:
-        raise InputError([f"{loc}: {path} has sample rate {sr} Hz, expected {sample_rate} Hz"])
-    if wav.shape[1] != 1:
-        raise InputError([f"{loc}: {path} has {wav.shape[1]} channels, expected mono"])
-    if abs(len(wav) - manifest.sizes[i]) > 160:
-        logger.warning(f"{loc}: {path} has {len(wav)} samples, the manifest says {manifest.sizes[i]}")
-    return np.ascontiguousarray(wav[:, 0])
-
-
-def conv_num_frames(num_samples: int, layers: Sequence[Tuple[int, int]]) -> int:
-    """Output frames of a stack of un-padded 1-d convolutions.
-
-    Args:
-        num_samples: input length.
-        layers: ``(kernel, stride)`` of each layer.
-
-    Returns:
-        ``floor((n - k) / s) + 1`` applied layer by layer (0 if the input is too short).
-    """
-    n = int(num_samples)
-    for k, s in layers:
-        if n < k:
-            return 0
-        n = (n - k) // s + 1
-    return n
 
 
 class FeatureReader:
@@ -99,12 +56,15 @@ class FeatureReader:
         frame_rate: frames per second (50 for HuBERT layers, 100 for MFCC).
         sample_rate: audio sample rate expected.
         description: a dict describing the features (stored with the k-means model).
+        batch_invariant: True when an utterance's features are computed alone, so they do not
+            depend (to the bit) on the other utterances of its batch.
     """
 
     dim: int
     frame_rate: float
     sample_rate: int
     description: Dict[str, object]
+    batch_invariant: bool = False
 
     def num_frames(self, num_samples: int) -> int:
         """Frames produced for an utterance of ``num_samples`` samples."""
@@ -154,7 +114,9 @@ class TeacherFeatureReader(FeatureReader):
 
     Args:
         checkpoint: fairseq ``hubert`` or ``dicehubert_student`` checkpoint.
-        layer: 1-based transformer layer (as fairseq's ``dump_hubert_feature.py``).
+        layer: 1-based transformer layer (as fairseq's ``dump_hubert_feature.py``), or several
+            distinct layers whose outputs are concatenated per frame in the order given
+            (``dim`` = their number x the model's width; one forward to the deepest).
         device: ``cpu`` or ``cuda``.
         dtype: ``float32`` (default), ``float16`` (CUDA only) or ``bfloat16`` (autocast; on CPU
             only where the CPU supports it well).  Features are returned as float32.
@@ -165,10 +127,8 @@ class TeacherFeatureReader(FeatureReader):
         InputError: checkpoint missing/corrupt/not HuBERT-family, layer out of range, fp16 on CPU.
     """
 
-    def __init__(self, checkpoint: str, layer: int, device: str = "cpu", dtype: Optional[str] = None,
-                 max_chunk: int = MAX_CHUNK):
-        from ..checkpoint import load_model
-
+    def __init__(self, checkpoint: str, layer: Union[int, Sequence[int]], device: str = "cpu",
+                 dtype: Optional[str] = None, max_chunk: int = MAX_CHUNK):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError([f"--device {device}: CUDA is not available on this machine"])
         self.autocast_dtype = _dtype(dtype)
@@ -178,8 +138,13 @@ class TeacherFeatureReader(FeatureReader):
             # measured here (AVX2 only): the conv front end ~25x and the transformer ~3x slower than fp32
             logger.warning("--dtype bfloat16: this CPU has no bfloat16 instructions (avx512_bf16/amx_bf16); "
                            "expect it to be much slower than float32")
-        self.model, cfg = load_model(checkpoint, device=device, layer=layer)
-        self.layer = int(layer)
+        self.layers = [int(layer)] if isinstance(layer, int) else [int(v) for v in layer]
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise InputError([f"--layer: expected distinct 1-based layers such as 9 or 6,9,12, found {layer}"])
+        below = [v for v in self.layers if v < 1]  # load_model names the checkpoint and its layers
+        self.model, cfg = load_model(checkpoint, device=device, layer=below[0] if below else max(self.layers))
+        #: the deepest layer: where the forward stops
+        self.layer = max(self.layers)
         self._device = torch.device(device)
         self.max_chunk = int(max_chunk)
         task_cfg = cfg["task"] if hasattr(cfg, "__getitem__") else cfg.task
@@ -187,12 +152,11 @@ class TeacherFeatureReader(FeatureReader):
         self.normalize_wav = bool(task_cfg.get("normalize", False))
         model_cfg = cfg["model"]
         self.extractor_mode = str(model_cfg.get("extractor_mode", "default"))
-        self._conv = [(int(block[0].kernel_size[0]), int(block[0].stride[0]))
-                      for block in self.model.feature_extractor.conv_layers]
-        stride = int(np.prod([s for _, s in self._conv]))
-        self.frame_rate = self.sample_rate / stride
-        self.dim = int(self.model.encoder.embedding_dim if hasattr(self.model.encoder, "embedding_dim")
-                       else model_cfg["encoder_embed_dim"])
+        self._conv = conv_layers(self.model)
+        self.frame_rate = self.sample_rate / frame_stride(self._conv)
+        width = int(self.model.encoder.embedding_dim if hasattr(self.model.encoder, "embedding_dim")
+                    else model_cfg["encoder_embed_dim"])
+        self.dim = width * len(self.layers)
         # fp16 weights on CUDA halve memory; bf16 on CPU stays under autocast with fp32 weights
         if self.autocast_dtype is torch.float16:
             self.model.half()
@@ -200,14 +164,15 @@ class TeacherFeatureReader(FeatureReader):
             self._input_dtype = torch.float16
         else:
             self._input_dtype = torch.float32
-        # the encoder keeps every layer's output in `layer_results`; they die with the batch
         self.description = {
-            "type": "hubert", "checkpoint": os.path.abspath(checkpoint), "layer": self.layer,
+            "type": "hubert", "checkpoint": os.path.abspath(checkpoint),
+            "layer": self.layers[0] if len(self.layers) == 1 else list(self.layers),
             "dim": self.dim, "frame_rate": self.frame_rate, "sample_rate": self.sample_rate,
             "normalize_wav": self.normalize_wav, "extractor_mode": self.extractor_mode,
             "max_chunk": self.max_chunk, "dtype": dtype or "float32",
         }
-        logger.info(f"teacher {checkpoint}: layer {layer} of {len(self.model.encoder.layers)}, "
+        logger.info(f"teacher {checkpoint}: layer {','.join(map(str, self.layers))} of "
+                    f"{len(self.model.encoder.layers)}, "
                     f"dim {self.dim}, {self.frame_rate:g} Hz, device {device}, dtype {dtype or 'float32'}")
 
     @property
@@ -218,7 +183,7 @@ class TeacherFeatureReader(FeatureReader):
         return [(s, min(s + self.max_chunk, num_samples)) for s in range(0, num_samples, self.max_chunk)]
 
     def num_frames(self, num_samples: int) -> int:
-        return sum(conv_num_frames(b - a, self._conv) for a, b in self._chunks(num_samples))
+        return sum(conv_output_length(b - a, self._conv) for a, b in self._chunks(num_samples))
 
     def _prepare(self, wav: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.asarray(wav, dtype=np.float32)).to(self._device)
@@ -226,37 +191,17 @@ class TeacherFeatureReader(FeatureReader):
             x = torch.nn.functional.layer_norm(x, x.shape)
         return x
 
-    def _front_end(self, items: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Conv features ``(B, T, C)`` (zeros beyond each item's frames) and lengths ``(B,)``."""
-        fe = self.model.feature_extractor
-        lengths = [conv_num_frames(len(x), self._conv) for x in items]
-        T = max(lengths)
-        if self.extractor_mode == "default" and len(items) > 1:
-            # GroupNorm over time in the first conv layer: batching would change the statistics
-            outs = [fe(x[None].to(self._input_dtype)) for x in items]  # (1, C, T_b)
-            feats = outs[0].new_zeros(len(items), outs[0].shape[1], T)
-            for b, o in enumerate(outs):
-                feats[b, :, : o.shape[2]] = o[0]
-        else:
-            S = max(len(x) for x in items)
-            src = items[0].new_zeros(len(items), S, dtype=self._input_dtype)
-            for b, x in enumerate(items):
-                src[b, : len(x)] = x
-            feats = fe(src)[:, :, :T]
-            for b, n in enumerate(lengths):
-                feats[b, :, n:] = 0
-        return feats.transpose(1, 2), torch.tensor(lengths, device=feats.device)
-
     def _forward(self, items: List[torch.Tensor]) -> List[torch.Tensor]:
-        model = self.model
-        feats, lengths = self._front_end(items)
-        x = model.layer_norm(feats)
-        padding_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths[:, None]
-        if model.post_extract_proj is not None:
-            x = model.post_extract_proj(x)
-        # same call as HubertModel.forward(features_only=True, mask=False, output_layer=L)
-        x, _ = model.encoder(x, padding_mask=padding_mask if padding_mask.any() else None, layer=self.layer - 1)
-        return [x[b, : int(n)].float() for b, n in enumerate(lengths)]
+        lengths = [len(x) for x in items]
+        src = items[0].new_zeros(len(items), max(lengths), dtype=self._input_dtype)
+        for b, x in enumerate(items):
+            src[b, : len(x)] = x
+        padding_mask = torch.arange(src.size(1), device=src.device)[None, :] >= torch.tensor(
+            lengths, device=src.device)[:, None]
+        # HubertModel.extract_features(output_layer=L), batched, each utterance as if alone
+        h = hidden_states(self.model, src, padding_mask, output_layer=self.layer, exact_padding=True)
+        x = h.x if len(self.layers) == 1 else torch.cat([h.layers[k - 1] for k in self.layers], dim=-1)
+        return [x[b, : conv_output_length(n, self._conv)].float() for b, n in enumerate(lengths)]
 
     def features_torch(self, wavs: Sequence[np.ndarray]) -> List[torch.Tensor]:
         items, owner = [], []
@@ -267,7 +212,7 @@ class TeacherFeatureReader(FeatureReader):
                 owner.append(u)
         with torch.inference_mode():
             ctx = (torch.autocast(self._device.type, dtype=self.autocast_dtype)
-                   if self.autocast_dtype is not None else _nullcontext())
+                   if self.autocast_dtype is not None else contextlib.nullcontext())
             with ctx:
                 outs = self._forward(items)
         per_utt: List[List[torch.Tensor]] = [[] for _ in wavs]
@@ -277,14 +222,6 @@ class TeacherFeatureReader(FeatureReader):
 
     def features(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
         return [f.cpu().numpy() for f in self.features_torch(wavs)]
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ------------------------------------------------------------------------------------ MFCC
@@ -413,6 +350,8 @@ class MfccFeatureReader(FeatureReader):
         sample_rate: audio sample rate (fairseq's default 16000).
     """
 
+    batch_invariant = True
+
     def __init__(self, sample_rate: int = 16000):
         self.sample_rate = int(sample_rate)
         self.dim = 39
@@ -420,8 +359,7 @@ class MfccFeatureReader(FeatureReader):
         self.description = {"type": "mfcc", "dim": 39, "frame_rate": 100.0, "sample_rate": self.sample_rate}
 
     def num_frames(self, num_samples: int) -> int:
-        size, shift = int(self.sample_rate * 0.025), int(self.sample_rate * 0.010)
-        return 0 if num_samples < size else 1 + (num_samples - size) // shift
+        return conv_output_length(num_samples, [(int(self.sample_rate * 0.025), int(self.sample_rate * 0.010))])
 
     def features(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
         with torch.inference_mode():
@@ -429,15 +367,46 @@ class MfccFeatureReader(FeatureReader):
                     for w in wavs]
 
 
-def make_reader(checkpoint: Optional[str] = None, layer: Optional[int] = None, mfcc: bool = False,
-                device: str = "cpu", dtype: Optional[str] = None, sample_rate: int = 16000,
-                max_chunk: int = MAX_CHUNK) -> FeatureReader:
-    """A :class:`TeacherFeatureReader` (``checkpoint`` + ``layer``) or :class:`MfccFeatureReader`."""
-    if mfcc:
-        return MfccFeatureReader(sample_rate)
-    if checkpoint is None or layer is None:
+@dataclass
+class FeatureConfig:
+    """Which features to read (a teacher layer or MFCC) and how; each field is a ``dicehubert-labels`` option."""
+
+    checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "fairseq hubert / dicehubert_student checkpoint (teacher)"})
+    mfcc: bool = field(default=False, metadata={"help": "39-dim Kaldi MFCC at 100 Hz instead of a teacher"})
+    layer: Optional[List[int]] = field(default=None, metadata={
+        "help": "1-based transformer layer of --checkpoint (as fairseq's dump_hubert_feature); several, "
+                "e.g. 6,9,12: their outputs concatenated per frame", "type": int_list, "nargs": None,
+        "metavar": "L[,L...]"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]"})
+    dtype: str = field(default="float32", metadata={
+        "help": "teacher compute precision: float16 on CUDA only; bfloat16 via autocast",
+        "choices": ("float32", "float16", "bfloat16")})
+    sample_rate: int = field(default=16000, metadata={"help": "audio sample rate for --mfcc"})
+    max_batch_seconds: float = field(default=50.0, metadata={"help": "padded audio per inference batch, in seconds"})
+    max_chunk: int = field(default=MAX_CHUNK, metadata={
+        "help": "longer utterances are cut into chunks of this many samples (fairseq's default)"})
+
+
+def make_reader(cfg: FeatureConfig) -> FeatureReader:
+    """A :class:`TeacherFeatureReader` (``checkpoint`` + ``layer``) or :class:`MfccFeatureReader` (``mfcc``).
+
+    Raises:
+        InputError: neither or both sources, ``--checkpoint`` without ``--layer`` or ``--mfcc``
+            with it, and everything :class:`TeacherFeatureReader` refuses.
+    """
+    if cfg.mfcc and cfg.checkpoint:
+        raise InputError(["give --checkpoint CKPT --layer L (teacher features) or --mfcc, not both"])
+    if cfg.mfcc:
+        if cfg.layer is not None:
+            raise InputError(["--layer applies to --checkpoint, not --mfcc"])
+        return MfccFeatureReader(cfg.sample_rate)
+    if cfg.checkpoint is None:
         raise InputError(["give --checkpoint CKPT --layer L (teacher features) or --mfcc"])
-    return TeacherFeatureReader(checkpoint, layer, device=device, dtype=dtype, max_chunk=max_chunk)
+    if cfg.layer is None:
+        raise InputError(["--checkpoint needs --layer L (1-based transformer layer)"])
+    return TeacherFeatureReader(cfg.checkpoint, cfg.layer, device=cfg.device,
+                                dtype=None if cfg.dtype == "float32" else cfg.dtype, max_chunk=cfg.max_chunk)
 
 
 # --------------------------------------------------------------------------------- batching
@@ -469,7 +438,7 @@ def length_sorted_batches(lengths: Sequence[int], max_batch_samples: int, max_ba
 
 
 def iter_features(reader: FeatureReader, manifest: Manifest, indices: Sequence[int], max_batch_samples: int,
-                  as_torch: bool = False) -> Iterator[Tuple[int, object]]:
+                  as_torch: bool = False, keep: Optional[Collection[int]] = None) -> Iterator[Tuple[int, object]]:
     """Features of ``manifest`` rows ``indices``, computed in length-sorted batches.
 
     Args:
@@ -478,17 +447,24 @@ def iter_features(reader: FeatureReader, manifest: Manifest, indices: Sequence[i
         indices: rows to read (a block; results come batch by batch, not in this order).
         max_batch_samples: padded samples per batch (see :func:`length_sorted_batches`).
         as_torch: yield tensors on the reader's device instead of numpy arrays.
+        keep: rows to yield (default: all of ``indices``). The batches are still planned over
+            all of ``indices`` and computed whole when they hold a kept row (others are skipped),
+            so a row's features do not depend on which rows are kept: batched float arithmetic
+            changes in the last bits with the batch's other rows.
 
     Yields:
-        ``(row, (T, D) features)`` for every row in ``indices``.
+        ``(row, (T, D) features)`` for every row in ``indices`` (in ``keep``).
     """
     sizes = [manifest.sizes[i] for i in indices]
     for batch in length_sorted_batches(sizes, max_batch_samples):
         rows = [indices[j] for j in batch]
+        if keep is not None and not any(r in keep for r in rows):
+            continue
         wavs = [read_audio(manifest, r, reader.sample_rate) for r in rows]
         feats = reader.features_torch(wavs) if as_torch else reader.features(wavs)
         for r, w, f in zip(rows, wavs, feats):
             expected = reader.num_frames(len(w))
             if f.shape[0] != expected:  # pragma: no cover - a bug, not bad input
                 raise RuntimeError(f"{manifest.audio_path(r)}: {f.shape[0]} frames, expected {expected}")
-            yield r, f
+            if keep is None or r in keep:
+                yield r, f

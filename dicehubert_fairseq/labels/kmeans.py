@@ -8,8 +8,8 @@ estimator with the same settings, fed from a stream:
 1. ``pool_size`` frames (default ``3 * batch_size``, sklearn's ``init_size``) are ``fit`` on
    exactly as fairseq does (``n_init`` k-means++ trials, best kept, then mini-batch steps with
    early stopping) -- for a sample of at most ``pool_size`` frames this *is* fairseq's
-   learn_kmeans on that sample.  :func:`fit_kmeans` gives it a uniform random sample of the whole
-   stream (:class:`ReservoirSample`, an extra pass over the features) when the sample is larger
+   learn_kmeans on that sample.  :func:`~dicehubert_fairseq.labels.fit.fit_kmeans` gives it a
+   uniform random sample of the whole stream (:class:`ReservoirSample`, an extra pass over the features) when the sample is larger
    than the pool; :meth:`StreamingKMeans.add` alone uses the first ``pool_size`` frames;
 2. every later frame goes through a shuffle pool of ``pool_size`` frames from which random
    mini-batches of ``batch_size`` frames are drawn and passed to ``partial_fit``; the pool is
@@ -21,22 +21,32 @@ estimator with the same settings, fed from a stream:
 
 Peak memory is ``O((pool_size + batch_size) * D)`` whatever the number of frames.
 
-The model is saved with ``joblib`` as a plain ``MiniBatchKMeans`` (fairseq's ``dump_km_label.py``
-loads it unchanged), carrying a ``dicehubert_meta_`` dict (features, seed, frames seen).
+This module is the algorithm only: fitting on a manifest and the model files are
+:mod:`dicehubert_fairseq.labels.fit`.
 """
 
 import logging
 import math
-import os
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from sklearn.cluster import MiniBatchKMeans
 
-from ..data.files import Manifest, atomic_write
 from ..errors import InputError
 
 logger = logging.getLogger(__name__)
+
+#: The one private scikit-learn attribute used: ``MiniBatchKMeans._counts``, the per-centre sample
+#: weights that ``partial_fit`` moves each centre by (``n_batch / (count + n_batch)``). setup.py
+#: bounds scikit-learn to the versions where it means that, and
+#: ``tests/test_labels_kmeans.py::test_sklearn_private_counts_still_mean_what_we_rescale`` fails
+#: if a version changes it.
+SKLEARN_COUNTS = "_counts"
+
+#: Clusters kept per frame in soft labels, unless told otherwise (``dump --top-k``, and the
+#: entropies ``fit`` reports).
+SOFT_TOP_K = 10
 
 #: fairseq examples/hubert/simple_kmeans/learn_kmeans.py defaults.
 LEARN_KMEANS_SETTINGS = dict(
@@ -53,8 +63,6 @@ def new_kmeans(n_clusters: int, seed: int = 0, **overrides):
         seed: ``random_state`` (fairseq seeds numpy globally instead; we pass it explicitly).
         **overrides: any of :data:`LEARN_KMEANS_SETTINGS`.
     """
-    from sklearn.cluster import MiniBatchKMeans
-
     settings = dict(LEARN_KMEANS_SETTINGS, **overrides)
     return MiniBatchKMeans(n_clusters=n_clusters, compute_labels=False, init_size=None, verbose=0,
                            random_state=seed, **settings)
@@ -136,8 +144,8 @@ class StreamingKMeans:
         # fit() counted every frame once per epoch (~max_iter times): rescale the per-centre counts to
         # the frames actually seen, so each centre stays the running mean of every frame assigned to it
         # and the rest of the stream weighs as much as its size (else it could barely move the centres)
-        counts = getattr(self.km, "_counts", None)
-        if counts is not None and counts.sum() > 0:
+        counts = getattr(self.km, SKLEARN_COUNTS)  # private: see SKLEARN_COUNTS
+        if counts.sum() > 0:
             counts *= len(X) / counts.sum()
         self.init_objective = objective_of(self.km.cluster_centers_, X)
         self.init_frames = len(X)
@@ -242,6 +250,11 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, p=2.0, dim=-1, eps=1e-12)
 
 
+def l2_normalize_np(x: np.ndarray) -> np.ndarray:
+    """``(N, D)`` float32 rows scaled to unit L2 norm (zero rows stay zero), as :func:`l2_normalize`."""
+    return l2_normalize(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+
 def objective_of(centers: np.ndarray, X: np.ndarray, dtype=np.float64) -> float:
     """Mean squared distance of every row of ``X`` ``(N, D)`` to its nearest of ``centers`` ``(K, D)``.
 
@@ -264,14 +277,17 @@ class Assigner:
 
     Args:
         centers: ``(K, D)`` centroids.
-        normalize: L2-normalise features and centroids first (distances become ``2 - 2 cos``).
+        normalize: L2-normalise the features first: the mode of a k-means model fitted on unit
+            vectors (``fit --normalize``), whose centroids are used as fitted, so the hard
+            labels are that k-means' own assignment; ``d^2 = |x/|x| - c|^2`` lies in
+            ``[0, (1 + |c|)^2]`` (``2 - 2 cos`` for a centroid of unit norm).
         device: where to compute.
     """
 
     def __init__(self, centers: np.ndarray, normalize: bool = False, device: str = "cpu"):
         c = torch.from_numpy(np.asarray(centers, dtype=np.float32)).to(device)
         self.normalize = bool(normalize)
-        self.centers = l2_normalize(c) if self.normalize else c
+        self.centers = c
         self.c_sq = self.centers.pow(2).sum(1)
         self.n_clusters, self.dim = self.centers.shape
 
@@ -312,129 +328,61 @@ class Assigner:
         return ids.cpu(), probs.float().cpu(), kept.float().cpu()
 
 
-# --------------------------------------------------------------------------- model files
+def distance_report(centers: np.ndarray, X: np.ndarray, normalize: bool = False,
+                    temperatures: Sequence[float] = (), top_k: int = SOFT_TOP_K,
+                    gap_multiples: Sequence[float] = (0.5, 1.0, 2.0)) -> Dict[str, object]:
+    """Typical squared distances of frames to their centroids, and the soft labels' entropy per temperature.
 
-
-def save_kmeans(km, path: str, meta: Dict[str, object]) -> None:
-    """``joblib.dump`` the fitted ``MiniBatchKMeans`` atomically, with ``meta`` attached.
-
-    fairseq's ``dump_km_label.ApplyKmeans`` reads it (it only uses ``cluster_centers_``).
-    """
-    import joblib
-
-    km.dicehubert_meta_ = dict(meta)
-    with atomic_write(path, "wb") as f:
-        joblib.dump(km, f)
-
-
-def load_kmeans(path: str):
-    """Load a joblib k-means model (ours or fairseq's learn_kmeans).
-
-    Returns:
-        ``(model, meta)``: ``meta`` is our ``dicehubert_meta_`` dict (empty for fairseq's models).
-
-    Raises:
-        InputError: missing, unreadable, or without ``cluster_centers_``.
-    """
-    import joblib
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputError([f"{path}: k-means model not found (write it with 'dicehubert-labels fit')"])
-    try:
-        km = joblib.load(path)
-    except Exception as e:
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise InputError([f"{path}: not a readable joblib k-means model ({msg})"]) from None
-    centers = getattr(km, "cluster_centers_", None)
-    if not isinstance(centers, np.ndarray) or centers.ndim != 2:
-        raise InputError([f"{path}: not a fitted k-means model (expected a joblib MiniBatchKMeans with "
-                          f"cluster_centers_, found {type(km).__name__})"])
-    return km, dict(getattr(km, "dicehubert_meta_", {}) or {})
-
-
-# --------------------------------------------------------------------------- fitting
-
-
-def sample_rows(n: int, percent: float, seed: int) -> np.ndarray:
-    """Rows to fit on, in a seeded random order.
+    What a user needs to choose the soft labels' temperature ``T`` of ``softmax(-d^2 / T)``: on a
+    frame whose nearest and second-nearest centroids lie ``d1 < d2`` away (squared), the
+    runner-up gets ``exp(-(d2 - d1) / T)`` times the winner's probability, so ``T`` equal to the
+    median gap gives it ``1/e`` (0.37) on the median frame; ``T`` well below the gaps gives
+    one-hot targets, well above them uniform ones over the kept clusters.
 
     Args:
-        n: number of utterances.
-        percent: fraction in (0, 1] (fairseq's ``--percent``; ``<= 0`` or ``>= 1`` means all).
-        seed: RNG seed.
+        centers: ``(K, D)`` centroids (``K >= 2``).
+        X: ``(N, D)`` frames (raw: normalised here when ``normalize``).
+        normalize: the model's mode (see :class:`Assigner`).
+        temperatures: ``T`` values whose soft labels' entropy to measure.
+        top_k: clusters kept per frame, as ``dump --soft --top-k``.
+        gap_multiples: also measure at ``T = m x`` the median gap (``dump --temperature-gap m``).
 
     Returns:
-        ``ceil(n * percent)`` distinct row indices (all ``n`` when ``percent`` is out of (0, 1)):
-        the utterances fairseq's ``learn_kmeans.py --seed seed --percent percent`` samples from a
-        single shard (``np.random.seed(seed); np.random.choice(n, ceil(n * percent), replace=False)``).
+        dict: ``frames``; ``nearest`` and ``gap``: the 10th, 50th and 90th percentiles of ``d1``
+        and of ``d2 - d1`` (keys ``p10``, ``p50``, ``p90``); ``entropy_bits``: per ``T`` (str),
+        the mean entropy in bits of the top-k renormalised soft label (0: one-hot,
+        ``log2(top_k)``: uniform); ``top1``: per ``T``, the mean probability of the nearest
+        centroid; ``entropy_bits_gap`` and ``top1_gap``: the same per gap multiple ``m`` (str);
+        ``top_k``; ``max_entropy_bits`` (``log2(top_k)``).
     """
-    rng = np.random.RandomState(seed)
-    if 0 < percent < 1:
-        return rng.choice(n, int(math.ceil(n * percent)), replace=False)
-    return rng.permutation(n)
+    a = Assigner(centers, normalize=normalize)
+    k = min(int(top_k), a.n_clusters)
+    x = torch.from_numpy(np.asarray(X, dtype=np.float32))
+    chunks = [x[s : s + 8192] for s in range(0, len(x), 8192)]
+    nearest, gaps = [], []
+    for c in chunks:
+        two = torch.topk(a._dist(c).clamp_min(0), min(2, a.n_clusters), dim=1, largest=False).values
+        nearest.append(two[:, 0])
+        gaps.append(two[:, -1] - two[:, 0])
 
+    def pct(v):
+        q = torch.quantile(torch.cat(v).double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+        return {"p10": float(q[0]), "p50": float(q[1]), "p90": float(q[2])}
 
-def fit_kmeans(reader, manifest: Manifest, n_clusters: int, percent: float = 1.0, seed: int = 0,
-               batch_size: int = 10000, pool_size: Optional[int] = None, max_batch_samples: int = 1_600_000,
-               block_size: int = 1000, progress: bool = True, **settings):
-    """Fit k-means on features of (a sample of) a manifest, streamed.
+    gap = pct(gaps)
 
-    Args:
-        reader: a :class:`~dicehubert_fairseq.labels.features.FeatureReader`.
-        manifest: the utterances.
-        n_clusters: K.
-        percent: fraction of utterances to fit on (see :func:`sample_rows`).
-        seed: seeds the sample, the pool and sklearn.
-        batch_size: k-means mini-batch (frames).
-        pool_size: see :class:`StreamingKMeans`.
-        max_batch_samples: padded audio samples per inference batch.
-        block_size: utterances length-sorted together for inference.
-        progress: show a tqdm bar (frames/s).
+    def soft_stats(t: float):
+        h = top1 = 0.0
+        for c in chunks:
+            _, probs, _ = a.soft(c, t, k)
+            p = probs.double()
+            h += float(-(p * torch.log2(p.clamp_min(1e-300))).sum())
+            top1 += float(p[:, 0].sum())
+        n = max(len(x), 1)
+        return h / n, top1 / n
 
-    Returns:
-        ``(model, stats)``: the fitted ``MiniBatchKMeans`` and a dict of numbers (frames,
-        utterances, objectives, steps).
-
-    Raises:
-        InputError: K larger than the number of frames in the sample.
-    """
-    from tqdm import tqdm
-
-    from .features import iter_features
-
-    rows = sample_rows(len(manifest), percent, seed)
-    frames = sum(reader.num_frames(manifest.sizes[i]) for i in rows)
-    if frames < n_clusters:
-        raise InputError([f"{manifest.path}: K={n_clusters} clusters but the {len(rows)} utterance(s) sampled "
-                          f"({percent:g} of {len(manifest)}) have only {frames} frames at "
-                          f"{reader.frame_rate:g} Hz (use fewer clusters or a larger --percent)"])
-    logger.info(f"fitting K={n_clusters} on {len(rows)} of {len(manifest)} utterances ({frames} frames)")
-    skm = StreamingKMeans(n_clusters, reader.dim, seed=seed, batch_size=batch_size, pool_size=pool_size, **settings)
-    two_pass = frames > skm.pool_size
-
-    def stream(consume, desc):
-        bar = tqdm(total=frames, unit="frame", unit_scale=True, desc=desc, disable=not progress, smoothing=0.1)
-        for s in range(0, len(rows), block_size):
-            block = [int(r) for r in rows[s : s + block_size]]
-            for _row, feats in iter_features(reader, manifest, block, max_batch_samples):
-                consume(feats)
-                bar.update(len(feats))
-        bar.close()
-
-    if two_pass:
-        # pass 1: a uniform sample of the whole stream for the initial fit (the first frames of a
-        # stream need not be representative); pass 2: every frame through partial_fit
-        logger.info(f"{frames} frames > pool of {skm.pool_size}: pass 1 samples the pool uniformly, pass 2 streams")
-        reservoir = ReservoirSample(skm.pool_size, reader.dim, seed=seed)
-        stream(reservoir.add, "fit 1/2")
-        skm.fit_initial(reservoir.data)
-        del reservoir
-        stream(skm.add, "fit 2/2")
-    else:
-        stream(skm.add, "fit")
-    km = skm.finish()
-    stats = {"utterances": len(rows), "frames": frames, "init_objective": skm.init_objective,
-             "init_frames": skm.init_frames, "stream_objective": skm.stream_objective,
-             "partial_fit_steps": skm.steps, "pool_size": skm.pool_size, "passes": 2 if two_pass else 1}
-    return km, stats
+    by_t = {f"{float(t):g}": soft_stats(float(t)) for t in temperatures}
+    by_gap = {f"{float(m):g}": soft_stats(float(m) * gap["p50"]) for m in gap_multiples if gap["p50"] > 0}
+    return {"frames": len(x), "nearest": pct(nearest), "gap": gap, "top_k": k, "max_entropy_bits": math.log2(k),
+            "entropy_bits": {t: v[0] for t, v in by_t.items()}, "top1": {t: v[1] for t, v in by_t.items()},
+            "entropy_bits_gap": {m: v[0] for m, v in by_gap.items()}, "top1_gap": {m: v[1] for m, v in by_gap.items()}}

@@ -8,11 +8,14 @@ It *is* fairseq's ``HubertModel`` (same modules, same state-dict names, same mas
   can mix hard and soft label streams,
 * optional initialisation from a teacher checkpoint (every tensor whose name and shape match,
   conv front end included; pretraining heads excluded),
-* optional feature-distillation heads (``feat_target_layers``) and the hidden state of every
-  transformer layer (:func:`layer_states`, ``forward(..., return_layer_states=True)``) for the
+* optional feature-distillation heads (``feat_target_layers``, linear or DistilHuBERT's
+  two-layer MLP: ``feat_head_hidden_dim``): with them, ``forward`` also
+  returns every transformer layer's output and the heads' predictions, for the
   ``dicehubert_feat`` criterion (L_feat, DistilHuBERT / FitHuBERT style). With
   ``feat_target_layers`` empty (the default) the model and its state dict are exactly the
   L_SSL student's.
+
+Hidden states come from :func:`dicehubert_fairseq.hidden_states.hidden_states`, as everywhere.
 """
 
 import logging
@@ -21,16 +24,24 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from fairseq.data.data_utils import compute_mask_indices
 from fairseq.models import register_model
 from fairseq.models.hubert.hubert import HubertConfig, HubertModel
 
+from ..checkpoint import load_state, require_hubert_family
 from ..errors import InputError
+from ..frames import conv_layers, frame_stride
+from ..hidden_states import hidden_states
 from ..losses import cosine_logits
 
 logger = logging.getLogger(__name__)
+
+#: Draws of a batch's span masks before fairseq's "entire sequence is masked" error is let through
+#: (a row with 1-2 real frames fails a draw with probability about 2/3: 50 draws, about 1e-9).
+MASK_REDRAWS = 50
 
 #: Parameters that belong to a teacher's own label set, never copied into a student.
 PRETRAINING_HEADS = ("label_embs_concat", "final_proj.", "target_glu.", "feat_heads.")
@@ -57,6 +68,23 @@ class DiceHubertStudentConfig(HubertConfig):
         default=768,
         metadata={"help": "hidden size of the teacher the heads predict (HuBERT Base: 768)"},
     )
+    feat_head_hidden_dim: int = field(
+        default=0,
+        metadata={"help": "0: each feature-distillation head is one linear layer (FitHuBERT); N > 0: "
+                          "linear -> GELU -> linear with N hidden units (DistilHuBERT: N = the student's width)"},
+    )
+
+
+def feat_head(dim: int, teacher_dim: int, hidden: int = 0) -> nn.Module:
+    """One feature-distillation head, ``(B, T, dim)`` -> ``(B, T, teacher_dim)``.
+
+    ``hidden == 0``: a linear layer (FitHuBERT's layer-wise projection).  ``hidden > 0``:
+    linear -> GELU -> linear, DistilHuBERT's prediction head (s3prl's distiller builds all heads
+    as one ``Linear(dim, hidden * n)`` -> GELU -> ``SplitLinear``: the same maths, one MLP per head).
+    """
+    if hidden == 0:
+        return nn.Linear(dim, teacher_dim)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, teacher_dim))
 
 
 def init_from_state_dict(model: torch.nn.Module, teacher_state: Dict[str, torch.Tensor]) -> Tuple[List[str], List[str]]:
@@ -78,11 +106,6 @@ def init_from_state_dict(model: torch.nn.Module, teacher_state: Dict[str, torch.
     return copied, skipped
 
 
-def frame_stride(conv_feature_layers: str) -> int:
-    """Samples per frame of a fairseq conv front end (``"[(dim, kernel, stride), ...]"``)."""
-    return int(np.prod([s for _, _, s in eval(conv_feature_layers)]))  # noqa: S307 (fairseq's format)
-
-
 def check_label_rate(label_rate: float, sample_rate: int, conv_feature_layers: str) -> None:
     """Labels at ``label_rate`` must map to the model's frames by an integer ratio, either way.
 
@@ -96,7 +119,7 @@ def check_label_rate(label_rate: float, sample_rate: int, conv_feature_layers: s
     """
     if label_rate <= 0:
         return
-    stride = frame_stride(conv_feature_layers)
+    stride = frame_stride(conv_layers(conv_feature_layers))
     frame_rate = sample_rate / stride
     ratio = label_rate / frame_rate
     ok = any(r >= 1 and abs(r - round(r)) < 1e-6 for r in (ratio, 1.0 / ratio))
@@ -109,139 +132,13 @@ def check_label_rate(label_rate: float, sample_rate: int, conv_feature_layers: s
         ])
 
 
-def encoder_layer_states(
-    encoder: nn.Module, x: torch.Tensor, padding_mask: Optional[torch.Tensor], max_layer: Optional[int] = None
-) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """Run fairseq's ``TransformerEncoder`` and keep every layer's output.
-
-    A layer skipped by LayerDrop passes its input on, so its "output" is the previous one.
-    The outputs are taken by forward hooks on the layers, so fairseq's encoder (transformer,
-    conformer, checkpointed or not) runs unchanged.
-
-    Args:
-        encoder: the model's ``encoder``.
-        x: ``(B, T, D)`` encoder input.
-        padding_mask: ``(B, T)`` bool, True on padding (or None).
-        max_layer: stop after this layer (1-based); None: all layers.
-
-    Returns:
-        ``(x, states)``: the encoder output ``(B, T, D)`` (layer ``max_layer``'s output if given)
-        and a list of ``max_layer`` (or all) ``(B, T, D)`` layer outputs, layer 1 first.
-    """
-    n = len(encoder.layers) if max_layer is None else max_layer
-    T = x.size(1)
-    outputs: Dict[int, torch.Tensor] = {}
-    first_input: List[torch.Tensor] = []
-
-    def pre_hook(_module, args):
-        if not first_input:
-            first_input.append(args[0])
-
-    def make_hook(k):
-        def hook(_module, _args, out):
-            outputs[k] = out[0]
-        return hook
-
-    handles = []
-    for k, layer in enumerate(encoder.layers[:n]):
-        handles.append(layer.register_forward_pre_hook(pre_hook))
-        handles.append(layer.register_forward_hook(make_hook(k)))
+def _task_seed(task_cfg) -> int:
+    """``task.seed`` (linked to ``common.seed``) of the ``dicehubert`` task; 1 (fairseq's default
+    ``common.seed``) for a task without one, such as fairseq's ``hubert_pretraining``."""
     try:
-        x, _ = encoder(x, padding_mask=padding_mask, layer=None if max_layer is None else max_layer - 1)
-    finally:
-        for h in handles:
-            h.remove()
-    # layer outputs are (T', B, D), T' possibly padded to required_seq_len_multiple
-    prev = first_input[0] if first_input else x.transpose(0, 1)
-    states = []
-    for k in range(n):
-        prev = outputs.get(k, prev)
-        states.append(prev.transpose(0, 1)[:, :T])
-    return x, states
-
-
-def layer_states(
-    model: HubertModel,
-    source: torch.Tensor,
-    padding_mask: Optional[torch.Tensor] = None,
-    mask: bool = False,
-    max_layer: Optional[int] = None,
-) -> Dict[str, object]:
-    """Hidden states of every transformer layer of a fairseq HuBERT-family model.
-
-    Works for teachers (fairseq's ``hubert``) and students alike: HubertModel's own front end
-    (conv features, layer norm, projection, optional span masking), then the encoder.
-
-    Args:
-        model: a ``HubertModel`` (or subclass).
-        source: ``(B, S)`` waveforms.
-        padding_mask: ``(B, S)`` bool, True on padding (or None).
-        mask: apply the model's span masking (students under L_SSL + L_feat).
-        max_layer: compute layers 1..max_layer only (1-based); None: all.
-
-    Returns:
-        dict with ``layer_states`` (list of ``(B, T, D)``, layer 1 first), ``x`` ``(B, T, D)``,
-        ``padding_mask`` ``(B, T)`` bool, ``mask_indices`` ``(B, T)`` bool, ``features_pen``.
-    """
-    enc = encode(model, source, padding_mask, mask=mask, return_layer_states=True, max_layer=max_layer)
-    return {k: enc[k] for k in ("layer_states", "x", "padding_mask", "mask_indices", "features_pen")}
-
-
-def encode(
-    model: HubertModel,
-    source: torch.Tensor,
-    padding_mask: Optional[torch.Tensor] = None,
-    mask: bool = True,
-    target_list: Optional[List[torch.Tensor]] = None,
-    n_masking_targets: Optional[int] = None,
-    return_layer_states: bool = False,
-    max_layer: Optional[int] = None,
-) -> Dict[str, object]:
-    """HubertModel's forward up to the encoder output (the part every objective shares).
-
-    Args:
-        model: a ``HubertModel`` (or subclass).
-        source: ``(B, S)`` waveforms.
-        padding_mask: ``(B, S)`` bool (or None).
-        mask: apply span masking.
-        target_list: tensors ``(B, T_label, ...)`` aligned to the frames by fairseq's
-            ``forward_targets`` (None: no alignment, e.g. for L_feat alone).
-        n_masking_targets: how many leading entries of ``target_list`` are label streams
-            (passed to ``apply_mask``); None: all.
-        return_layer_states: also return every layer's output (see :func:`encoder_layer_states`).
-        max_layer: with ``return_layer_states``, stop after this layer.
-
-    Returns:
-        dict with ``x`` ``(B, T, D)``, ``padding_mask`` ``(B, T)``, ``mask_indices`` ``(B, T)``,
-        ``features_pen``, ``target_list`` (aligned) and ``layer_states`` (or None).
-    """
-    features = model.forward_features(source)
-    if target_list is not None:
-        # HubertModel.forward_targets subsamples every tensor along dim 1
-        features, target_list = model.forward_targets(features, target_list)
-    features_pen = features.float().pow(2).mean()
-    features = model.layer_norm(features.transpose(1, 2))
-    if padding_mask is not None:
-        padding_mask = model.forward_padding_mask(features, padding_mask)
-    else:
-        padding_mask = features.new_zeros(features.shape[:2], dtype=torch.bool)
-    if model.post_extract_proj is not None:
-        features = model.post_extract_proj(features)
-    features = model.dropout_input(features)
-    if mask:
-        streams = None if target_list is None else list(target_list[:n_masking_targets])
-        x, mask_indices = model.apply_mask(features, padding_mask, streams)
-    else:
-        x, mask_indices = features, None
-    if mask_indices is None:
-        mask_indices = torch.zeros_like(padding_mask)
-    states = None
-    if return_layer_states:
-        x, states = encoder_layer_states(model.encoder, x, padding_mask, max_layer)
-    else:
-        x, _ = model.encoder(x, padding_mask=padding_mask, layer=None)
-    return {"x": x, "padding_mask": padding_mask, "mask_indices": mask_indices, "features_pen": features_pen,
-            "target_list": target_list, "layer_states": states}
+        return int(task_cfg.seed)
+    except (AttributeError, KeyError, TypeError, ValueError, OmegaConfBaseException):
+        return 1
 
 
 @register_model("dicehubert_student", dataclass=DiceHubertStudentConfig)
@@ -265,8 +162,14 @@ class DiceHubertStudent(HubertModel):
             raise InputError([f"model.feat_target_layers={targets}: layers are 1-based, found {bad}"])
         self.feat_target_layers = targets
         self.feat_student_layers = sources or [n] * len(targets)
+        self.seed = _task_seed(task_cfg)
+        self.num_updates = 0
+        self._masks_in_update = 0
+        hidden = int(getattr(cfg, "feat_head_hidden_dim", 0) or 0)
+        if hidden < 0:
+            raise InputError([f"model.feat_head_hidden_dim={hidden}: expected 0 (linear heads) or a positive width"])
         self.feat_heads = (
-            nn.ModuleList([nn.Linear(cfg.encoder_embed_dim, cfg.feat_teacher_dim) for _ in targets])
+            nn.ModuleList([feat_head(cfg.encoder_embed_dim, cfg.feat_teacher_dim, hidden) for _ in targets])
             if targets else None
         )
 
@@ -275,16 +178,6 @@ class DiceHubertStudent(HubertModel):
         if task.cfg.labels:
             check_label_rate(cfg.label_rate, task.cfg.sample_rate, cfg.conv_feature_layers)
         return cls(cfg, task.cfg, task.dictionaries)
-
-    def extract_layer_states(
-        self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, mask: bool = False
-    ) -> Dict[str, object]:
-        """Every transformer layer's output (and the heads' predictions): L_feat's student forward.
-
-        The same as ``forward(source, padding_mask=..., mask=..., return_layer_states=True)``,
-        which is what criteria call so that a DDP wrapper sees a forward.
-        """
-        return self.forward(source, padding_mask=padding_mask, mask=mask, return_layer_states=True)
 
     def predict_teacher_layers(self, states: List[torch.Tensor]) -> List[torch.Tensor]:
         """Apply the feature-distillation heads.
@@ -300,14 +193,38 @@ class DiceHubertStudent(HubertModel):
                               "heads (set it, e.g. [4,8,12], to train with criterion dicehubert_feat)"])
         return [head(states[k - 1]) for head, k in zip(self.feat_heads, self.feat_student_layers)]
 
-    def apply_mask(self, x, padding_mask, target_list):
-        """HuBERT's span masking, reproducible under ``common.seed``.
+    def set_num_updates(self, num_updates):
+        """fairseq's trainer calls this before every forward of an update (the masks' second seed)."""
+        super().set_num_updates(num_updates)
+        if num_updates != self.num_updates:
+            self.num_updates = num_updates
+            self._masks_in_update = 0
 
-        fairseq's ``compute_mask_indices`` draws spans from ``np.random.default_rng(None)``
-        (OS entropy) unless it is given ``seed``/``epoch``/``indices``, so fairseq's own
-        ``HubertModel`` masks differently in two runs with the same seed.  We draw the seed
-        from the global numpy RNG, which fairseq seeds with ``common.seed``; same masks
-        otherwise (same spans, ``min_masks=2``, channel masking).
+    def mask_seed(self) -> int:
+        """Seed of the next ``apply_mask``: a function of (seed, data-parallel rank, update, call).
+
+        ``call`` counts the masks drawn since the update number last changed (several batches
+        per update under ``update_freq``, validation batches); a run resumed from a checkpoint
+        of update ``u`` draws exactly what an uninterrupted run draws from update ``u`` on.
+        """
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        key = [self.seed % 2**32, rank, self.num_updates, self._masks_in_update]
+        self._masks_in_update += 1
+        return int(np.random.SeedSequence(key).generate_state(1)[0] % (2**31 - 1))
+
+    def apply_mask(self, x, padding_mask, target_list):
+        """HuBERT's span masking, reproducible: the same masks for the same seed and update.
+
+        fairseq's ``HubertModel`` draws spans from ``np.random.default_rng(None)`` (OS entropy),
+        so it masks differently in two runs with the same seed.  Here ``compute_mask_indices``
+        gets a seed from :meth:`mask_seed` (``task.seed``, i.e. ``common.seed``, and the update
+        number), never from a global RNG that fairseq's data-prefetch thread also draws from;
+        otherwise the same masks (same spans, ``min_masks=2``, channel masking). One difference:
+        where fairseq's ``compute_mask_indices`` raises because its spans covered every real frame
+        of a row (a padded row of one or two frames: about two draws in three), the spans are
+        drawn again (up to :data:`MASK_REDRAWS` times), so such a batch trains instead of
+        stopping the run at random.
 
         Args:
             x: ``(B, T, C)`` features (masked in place).
@@ -317,15 +234,23 @@ class DiceHubertStudent(HubertModel):
             ``(x, mask_indices)`` with ``mask_indices`` ``(B, T)`` bool (None if mask_prob is 0).
         """
         B, T, C = x.shape
-        seed = int(np.random.randint(1, 2**31 - 1))
+        seed = self.mask_seed()
         indices = torch.arange(B)
         mask_indices = None
         if self.mask_prob > 0:
-            mask = compute_mask_indices(
-                (B, T), padding_mask, self.mask_prob, self.mask_length, self.mask_selection,
-                self.mask_other, min_masks=2, no_overlap=self.no_mask_overlap,
-                min_space=self.mask_min_space, seed=seed, epoch=0, indices=indices,
-            )
+            for attempt in range(MASK_REDRAWS):
+                try:
+                    mask = compute_mask_indices(
+                        (B, T), padding_mask, self.mask_prob, self.mask_length, self.mask_selection,
+                        self.mask_other, min_masks=2, no_overlap=self.no_mask_overlap,
+                        min_space=self.mask_min_space, seed=seed, epoch=2 * attempt, indices=indices,
+                    )
+                    break
+                except ValueError as e:
+                    # a row with a few real frames (padded beside a long one) drew spans covering
+                    # all of them: fairseq raises; draw again (a row of padding only always raises)
+                    if "entire sequence is masked" not in str(e) or attempt == MASK_REDRAWS - 1:
+                        raise
             mask_indices = torch.from_numpy(mask).to(x.device)
             x[mask_indices] = self.mask_emb
         if self.mask_channel_prob > 0:
@@ -340,8 +265,6 @@ class DiceHubertStudent(HubertModel):
 
     def init_from_teacher(self, path: str) -> List[str]:
         """Initialise from a teacher checkpoint; returns the names of the copied tensors."""
-        from ..checkpoint import load_state, require_hubert_family
-
         state = load_state(path)
         require_hubert_family(state, path)
         copied, skipped = init_from_state_dict(self, state["model"])
@@ -357,71 +280,60 @@ class DiceHubertStudent(HubertModel):
         features_only: bool = False,
         output_layer: Optional[int] = None,
         soft_target_list: Optional[List[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None,
-        return_layer_states: bool = False,
     ) -> Dict[str, object]:
-        """Masked prediction over all classes of every label stream.
+        """Masked prediction over all classes of every label stream, and the feature heads.
 
         Args:
             source: ``(B, S)`` waveforms.
-            target_list: per stream ``(B, T_label)`` dictionary indices.
+            target_list: per stream ``(B, T_label)`` dictionary indices; None: no prediction
+                (L_feat alone).
             padding_mask: ``(B, S)`` bool, True on padding.
             mask: apply span masking.
-            features_only / output_layer: as ``HubertModel`` (delegated to it).
+            features_only / output_layer: fairseq's ``HubertModel.forward(features_only=True)``
+                (what ``extract_features`` calls), unchanged.
             soft_target_list: per stream ``None`` or ``((B, T_label, k) ids, (B, T_label, k) probs)``.
-            return_layer_states: also return ``layer_states``, every transformer layer's
-                ``(B, T, D)`` output, and with feature-distillation heads their predictions
-                ``feat_preds`` (one ``(B, T, feat_teacher_dim)`` per target layer). Without
-                ``target_list``: only those, plus ``x``, ``padding_mask``, ``mask_indices``,
-                ``features_pen`` (L_feat alone).
 
         Returns:
-            dict with, per stream ``i``, ``logit_m_list[i]`` ``(N_m, C_i)`` and
+            dict with ``padding_mask`` ``(B, T)``, ``mask_indices`` ``(B, T)``, ``features_pen``;
+            with ``target_list``, per stream ``i``: ``logit_m_list[i]`` ``(N_m, C_i)`` and
             ``target_m_list[i]`` ``(N_m,)`` on masked frames (``*_u_*`` on unmasked ones),
-            ``soft_m_list[i]`` / ``soft_u_list[i]`` ``None`` or ``((N, k), (N, k))``, plus
-            ``padding_mask`` ``(B, T)``, ``mask_indices`` ``(B, T)`` and ``features_pen``.
+            ``soft_m_list[i]`` / ``soft_u_list[i]`` ``None`` or ``((N, k), (N, k))``; with
+            feature-distillation heads, ``layer_states`` (every layer's ``(B, T, D)`` output,
+            layer 1 first) and ``feat_preds`` (one ``(B, T, feat_teacher_dim)`` per target layer).
         """
-        if return_layer_states and target_list is None and not features_only:
-            out = layer_states(self, source, padding_mask, mask=mask)
-            if self.feat_heads is not None:
-                out["feat_preds"] = self.predict_teacher_layers(out["layer_states"])
-            return out
-        if features_only or target_list is None:
-            return super().forward(source, target_list, padding_mask, mask, True, output_layer)
-
-        n = len(target_list)
+        if features_only:
+            return super().forward(source, None, padding_mask, mask, True, output_layer)
+        n = len(target_list) if target_list is not None else 0
         soft = list(soft_target_list) if soft_target_list is not None else [None] * n
-        packed = list(target_list)
+        packed = list(target_list or [])
         soft_slots = []
-        for s in soft:
+        for s in soft:  # soft streams ride along with the hard ones through forward_targets
             if s is None:
                 soft_slots.append(None)
             else:
                 soft_slots.append(len(packed))
                 packed.extend(s)
-        enc = encode(self, source, padding_mask, mask=mask, target_list=packed, n_masking_targets=n,
-                     return_layer_states=return_layer_states)
-        x, padding_mask, mask_indices = enc["x"], enc["padding_mask"], enc["mask_indices"]
-        packed = enc["target_list"]
-        target_list = packed[:n]
-        soft = [None if j is None else (packed[j], packed[j + 1]) for j in soft_slots]
+        h = hidden_states(self, source, padding_mask, mask=mask, target_list=packed if n else None)
+        out = {"padding_mask": h.padding_mask, "mask_indices": h.mask_indices, "features_pen": h.features_pen}
+        if self.feat_heads is not None:
+            out["layer_states"] = h.layers
+            out["feat_preds"] = self.predict_teacher_layers(h.layers)
+        if not n:
+            return out
+        target_list = h.target_list[:n]
+        soft = [None if j is None else (h.target_list[j], h.target_list[j + 1]) for j in soft_slots]
 
         label_embs_list = self.label_embs_concat.split(self.num_classes, 0)
         if self.target_glu is not None:
             label_embs_list = [self.target_glu(e) for e in label_embs_list]
-
-        out = {"padding_mask": padding_mask, "mask_indices": mask_indices, "features_pen": enc["features_pen"]}
-        if return_layer_states:
-            out["layer_states"] = enc["layer_states"]
-            if self.feat_heads is not None:
-                out["feat_preds"] = self.predict_teacher_layers(enc["layer_states"])
-        for tag, selected, skip in (("m", ~padding_mask & mask_indices, self.skip_masked),
-                                    ("u", ~padding_mask & ~mask_indices, self.skip_nomask)):
+        for tag, selected, skip in (("m", ~h.padding_mask & h.mask_indices, self.skip_masked),
+                                    ("u", ~h.padding_mask & ~h.mask_indices, self.skip_nomask)):
             if skip:
                 out[f"logit_{tag}_list"] = [None] * n
                 out[f"target_{tag}_list"] = [None] * n
                 out[f"soft_{tag}_list"] = [None] * n
                 continue
-            proj = self.final_proj(x[selected])
+            proj = self.final_proj(h.x[selected])
             projs = proj.chunk(n, dim=-1) if self.untie_final_proj else [proj] * n
             out[f"logit_{tag}_list"] = [
                 cosine_logits(p, e, self.logit_temp) for p, e in zip(projs, label_embs_list)

@@ -5,9 +5,12 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import II
 
 from fairseq.tasks import register_task
 from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig, HubertPretrainingTask, LabelEncoder
@@ -22,14 +25,7 @@ logger = logging.getLogger(__name__)
 
 def _under_fairseq_cli() -> bool:
     """True inside ``fairseq-hydra-train`` / ``fairseq-train`` (not when used as a library)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return os.path.basename(sys.argv[0] or "").startswith("fairseq-")
+    return HydraConfig.initialized() or os.path.basename(sys.argv[0] or "").startswith("fairseq-")
 
 
 @contextlib.contextmanager
@@ -64,6 +60,34 @@ class DiceHubertConfig(HubertPretrainingConfig):
         default=0.1,
         metadata={"help": "seconds a label sequence may differ from its audio's duration"},
     )
+    seed: int = field(
+        default=II("common.seed"),
+        metadata={"help": "seed of the random crops (with the epoch and the utterance) and of the "
+                          "student's span masks (with the update number); linked to common.seed"},
+    )
+    cpu: Optional[bool] = field(
+        default=None,
+        metadata={"help": "common.cpu, linked by config/recipe/ssl.yaml: false (a GPU run) on a machine without "
+                          "a CUDA device ends fairseq-hydra-train before anything is built, in one line naming "
+                          "run=cpu; None: not checked"},
+    )
+
+
+def missing_gpu_message(cpu: Optional[bool]) -> str:
+    """Why a training run cannot start here, or ``""``.
+
+    Args:
+        cpu: the run's ``common.cpu`` (``task.cpu``); ``None``: unknown, not checked.
+
+    Returns:
+        one line naming the fix when the run asks for a CUDA device (``cpu`` false) and torch
+        sees none.
+    """
+    if cpu is None or cpu or torch.cuda.is_available():
+        return ""
+    return (f"dicehubert: this run trains on a GPU (common.cpu=false: the default overlay run=gpu, or run=slurm) "
+            f"but torch {torch.__version__} finds no CUDA device here; add run=cpu to train on the CPU "
+            f"(run=cpu_torchrun for several CPU processes)")
 
 
 @register_task("dicehubert", dataclass=DiceHubertConfig)
@@ -71,6 +95,17 @@ class DiceHubertTask(HubertPretrainingTask):
     """HuBERT masked prediction on teacher k-means labels (hard or soft), with preflight checks."""
 
     cfg: DiceHubertConfig
+
+    @classmethod
+    def setup_task(cls, cfg: DiceHubertConfig, **kwargs) -> "DiceHubertTask":
+        # the first thing fairseq builds: a GPU run on a machine without one stops here, in one
+        # line (otherwise fairseq builds everything, then dies in a CUDA traceback); a task
+        # rebuilt from a checkpoint (a teacher) keeps the cpu flag of the run that saved it
+        if not kwargs.get("from_checkpoint") and _under_fairseq_cli():
+            message = missing_gpu_message(cfg.cpu)
+            if message:
+                raise SystemExit(message)
+        return super().setup_task(cfg, **kwargs)
 
     def __init__(self, cfg: DiceHubertConfig) -> None:
         unknown = [s for s in cfg.soft_labels if s not in cfg.labels]
@@ -159,4 +194,5 @@ class DiceHubertTask(HubertPretrainingTask):
             soft_labels=soft,
             soft_luts=luts,
             hard_pads=pads,
+            seed=self.cfg.seed,
         )

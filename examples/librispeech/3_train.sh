@@ -16,9 +16,9 @@ common=(common.user_dir=dicehubert_fairseq "task.data=$MANIFESTS" "hydra.run.dir
 case "$ROW" in
   dicehubert_narrow|dicehubert_shallow_l6|dicehubert_shallow_l4)       # L_SSL, hard labels "km"
     fairseq-hydra-train --config-dir config/ --config-name "$ROW" "${common[@]}" "task.label_dir=$LABELS" "$@" ;;
-  dicehubert_narrow_soft)                                              # soft labels, tau = 1 (data=soft_t5, soft_t10)
+  dicehubert_narrow_soft)                                  # soft labels, tau = 1 (task.labels=[it2_l9_t5], [it2_l9_t10])
     fairseq-hydra-train --config-dir config/ --config-name dicehubert_narrow_soft "${common[@]}" \
-      "task.label_dir=$LABELS" data=soft_t1 "$@" ;;
+      "task.label_dir=$LABELS" "task.labels=[it2_l9_t1]" "$@" ;;
   feat_narrow|feat_shallow_l6|feat_shallow_l4)                         # L_feat baseline, teacher on the fly
     fairseq-hydra-train --config-dir config/ --config-name "$ROW" "${common[@]}" \
       "criterion.teacher_checkpoint=$TEACHER" "$@" ;;

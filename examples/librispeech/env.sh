@@ -9,7 +9,7 @@
 : "${KM:=$WORK/km}"                                # k-means models (joblib)
 : "${NGPU:=$(nvidia-smi -L 2>/dev/null | wc -l)}"  # GPUs for sharded label dumping
 : "${LAYER:=9}"                                    # the paper's teacher layer (HuBERT Base, iteration 2)
-: "${K:=500}"                                      # clusters
+: "${K:=100}"                                      # clusters: the paper's K (500: fairseq's HuBERT iteration 2)
 : "${PERCENT:=0.1}"                                # share of train utterances k-means is fitted on
 : "${SEED:=0}"
 export LIBRISPEECH TEACHER WORK MANIFESTS LABELS KM NGPU LAYER K PERCENT SEED

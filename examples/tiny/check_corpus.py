@@ -21,7 +21,7 @@ def check(directory: str, splits: List[str]) -> List[str]:
     """Every problem of the corpus in ``directory``, one message each (empty: fine)."""
     from dicehubert_fairseq.data.files import read_manifest
     from dicehubert_fairseq.errors import InputError
-    from dicehubert_fairseq.probe.probe import read_transcripts
+    from dicehubert_fairseq.probe.transcripts import read_transcripts
 
     problems: List[str] = []
     for split in splits:

@@ -88,7 +88,7 @@ def build_jobs(a: argparse.Namespace) -> List[Job]:
         "--mfcc", "--n-clusters", str(a.k_mfcc), "--out", km("mfcc")] + fit_opts))
     jobs.append(Job("labels_mfcc", labels_cli + ["dump"] + common_lab + [
         "--mfcc", "--km", km("mfcc"), "--label-dir", lab("mfcc"), "--name", "mfcc"], ["km_mfcc"]))
-    # teacher iteration 1 on MFCC labels, fairseq's own hubert task/model/criterion
+    # teacher iteration 1 on MFCC labels, fairseq's HuBERT objective (config/tiny_teacher.yaml)
     train("teacher_n1", ["--config-name", "tiny_teacher", "+data=mfcc"], ["labels_mfcc"], a.teacher_updates,
           a.seed, lab("mfcc"))
     # iteration-1 layer k-means -> teacher iteration 2

@@ -48,8 +48,8 @@ sys.path.insert(0, HERE)
 from pipeline import MODELS, TEACHERS, timing  # noqa: E402
 
 WHAT = {
-    "teacher_n1": "HuBERT iteration 1 (fairseq `hubert`), MFCC k-means labels",
-    "teacher_n2": "HuBERT iteration 2 (fairseq `hubert`), k-means of a teacher_n1 layer",
+    "teacher_n1": "HuBERT iteration 1 (HuBERT's objective), MFCC k-means labels",
+    "teacher_n2": "HuBERT iteration 2 (HuBERT's objective), k-means of a teacher_n1 layer",
     "dicehubert_narrow": "DiceHuBERT L_SSL, hard labels of a teacher_n2 layer",
     "dicehubert_narrow_soft": "DiceHuBERT L_SSL, soft labels of the same layer",
     "dicehubert_shallow": "DiceHuBERT L_SSL, hard labels (teacher width, 1/6 depth)",

@@ -6,12 +6,14 @@
 #   1. corpus   espeak-ng speech with phone transcripts ({split}.tsv + {split}.phn in WORKDIR),
 #               unless WORKDIR already holds a corpus in that format (then it is checked, used as is)
 #   2. teachers HuBERT iteration 1 on MFCC k-means labels, iteration 2 on k-means of an
-#               iteration-1 layer (fairseq's own hubert task, model and criterion)
+#               iteration-1 layer (fairseq's HuBERT objective: config/tiny_teacher.yaml)
 #   3. labels   k-means of a teacher-N2 layer, hard and soft (dicehubert-labels)
 #   4. students dicehubert_narrow, dicehubert_narrow_soft, dicehubert_shallow, feat_narrow,
 #               scratch_narrow: same update budget each (fairseq-hydra-train, config/ rows)
 #   5. probe    phone recognition with every model frozen (dicehubert-probe)
 #   6. report   WORKDIR/results.json, results.md, results.png
+#   7. export   the distilled narrow student as a Hugging Face transformers directory
+#               (WORKDIR/export/dicehubert_narrow_hf, dicehubert-export): parameters, size on disk
 #
 # Finished stages are skipped when run again (WORKDIR/.done/), an interrupted training resumes.
 # Logs: WORKDIR/logs/{job}.log. Knobs (environment; defaults are the measured choice, see
@@ -20,7 +22,8 @@
 #   see synth_corpus.py) TINY_TEACHER_UPDATES TINY_TEACHER_UPDATES2 TINY_STUDENT_UPDATES
 #   TINY_K_MFCC TINY_K TINY_LAYER_IT1 TINY_LAYER_IT2 TINY_TEMPERATURE TINY_REPLICAS TINY_REPLICATE
 #   TINY_LAYER_PROBES TINY_PROBE_EPOCHS TINY_OVERRIDES (extra hydra overrides)
-#   TINY_PRESET=ci: a reduced run (small corpus, a handful of updates) for the test suite.
+#   TINY_PRESET=ci: a reduced run (small corpus, a handful of updates) for the test suite; its
+#   corpus and probe epochs are sized so that the teachers' PER stays clearly below chance.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,8 +32,8 @@ WORKDIR="$(realpath -m "${1:-$HERE/work}")"
 PYTHON="${PYTHON:-python}"
 
 if [[ "${TINY_PRESET:-full}" == ci ]]; then
-  : "${TINY_MINUTES:=1.5}" "${TINY_TEACHER_UPDATES:=8}" "${TINY_STUDENT_UPDATES:=6}"
-  : "${TINY_K_MFCC:=8}" "${TINY_K:=8}" "${TINY_PROBE_EPOCHS:=2}" "${TINY_REPLICAS:=2}"
+  : "${TINY_MINUTES:=3}" "${TINY_TEACHER_UPDATES:=8}" "${TINY_STUDENT_UPDATES:=6}"
+  : "${TINY_K_MFCC:=8}" "${TINY_K:=8}" "${TINY_PROBE_EPOCHS:=20}" "${TINY_REPLICAS:=2}"
 fi
 : "${TINY_SEED:=1}" "${TINY_MINUTES:=12}"
 export TINY_SEED TINY_MINUTES   # pipeline.py reads the TINY_* knobs (set or not) from the environment
@@ -38,7 +41,7 @@ if [[ "${TINY_PRESET:-full}" == ci ]]; then
   export TINY_TEACHER_UPDATES TINY_STUDENT_UPDATES TINY_K_MFCC TINY_K TINY_PROBE_EPOCHS TINY_REPLICAS
 fi
 
-for tool in "$PYTHON" fairseq-hydra-train dicehubert-labels dicehubert-probe; do
+for tool in "$PYTHON" fairseq-hydra-train dicehubert-labels dicehubert-probe dicehubert-export; do
   command -v "$tool" >/dev/null || { echo "run.sh: error: '$tool' not found on PATH (activate the" \
     "project's environment: 'make setup' or '. .venv/bin/activate')" >&2; exit 1; }
 done
@@ -65,7 +68,7 @@ stage() {  # stage SHORT_NAME HEADER: prints the header; records the time of the
 mkdir -p "$WORKDIR"
 echo "tiny DiceHuBERT pipeline in $WORKDIR (seed $TINY_SEED)"
 
-stage corpus "1/4 corpus"
+stage corpus "1/5 corpus"
 if [[ -e "$WORKDIR/train.tsv" || -e "$WORKDIR/valid.tsv" || -e "$WORKDIR/test.tsv" ]]; then
   echo "using the corpus already in $WORKDIR"
 else
@@ -77,16 +80,21 @@ else
 fi
 "$PYTHON" "$HERE/check_corpus.py" "$WORKDIR"   # bad corpus: clear message, exit 1, nothing trained
 
-stage training "2/4 labels, teachers, students, probes (jobs in parallel; logs in $WORKDIR/logs)"
+stage training "2/5 labels, teachers, students, probes (jobs in parallel; logs in $WORKDIR/logs)"
 "$PYTHON" "$HERE/pipeline.py" "$WORKDIR"
 
-stage report "3/4 report"
+stage report "3/5 report"
 "$PYTHON" "$HERE/report.py" "$WORKDIR"
 
-stage done "4/4 done"
+stage export "4/5 export"
+# the distilled narrow student, out of the plugin: a transformers HubertModel directory
+dicehubert-export "$WORKDIR/models/dicehubert_narrow/checkpoints/checkpoint_last.pt" --to hf \
+  "$WORKDIR/export/dicehubert_narrow_hf" --force
+stage done "5/5 done"
 printf 'time per stage:\n%s  total %s\n' "$TIMES" "$(mmss $((SECONDS - T0)))"
 if [[ -f "$WORKDIR/results.png" ]]; then
   echo "results: $WORKDIR/results.md, $WORKDIR/results.json, $WORKDIR/results.png"
 else
   echo "results: $WORKDIR/results.md, $WORKDIR/results.json (no results.png: matplotlib is not installed)"
 fi
+echo "exported student (transformers): $WORKDIR/export/dicehubert_narrow_hf"

@@ -8,6 +8,8 @@ Writes, under ``OUT``::
     {split}.phn                  one line per manifest row: espeak-ng phones, space-separated
     {split}.txt                  the sentence each utterance says (for reading, not used)
     corpus.json                  how it was made (seed, voices, sizes, seconds per split)
+    {split}.align                with --align only: one line per manifest row, one phone per 10 ms
+                                 frame (``dicehubert-labels quality``'s input; espeak_align.py)
 
 Sentences come from a small seeded grammar over a few hundred everyday words; every utterance
 gets its own voice (English accents x espeak-ng voice variants), speed (words per minute) and
@@ -143,8 +145,9 @@ def phones(text: str, voice: str) -> List[str]:
     return result
 
 
-def synthesise(job: Dict, wav_dir: str) -> Tuple[str, int, List[str]]:
-    """Speak one utterance to ``wav_dir/{name}`` at 16 kHz mono 16-bit; return (name, samples, phones)."""
+def synthesise(job: Dict, wav_dir: str, align: bool = False) -> Tuple[str, int, List[str], Optional[List[str]]]:
+    """Speak one utterance to ``wav_dir/{name}`` at 16 kHz mono 16-bit; return (name, samples, phones,
+    frame phones at :data:`ALIGN_RATE` if ``align`` else None)."""
     path = os.path.join(wav_dir, job["name"])
     voice = f"{job['accent']}+{job['variant']}"
     with tempfile.NamedTemporaryFile(suffix=".wav", dir=wav_dir, delete=False) as tmp:
@@ -158,14 +161,51 @@ def synthesise(job: Dict, wav_dir: str) -> Tuple[str, int, List[str]]:
                         "silence", "1", "0.02", "0.1%", "reverse", "silence", "1", "0.02", "0.1%", "reverse",
                         "pad", "0.1", "0.1"], check=True, capture_output=True)
         os.replace(part, path)
+        with wave.open(path) as w:
+            if w.getframerate() != SAMPLE_RATE or w.getnchannels() != 1:
+                raise RuntimeError(f"{path}: sox wrote {w.getframerate()} Hz, {w.getnchannels()} channels")
+            n = w.getnframes()
+        phs = phones(job["text"], job["accent"])
+        frames = align_frames(job, voice, raw, n, phs) if align else None
     finally:
         if os.path.exists(raw):
             os.unlink(raw)
-    with wave.open(path) as w:
-        if w.getframerate() != SAMPLE_RATE or w.getnchannels() != 1:
-            raise RuntimeError(f"{path}: sox wrote {w.getframerate()} Hz, {w.getnchannels()} channels")
-        n = w.getnframes()
-    return job["name"], n, phones(job["text"], job["accent"])
+    return job["name"], n, phs, frames
+
+
+#: frames per second of ``{split}.align``
+ALIGN_RATE = 100
+
+
+def align_frames(job: Dict, voice: str, raw: str, num_samples: int, transcript: List[str]) -> List[str]:
+    """One phone per 1 / ALIGN_RATE s of the final audio, timed by espeak-ng's phoneme events in ``raw``.
+
+    The final audio is ``raw`` trimmed of its leading silence by sox (measured here by running the
+    same ``silence`` effect alone), resampled, and padded with 0.1 s; events that are no phone of
+    the transcript (pauses, ``;``) are silence.  The phones met must be ``transcript``.
+    """
+    import numpy as np
+
+    import espeak_align  # beside this script; needs libespeak-ng.so (installed with espeak-ng) and numpy
+
+    events, rate = espeak_align.phone_events(job["text"], voice, job["speed"], job["pitch"], raw)
+    lead_path = raw + ".lead.wav"
+    try:
+        subprocess.run(["sox", raw, lead_path, "silence", "1", "0.02", "0.1%"], check=True, capture_output=True)
+        samples, _ = espeak_align.read_wav_int16(raw)
+        rest, _ = espeak_align.read_wav_int16(lead_path)
+    finally:
+        if os.path.exists(lead_path):
+            os.unlink(lead_path)
+    lead = len(samples) - len(rest)
+    if not np.array_equal(samples[lead:], rest):
+        raise RuntimeError(f"{job['name']}: sox's leading trim is not a suffix of espeak-ng's audio")
+    events = [(s, p if p not in NOT_PHONES else "_") for s, p in events]  # ';' and the like: not phones
+    frames = espeak_align.frame_phones(events, rate, 0.1 - lead / rate, num_samples, SAMPLE_RATE, ALIGN_RATE)
+    met = [p for s, p in events if not espeak_align.is_pause(p)]
+    if met != transcript:
+        raise RuntimeError(f"{job['name']}: espeak-ng's phoneme events {met} differ from its transcript {transcript}")
+    return frames
 
 
 def plan(seconds: Dict[str, float], seed: int, seconds_per_utt: float = 3.4, voices: str = "default",
@@ -223,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--text-seed", type=int, default=None,
                    help="seed of the sentences alone (default: drawn from --seed's stream)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel synthesis processes")
+    p.add_argument("--align", action="store_true",
+                   help="also write {split}.align: frame-level phones (espeak-ng's phoneme events, 100 Hz)")
     args = p.parse_args(argv)
 
     for tool in ("espeak-ng", "sox"):
@@ -243,17 +285,22 @@ def main(argv=None) -> int:
     flat = [j for split in jobs for j in jobs[split]]
     results = {}
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # the work is in subprocesses
-        for k, (name, n, phs) in enumerate(pool.map(lambda j: synthesise(j, wav_dir), flat), start=1):
-            results[name] = (n, phs)
+        for k, (name, n, phs, frames) in enumerate(pool.map(lambda j: synthesise(j, wav_dir, args.align), flat),
+                                                   start=1):
+            results[name] = (n, phs, frames)
             if k % 50 == 0 or k == len(flat):
                 print(f"  synthesised {k}/{len(flat)} utterances", flush=True)
     info = {"seed": args.seed, "text_seed": args.text_seed, "voice_set": args.voices, "sample_rate": SAMPLE_RATE,
             "splits": {}}
+    if args.align:
+        info["align_rate"] = ALIGN_RATE
     for split, js in jobs.items():
         rows = [f"{j['name']}\t{results[j['name']][0]}" for j in js]
         # .phn and .txt first, the manifest last: a complete manifest means a complete split
         write_text(os.path.join(out, f"{split}.phn"), [" ".join(results[j["name"]][1]) for j in js])
         write_text(os.path.join(out, f"{split}.txt"), [j["text"] for j in js])
+        if args.align:
+            write_text(os.path.join(out, f"{split}.align"), [" ".join(results[j["name"]][2]) for j in js])
         write_text(os.path.join(out, f"{split}.tsv"), [wav_dir] + rows)
         secs = sum(results[j["name"]][0] for j in js) / SAMPLE_RATE
         info["splits"][split] = {"utterances": len(js), "seconds": round(secs, 1)}

@@ -1,0 +1,434 @@
+"""examples/tiny (a reduced run of the whole pipeline, bad corpora) and examples/librispeech.
+
+* ``test_reduced_tiny_run``: ``examples/tiny/run.sh`` with ``TINY_PRESET=ci`` (a 3-minute
+  corpus, a handful of updates per model, two seeds of every student) end to end:
+  results.json/md/png exist, every model of the paper's table has a finite PER per seed, both
+  teachers' PER is clearly below chance (the best hypothesis that ignores the audio), the claims
+  table exists and agrees with the per-seed numbers and with the README's verdict rule, and
+  teacher_n2 was probed layer by layer.  Run again in the same WORKDIR without matplotlib, every
+  stage is skipped, results.md/json are rewritten and the plot is skipped with a message.  Under
+  CI (``CI=true``, as ``.ci/run`` sets) missing espeak-ng or sox fail the test instead of skipping
+  it, so the end-to-end run cannot quietly drop out of CI.
+* bad corpora (missing ``.phn``, a ``.phn`` whose line count differs from its manifest, an empty
+  split): a clear message, a non-zero exit, and nothing trained.
+* the LibriSpeech scripts parse (``bash -n``), and, run with stub ``dicehubert-labels``,
+  ``fairseq-hydra-train`` and ``dicehubert-probe`` that record their arguments, every command
+  they issue is accepted by the real CLI parsers, and every training line composes with the
+  real configs (config names and overlays exist).
+"""
+
+import glob
+import json
+import math
+import os
+import shutil
+import stat
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from dicehubert_fairseq.probe.head import phone_error_rate
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(REPO, "examples", "tiny")
+LIBRI = os.path.join(REPO, "examples", "librispeech")
+BIN = os.path.dirname(sys.executable)
+
+pytestmark = pytest.mark.e2e
+MODELS = ["teacher_n1", "teacher_n2", "dicehubert_narrow", "dicehubert_narrow_soft", "dicehubert_shallow",
+          "feat_narrow", "scratch_narrow"]
+TEACHERS = MODELS[:2]
+#: the paper's comparisons: id -> (the row the paper says is better, the other row)
+CLAIMS = {"distillation": ("dicehubert_narrow", "scratch_narrow"),
+          "ssl_vs_feat": ("dicehubert_narrow", "feat_narrow"),
+          "narrow_vs_shallow": ("dicehubert_narrow", "dicehubert_shallow"),
+          "hard_vs_soft": ("dicehubert_narrow", "dicehubert_narrow_soft"),
+          "teacher_vs_student": ("teacher_n2", "dicehubert_narrow")}
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    for k in list(env):
+        if k.startswith("TINY_"):
+            env.pop(k)
+    env.update(extra)
+    return env
+
+
+def run_sh(workdir, **extra):
+    return subprocess.run(["bash", os.path.join(TINY, "run.sh"), str(workdir)], cwd=REPO, env=_env(**extra),
+                          capture_output=True, text=True, timeout=1200)
+
+
+# ------------------------------------------------------------------------- the reduced run
+
+
+#: how far below chance (the best audio-independent hypothesis) the teachers' PER must be
+CHANCE_MARGIN = 0.05
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_speech_tools():
+    """Skip without espeak-ng/sox -- except in CI, where the end-to-end run must not drop out."""
+    missing = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
+    if missing:
+        msg = f"{' and '.join(missing)} not found: needed to synthesise the corpus (make setup installs them)"
+        if in_ci():
+            pytest.fail(f"CI=true: {msg}")
+        pytest.skip(msg)
+
+
+def chance_per(phn_path):
+    """PER of the best hypothesis that ignores the audio: one phone repeated n times, the same
+    for every utterance (the empty output scores 1.0), minimised over the phone and n."""
+    with open(phn_path) as f:
+        refs = [line.split() for line in f.read().splitlines()]
+    phones = sorted({p for r in refs for p in r})
+    longest = max(len(r) for r in refs)
+    return min([1.0] + [phone_error_rate(refs, [[p] * n] * len(refs)) for p in phones for n in range(1, longest + 1)])
+
+
+def test_chance_per_hand_computed(tmp_path):
+    path = tmp_path / "t.phn"
+    path.write_text("a b a\na a\n")
+    # "a a" for both: 1 deletion (b) on the first; nothing on the second -> 1/5
+    assert chance_per(str(path)) == pytest.approx(1 / 5)
+    path.write_text("a\nb\nc\n")
+    assert chance_per(str(path)) == pytest.approx(2 / 3)
+
+
+def test_reduced_tiny_run(tmp_path):
+    require_speech_tools()
+    work = tmp_path / "work"
+    proc = run_sh(work, TINY_PRESET="ci")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    for name in ("results.json", "results.md", "results.png"):
+        assert (work / name).is_file() and (work / name).stat().st_size > 0, name
+    with open(work / "results.json") as f:
+        results = json.load(f)
+    assert [m["name"] for m in results["models"]] == MODELS
+    for m in results["models"]:
+        # every seed's numbers, their mean and sd
+        n = 1 if m["name"] in TEACHERS else 2
+        assert len(m["seeds"]) == len(set(m["seeds"])) == len(m["per_seeds"]) == len(m["valid_per_seeds"]) == n, m
+        assert all(math.isfinite(p) and p >= 0 for p in m["per_seeds"] + m["valid_per_seeds"]), m
+        assert m["per"] == pytest.approx(statistics.fmean(m["per_seeds"]))
+        assert m["valid_per"] == pytest.approx(statistics.fmean(m["valid_per_seeds"]))
+        assert m["per_std"] == (pytest.approx(statistics.stdev(m["per_seeds"])) if n > 1 else None)
+        assert m["params"] > 0 and m["updates"] > 0 and m["seconds"] > 0, m
+        assert len(m["layer_weights"]) == m["layers"] + 1 and abs(sum(m["layer_weights"]) - 1) < 1e-4, m
+    by = {m["name"]: m for m in results["models"]}
+    check_claims(results, by)
+    # each seed is a separately trained student (seed, seed + 1)
+    assert by["feat_narrow"]["seeds"] == [1, 2] and (work / "models" / "feat_narrow.s2").is_dir()
+    # the students' shapes relative to the teacher: narrow = same depth, half width; shallow = 1/6 depth
+    t = by["teacher_n2"]
+    assert by["dicehubert_narrow"]["layers"] == t["layers"] and by["dicehubert_narrow"]["dim"] * 2 == t["dim"]
+    assert by["dicehubert_shallow"]["layers"] * 6 == t["layers"] and by["dicehubert_shallow"]["dim"] == t["dim"]
+    assert by["dicehubert_narrow"]["params"] == by["scratch_narrow"]["params"] == by["dicehubert_narrow_soft"]["params"]
+    # the teachers learned something a probe can read: clearly below chance on the test split
+    chance = chance_per(str(work / "test.phn"))
+    assert 0.5 < chance <= 1.0
+    for name in ("teacher_n1", "teacher_n2"):
+        assert by[name]["per"] <= chance - CHANCE_MARGIN, (name, by[name]["per"], chance)
+    md = (work / "results.md").read_text()
+    for name in MODELS:
+        assert f"| {name} |" in md
+    for c in results["claims"]:
+        assert f"| {c['claim']} | {c['better']} " in md and f"**{c['verdict']}**" in md, c
+    # teacher_n2's hidden states probed one at a time, the best chosen on valid
+    layers = results["teacher_layers"]["teacher_n2"]
+    assert [r["layer"] for r in layers["layers"]] == list(range(by["teacher_n2"]["layers"] + 1))
+    assert layers["best_layer"] == min(layers["layers"], key=lambda r: r["valid_per"])["layer"]
+    # the time of every stage is measured and printed
+    assert set(results["timing"]) == {"corpus", "labels", "teachers", "students", "probes"}
+    assert "time per stage:" in proc.stdout and "time per kind of job" in proc.stdout
+    for stage in ("corpus", "training", "report", "total"):
+        assert f"  {stage} " in proc.stdout, stage
+    # the stages say what they do
+    for stage in ("1/5 corpus", "2/5", "3/5 report", "start  teacher_n1", "done   probe_scratch_narrow"):
+        assert stage in proc.stdout, stage
+    # the last stage exports the distilled narrow student to transformers and says its size
+    hf = work / "export" / "dicehubert_narrow_hf"
+    assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert "4/5 export" in proc.stdout and "parameters:" in proc.stdout and "on disk:" in proc.stdout
+    # soft labels were dumped and used
+    assert glob.glob(str(work / "labels" / "it2" / "train.km.soft*"))
+
+    # a second run in the same WORKDIR skips every stage; without matplotlib (a stand-in
+    # package that fails to import) it says so before any work, then writes everything but the plot
+    hide = tmp_path / "no_matplotlib"
+    (hide / "matplotlib").mkdir(parents=True)
+    (hide / "matplotlib" / "__init__.py").write_text("raise ImportError('matplotlib hidden by the test')\n")
+    os.unlink(work / "results.json")
+    again = run_sh(work, TINY_PRESET="ci", PYTHONPATH=str(hide))
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "start " not in again.stdout and "skip   teacher_n1" in again.stdout
+    assert "using the corpus already in" in again.stdout
+    note = again.stdout.index("note: matplotlib is not installed")
+    assert note < again.stdout.index("1/5 corpus"), again.stdout[:2000]
+    assert "results.png skipped: matplotlib is not installed" in again.stdout
+    assert "pip install -e '.[plot]'" in again.stdout
+    assert (work / "results.json").is_file() and (work / "results.md").is_file()
+    assert not (work / "results.png").exists()
+
+
+def check_claims(results, by):
+    """The claims entries exist and follow from the per-seed numbers by the stated rule."""
+    from scipy.stats import t
+
+    assert {c["id"]: (c["better"], c["worse"]) for c in results["claims"]} == CLAIMS
+    assert "95% t interval" in results["verdict_rule"]
+    for c in results["claims"]:
+        b, w = by[c["better"]], by[c["worse"]]
+        assert c["better_mean"] == b["per"] and c["worse_mean"] == w["per"], c
+        assert c["better_sd"] == b["per_std"] and c["worse_sd"] == w["per_std"], c
+        bs, ws = dict(zip(b["seeds"], b["per_seeds"])), dict(zip(w["seeds"], w["per_seeds"]))
+        if len(bs) == 1:  # the teacher, trained once, against every seed of the student
+            diffs = [ws[s] - b["per"] for s in sorted(ws)]
+        else:
+            diffs = [ws[s] - bs[s] for s in sorted(set(bs) & set(ws))]
+        assert c["n"] == len(diffs) == 2 and c["diffs"] == pytest.approx(diffs), c
+        mean = statistics.fmean(diffs)
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+        half = t.ppf(0.975, len(diffs) - 1) * se
+        assert c["mean_diff"] == pytest.approx(mean) and c["se"] == pytest.approx(se)
+        assert c["ci95"] == pytest.approx([mean - half, mean + half])
+        assert c["rel_diff"] == pytest.approx(mean / w["per"])
+        expected = "holds" if mean - half > 0 else "reversed" if mean + half < 0 else "within noise"
+        assert c["verdict"] == expected, c
+
+
+def test_verdicts_follow_the_rule():
+    """report.compare on hand-made rows: a clear gain holds, a clear loss is reversed, a noisy
+    difference is within noise, one seed is too few; a teacher trained once is paired with every
+    seed of the student."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_report", os.path.join(TINY, "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    compare = report.compare
+
+    def row(pers, seeds=None):
+        seeds = seeds or list(range(1, len(pers) + 1))
+        return {"seeds": seeds, "per_seeds": pers, "per": statistics.fmean(pers)}
+
+    assert compare(row([0.40, 0.41, 0.42]), row([0.50, 0.52, 0.51]))["verdict"] == "holds"
+    assert compare(row([0.50, 0.52, 0.51]), row([0.40, 0.41, 0.42]))["verdict"] == "reversed"
+    noisy = compare(row([0.40, 0.50, 0.45]), row([0.46, 0.44, 0.47]))
+    assert noisy["verdict"] == "within noise" and noisy["ci95"][0] < 0 < noisy["ci95"][1]
+    # paired: a constant gain of 0.01 with seed-to-seed spread of 0.1 is clear when paired
+    paired = compare(row([0.30, 0.40, 0.50]), row([0.31, 0.41, 0.51]))
+    assert paired["verdict"] == "holds" and paired["diffs"] == pytest.approx([0.01] * 3)
+    assert compare(row([0.4]), row([0.5]))["verdict"] == "too few seeds"
+    teacher = compare(row([0.40], seeds=[1]), row([0.50, 0.52, 0.51]))
+    assert teacher["n"] == 3 and teacher["diffs"] == pytest.approx([0.10, 0.12, 0.11])
+    assert teacher["verdict"] == "holds"
+    # only the seeds both rows have are paired
+    assert compare(row([0.4, 0.5, 0.6]), row([0.5, 0.6], seeds=[2, 3]))["seeds"] == [2, 3]
+
+
+def test_ci_fails_instead_of_skipping_without_speech_tools(tmp_path):
+    """Without espeak-ng and sox on PATH: skipped on a workstation, a failure under CI=true."""
+    outcomes = {}
+    for ci in ("", "true"):
+        env = _env(CI=ci, PATH=BIN)  # the project's environment only: no /usr/bin/espeak-ng, sox
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", REPO,
+                               f"{__file__}::test_reduced_tiny_run", "-rsf"], cwd=str(tmp_path), env=env,
+                              capture_output=True, text=True, timeout=300)
+        outcomes[ci] = (proc.returncode, proc.stdout)
+    code, out = outcomes[""]
+    assert code == 0 and "1 skipped" in out and "espeak-ng and sox not found" in out, out[-2000:]
+    code, out = outcomes["true"]
+    assert code == 1 and "1 failed" in out and "CI=true: espeak-ng and sox not found" in out, out[-2000:]
+
+
+# ------------------------------------------------------------------------- bad corpora
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A valid small corpus (random audio) with .phn transcripts in ``tmp_path/work``."""
+    from tests.helpers.data import write_corpus
+
+    work = tmp_path / "work"
+    sizes = write_corpus(str(work), {"train": 3, "valid": 2, "test": 2})
+    for split, lens in sizes.items():
+        (work / f"{split}.phn").write_text("".join("h @ l oU\n" for _ in lens))
+    return work
+
+
+def _assert_refused(proc, work, *needles):
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "nothing was trained" in proc.stderr
+    # before any training: no labels, models or logs
+    for d in ("labels", "models", "logs", "km"):
+        assert not (work / d).exists(), d
+
+
+def test_missing_phn(corpus):
+    os.unlink(corpus / "valid.phn")
+    _assert_refused(run_sh(corpus), corpus, f"{corpus / 'valid.phn'}: phone transcripts not found")
+
+
+def test_phn_line_count_differs_from_manifest(corpus):
+    (corpus / "train.phn").write_text("h @ l oU\n" * 5)
+    _assert_refused(run_sh(corpus), corpus, f"{corpus / 'train.phn'}: 5 lines", "lists 3 utterances")
+
+
+def test_empty_split(corpus):
+    root = (corpus / "test.tsv").read_text().splitlines()[0]
+    (corpus / "test.tsv").write_text(root + "\n")
+    (corpus / "test.phn").write_text("")
+    proc = run_sh(corpus)
+    _assert_refused(proc, corpus, f"{corpus / 'test.tsv'}: ")
+    line = next(x for x in proc.stderr.splitlines() if f"{corpus / 'test.tsv'}: " in x)
+    assert "no audio" in line or "is empty" in line, line
+
+
+def test_missing_manifest(corpus):
+    os.unlink(corpus / "valid.tsv")
+    _assert_refused(run_sh(corpus), corpus, f"{corpus / 'valid.tsv'}: manifest not found")
+
+
+# ------------------------------------------------------------------------- examples/librispeech
+
+LIBRI_SCRIPTS = sorted(glob.glob(os.path.join(LIBRI, "*.sh")))
+
+
+def test_librispeech_scripts_exist_and_parse():
+    names = [os.path.basename(p) for p in LIBRI_SCRIPTS]
+    assert names == ["1_manifests.sh", "2_labels.sh", "3_train.sh", "4_probe.sh", "5_superb.sh", "env.sh"]
+    for path in LIBRI_SCRIPTS:
+        proc = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
+        assert proc.returncode == 0, (path, proc.stderr)
+        if not path.endswith("env.sh"):
+            assert "set -euo pipefail" in open(path).read(), path
+
+
+STUB = """#!/usr/bin/env python3
+import json, os, sys
+with open(os.environ["STUB_LOG"], "a") as f:
+    f.write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + "\\n")
+"""
+
+
+@pytest.fixture(scope="module")
+def libri_calls(tmp_path_factory):
+    """Run the LibriSpeech scripts with stub CLIs on an empty fake corpus; their recorded argv."""
+    tmp = tmp_path_factory.mktemp("libri")
+    stubs = tmp / "bin"
+    stubs.mkdir()
+    for tool in ("dicehubert-labels", "fairseq-hydra-train", "dicehubert-probe"):
+        (stubs / tool).write_text(STUB)
+        (stubs / tool).chmod((stubs / tool).stat().st_mode | stat.S_IEXEC)
+    ls = tmp / "LibriSpeech"
+    for subset in ("train-clean-100", "train-clean-360", "train-other-500", "dev-clean"):
+        (ls / subset).mkdir(parents=True)
+    log = tmp / "calls.jsonl"
+    env = _env(STUB_LOG=str(log), LIBRISPEECH=str(ls), TEACHER=str(tmp / "hubert_base_ls960.pt"),
+               WORK=str(tmp / "work"), NGPU="2")
+    env["PATH"] = str(stubs) + os.pathsep + env["PATH"]
+    rows = ["dicehubert_narrow", "dicehubert_narrow_soft", "dicehubert_shallow_l6", "dicehubert_shallow_l4",
+            "feat_narrow", "feat_shallow_l6", "feat_shallow_l4", "scratch_narrow", "hubert_base_scratch"]
+    commands = [["1_manifests.sh"], ["2_labels.sh"]] + [["3_train.sh", r] for r in rows] + [
+        ["3_train.sh", "dicehubert_narrow", "run=slurm"], ["4_probe.sh", str(tmp / "work/runs/x/checkpoints/c.pt")]]
+    for cmd in commands:
+        proc = subprocess.run(["bash", os.path.join(LIBRI, cmd[0])] + cmd[1:], cwd=str(tmp), env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-2000:])
+    # the manifests step ran fairseq's real wav2vec_manifest.py
+    assert (tmp / "work" / "manifests" / "train.tsv").is_file() and (tmp / "work" / "manifests" / "valid.tsv").is_file()
+    with open(log) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_librispeech_label_and_probe_commands_are_supported(libri_calls):
+    from dicehubert_fairseq.labels.cli import build_parser as labels_parser
+    from dicehubert_fairseq.probe.cli import build_parser as probe_parser
+
+    seen = set()
+    for argv in libri_calls:
+        tool, args = argv[0], argv[1:]
+        if tool == "dicehubert-labels":
+            ns = labels_parser().parse_args(args)  # SystemExit (test error) on an unknown option
+            seen.add(ns.command)
+            if ns.command == "dump" and ns.nshard > 1:
+                assert 0 <= ns.rank < ns.nshard
+        elif tool == "dicehubert-probe":
+            probe_parser().parse_args(args)
+            seen.add("probe")
+    assert {"fit", "dump", "merge", "check", "probe"} <= seen, seen
+    # the paper's K = 100 for the teacher's k-means (and HuBERT iteration 1's K = 100 for MFCC)
+    fits = [labels_parser().parse_args(argv[1:]) for argv in libri_calls if argv[:2] == ["dicehubert-labels", "fit"]]
+    assert sorted((bool(ns.mfcc), ns.n_clusters) for ns in fits) == [(False, 100), (True, 100)]
+
+
+def test_librispeech_k500_is_an_override(tmp_path):
+    """``K=500 2_labels.sh``: fairseq's HuBERT iteration-2 setting for the teacher's k-means."""
+    from dicehubert_fairseq.labels.cli import build_parser as labels_parser
+
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "dicehubert-labels").write_text(STUB)
+    (stubs / "dicehubert-labels").chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    env = _env(STUB_LOG=str(log), WORK=str(tmp_path / "work"), NGPU="1", K="500", STAGES="fit",
+               TEACHER=str(tmp_path / "hubert_base_ls960.pt"))
+    env["PATH"] = str(stubs) + os.pathsep + env["PATH"]
+    proc = subprocess.run(["bash", os.path.join(LIBRI, "2_labels.sh")], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    ns = labels_parser().parse_args(calls[0][1:])
+    assert len(calls) == 1 and ns.command == "fit" and ns.n_clusters == 500 and ns.out.endswith("l9_k500.joblib")
+
+
+def test_librispeech_training_lines_compose(libri_calls):
+    from tests.helpers.config import compose
+
+    lines = [a[1:] for a in libri_calls if a[0] == "fairseq-hydra-train"]
+    assert len(lines) == 10
+    for args in lines:
+        assert args[:2] == ["--config-dir", "config/"] and args[2] == "--config-name", args
+        name, overrides = args[3], [o for o in args[4:] if o != "-m"]
+        assert os.path.isfile(os.path.join(REPO, "config", f"{name}.yaml")), name
+        assert "common.user_dir=dicehubert_fairseq" in overrides
+        for o in overrides:  # overlays (group=option) exist
+            group, _, option = o.partition("=")
+            if "." not in group and not group.startswith("+"):
+                assert os.path.isfile(os.path.join(REPO, "config", group, f"{option}.yaml")), o
+        cfg = compose(name, [o for o in overrides if not o.startswith("hydra.")])
+        assert cfg.task.data.endswith("manifests")
+        if cfg.criterion._name == "dicehubert_feat":
+            assert cfg.criterion.teacher_checkpoint.endswith("hubert_base_ls960.pt")
+        else:
+            assert cfg.task.label_dir.endswith("labels")
+
+
+def test_librispeech_readme_names_existing_configs():
+    import re
+
+    # the table rows and the command lines (the prose also names the model, `dicehubert_student`)
+    text = "\n".join(line for line in open(os.path.join(LIBRI, "README.md")).read().splitlines()
+                     if line.startswith("|") or "3_train.sh" in line)
+    rows = set(re.findall(r"`((?:dicehubert|feat|scratch|hubert_base)_[a-z0-9_]+)`", text))
+    rows |= set(re.findall(r"3_train\.sh ((?:dicehubert|feat|scratch|hubert_base)_[a-z0-9_]+)", text))
+    assert {"dicehubert_narrow", "feat_narrow", "scratch_narrow"} <= rows
+    for row in rows:
+        assert os.path.isfile(os.path.join(REPO, "config", f"{row}.yaml")), row
+    for group, option in re.findall(r"\b(data|run|model)=([a-z0-9_]+)", text):
+        assert os.path.isfile(os.path.join(REPO, "config", group, f"{option}.yaml")), (group, option)
