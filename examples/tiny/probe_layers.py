@@ -10,7 +10,9 @@ The best layer is chosen on the valid split; the test PER is only reported.
 Writes ``--out`` (JSON)::
 
     {"checkpoint", "data", "layers": [{"layer", "valid_per", "per", "seconds"}, ...],
-     "best_layer", "probe_args"}
+     "best_layer", "best_transformer_layer", "probe_args"}
+
+(``best_transformer_layer``: the best of layers 1..L, the layers a k-means can be fitted on.)
 
 and prints one line per layer.  Example::
 
@@ -42,6 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", default=None, help="comma-separated hidden states (default: all, 0..L)")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--max-train-utterances", type=int, default=None,
+                   help="train each probe on the first N training utterances only (default: all)")
     args = p.parse_args(argv)
     import logging
 
@@ -50,6 +54,8 @@ def main(argv=None) -> int:
               else [int(x) for x in args.layers.split(",")])
     probe = os.path.join(os.path.dirname(sys.executable), "dicehubert-probe")
     probe_args = ["--epochs", str(args.epochs), "--seed", str(args.seed), "--threads", "1", "-q"]
+    if args.max_train_utterances:
+        probe_args += ["--max-train-utterances", str(args.max_train_utterances)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in layers:
@@ -68,9 +74,13 @@ def main(argv=None) -> int:
             print(f"layer {k}: valid PER {r['valid_per']:.4f}  test PER {r['per']:.4f}  ({rows[-1]['seconds']:.0f} s)",
                   flush=True)
     best = min(rows, key=lambda r: r["valid_per"])["layer"]
+    # the best transformer layer (k >= 1): what a k-means of teacher features can be fitted on
+    best_transformer = min((r for r in rows if r["layer"] >= 1), key=lambda r: r["valid_per"], default=None)
     print(f"best layer on valid: {best}")
     result = {"checkpoint": os.path.abspath(args.checkpoint), "data": os.path.abspath(args.data), "layers": rows,
-              "best_layer": best, "probe_args": probe_args}
+              "best_layer": best,
+              "best_transformer_layer": None if best_transformer is None else best_transformer["layer"],
+              "probe_args": probe_args}
     tmp = args.out + ".tmp"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(tmp, "w") as f:

@@ -21,9 +21,12 @@
 #   TINY_SEED=1 TINY_MINUTES=12 TINY_JOBS=2 TINY_CORPUS=default|other (voice set and sentences,
 #   see synth_corpus.py) TINY_TEACHER_UPDATES TINY_TEACHER_UPDATES2 TINY_STUDENT_UPDATES
 #   TINY_K_MFCC TINY_K TINY_LAYER_IT1 TINY_LAYER_IT2 TINY_TEMPERATURE TINY_REPLICAS TINY_REPLICATE
-#   TINY_LAYER_PROBES TINY_PROBE_EPOCHS TINY_OVERRIDES (extra hydra overrides)
-#   TINY_PRESET=ci: a reduced run (small corpus, a handful of updates) for the test suite; its
-#   corpus and probe epochs are sized so that the teachers' PER stays clearly below chance.
+#   TINY_LAYER_PROBES TINY_PROBE_EPOCHS TINY_PROBE_TRAIN_UTTERANCES TINY_OVERRIDES (extra hydra
+#   overrides); TINY_LAYER_IT1/IT2=auto: the teacher's best layer on valid, each probed alone.
+#   TINY_PRESET=default (about 20 min on 2 cores), long (more speech, stronger teachers, longer
+#   students, teacher layers chosen on valid; about 1-2 h on 2 cores), ci: a reduced run (small
+#   corpus, a handful of updates) for the test suite; its corpus and probe epochs are sized so
+#   that the teachers' PER stays clearly below chance.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -31,15 +34,22 @@ REPO="$(cd "$HERE/../.." && pwd)"
 WORKDIR="$(realpath -m "${1:-$HERE/work}")"
 PYTHON="${PYTHON:-python}"
 
-if [[ "${TINY_PRESET:-full}" == ci ]]; then
-  : "${TINY_MINUTES:=3}" "${TINY_TEACHER_UPDATES:=8}" "${TINY_STUDENT_UPDATES:=6}"
-  : "${TINY_K_MFCC:=8}" "${TINY_K:=8}" "${TINY_PROBE_EPOCHS:=20}" "${TINY_REPLICAS:=2}"
-fi
+case "${TINY_PRESET:=default}" in
+  default) ;;
+  long)  # more speech, stronger teachers, longer students; teacher layers chosen on valid
+    : "${TINY_MINUTES:=36}" "${TINY_TEACHER_UPDATES:=2400}" "${TINY_STUDENT_UPDATES:=1600}"
+    : "${TINY_LAYER_IT1:=auto}" "${TINY_LAYER_IT2:=auto}" "${TINY_LAYER_PROBES:=teacher_n1,teacher_n2}"
+    : "${TINY_PROBE_TRAIN_UTTERANCES:=120}" ;;
+  ci)
+    : "${TINY_MINUTES:=3}" "${TINY_TEACHER_UPDATES:=8}" "${TINY_STUDENT_UPDATES:=6}"
+    : "${TINY_K_MFCC:=8}" "${TINY_K:=8}" "${TINY_PROBE_EPOCHS:=20}" "${TINY_REPLICAS:=2}" ;;
+  *) echo "run.sh: error: TINY_PRESET=$TINY_PRESET: expected 'default', 'long' or 'ci'" >&2; exit 1 ;;
+esac
 : "${TINY_SEED:=1}" "${TINY_MINUTES:=12}"
-export TINY_SEED TINY_MINUTES   # pipeline.py reads the TINY_* knobs (set or not) from the environment
-if [[ "${TINY_PRESET:-full}" == ci ]]; then
-  export TINY_TEACHER_UPDATES TINY_STUDENT_UPDATES TINY_K_MFCC TINY_K TINY_PROBE_EPOCHS TINY_REPLICAS
-fi
+# pipeline.py reads the TINY_* knobs that are set from the environment (unset ones stay unset)
+export TINY_SEED TINY_MINUTES TINY_TEACHER_UPDATES TINY_TEACHER_UPDATES2 TINY_STUDENT_UPDATES TINY_K_MFCC TINY_K \
+  TINY_LAYER_IT1 TINY_LAYER_IT2 TINY_LAYER_PROBES TINY_PROBE_TRAIN_UTTERANCES TINY_PROBE_EPOCHS TINY_REPLICAS \
+  TINY_REPLICATE TINY_TEMPERATURE TINY_OVERRIDES TINY_JOBS
 
 for tool in "$PYTHON" fairseq-hydra-train dicehubert-labels dicehubert-probe dicehubert-export; do
   command -v "$tool" >/dev/null || { echo "run.sh: error: '$tool' not found on PATH (activate the" \
@@ -66,7 +76,7 @@ stage() {  # stage SHORT_NAME HEADER: prints the header; records the time of the
   printf '\n== %s  [%s]\n' "$2" "$(mmss $((SECONDS - T0)))"
 }
 mkdir -p "$WORKDIR"
-echo "tiny DiceHuBERT pipeline in $WORKDIR (seed $TINY_SEED)"
+echo "tiny DiceHuBERT pipeline in $WORKDIR (preset $TINY_PRESET, seed $TINY_SEED)"
 
 stage corpus "1/5 corpus"
 if [[ -e "$WORKDIR/train.tsv" || -e "$WORKDIR/valid.tsv" || -e "$WORKDIR/test.tsv" ]]; then
