@@ -43,9 +43,7 @@ import statistics
 import sys
 from typing import Dict, List, Optional, Sequence
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from pipeline import MODELS, TEACHERS, timing  # noqa: E402
+from pipeline import MODELS, TEACHERS, timing  # beside this script (python puts its directory first on the path)
 
 WHAT = {
     "teacher_n1": "HuBERT iteration 1 (HuBERT's objective), MFCC k-means labels",
@@ -216,6 +214,16 @@ def teacher_layers(workdir: str) -> Dict[str, Dict]:
     return out
 
 
+def target_layer(workdir: str, job: str) -> Optional[int]:
+    """The teacher layer the k-means job ``job`` (``km_it1``, ``km_it2``) was fitted on, from the
+    command its ``.done`` marker records (``--layer auto`` resolved to the layer chosen on valid)."""
+    path = os.path.join(workdir, ".done", f"{job}.done.json")
+    if not os.path.isfile(path):
+        return None
+    found = re.search(r"--layer (\d+)", _read(path)["command"])
+    return int(found.group(1)) if found else None
+
+
 def write_json(path: str, obj) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -354,6 +362,10 @@ def main(argv=None) -> int:
         if info.get("synthesis_seconds") is not None:
             times["corpus"] = {"jobs": 1, "wall_seconds": info["synthesis_seconds"], "cpu_seconds": None,
                                "span_seconds": info["synthesis_seconds"]}
+    for job, teacher in (("km_it1", "teacher_n1"), ("km_it2", "teacher_n2")):
+        layer = target_layer(w, job)
+        if layer is not None:
+            setup[f"{teacher} layer clustered"] = layer
     times.update(timing(w))
     results = {"models": models, "claims": claims(models), "verdict_rule": VERDICT_RULE,
                "teacher_layers": teacher_layers(w), "timing": times, "setup": setup}

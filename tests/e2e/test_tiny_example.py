@@ -207,16 +207,39 @@ def check_claims(results, by):
         assert c["verdict"] == expected, c
 
 
-def test_verdicts_follow_the_rule():
+def tiny_module(monkeypatch, name):
+    """examples/tiny/{name}.py imported as the scripts import each other (their directory on the path)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(TINY)
+    return importlib.import_module(name)
+
+
+def test_layer_auto_waits_for_the_layer_probe_and_uses_its_best_transformer_layer(monkeypatch, tmp_path):
+    """``--layer-it1 auto``: the k-means of teacher_n1 depends on its layer-by-layer probe, and its
+    command (hence the .done key) names the best transformer layer (>= 1) that the probe wrote."""
+    pipeline = tiny_module(monkeypatch, "pipeline")
+    w = tmp_path / "w"
+    argv = [str(w), "--layer-it1", "auto", "--layer-it2", "3", "--layer-probes", "teacher_n1,teacher_n2"]
+    seen = {}
+    monkeypatch.setattr(pipeline.Runner, "run", lambda self: seen.update(self.jobs))  # build the jobs, run none
+    assert pipeline.main(argv) == 0
+    km1, dump1, km2 = seen["km_it1"], seen["labels_it1"], seen["km_it2"]
+    assert "probe_teacher_n1.layers" in km1.deps and "probe_teacher_n2.layers" not in km2.deps
+    assert km1.key.split("--layer ")[1].startswith("@best_layer:")  # not known before the probe ran
+    assert km2.key.split("--layer ")[1].startswith("3 ")
+    (w / "probe").mkdir(parents=True)
+    (w / "probe" / "teacher_n1.layers.json").write_text(json.dumps({"best_layer": 0, "best_transformer_layer": 4}))
+    assert km1.key.split("--layer ")[1].startswith("4 ") and dump1.key.split("--layer ")[1].startswith("4 ")
+    with pytest.raises(SystemExit):
+        pipeline.main([str(w), "--layer-it2", "auto", "--layer-probes", "teacher_n1"])  # n2 not probed
+
+
+def test_verdicts_follow_the_rule(monkeypatch):
     """report.compare on hand-made rows: a clear gain holds, a clear loss is reversed, a noisy
     difference is within noise, one seed is too few; a teacher trained once is paired with every
     seed of the student."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny_report", os.path.join(TINY, "report.py"))
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
-    compare = report.compare
+    compare = tiny_module(monkeypatch, "report").compare
 
     def row(pers, seeds=None):
         seeds = seeds or list(range(1, len(pers) + 1))
