@@ -142,7 +142,7 @@ LABELS = {
 PROBE = {"--checkpoint": None, "--data": None, "--train-split": "train", "--valid-split": "valid",
          "--test-split": "test", "--json": None, "--epochs": 30, "--lr": 0.01, "--batch-size": 8, "--patience": 10,
          "--seed": 0, "--device": "cpu", "--threads": 1, "--max-train-utterances": None, "--unseen-phones": "unk",
-         "--max-cache-gb": None, "--quiet -q": False, "--debug": False}
+         "--max-cache-gb": None, "--layers": None, "--quiet -q": False, "--debug": False}
 
 
 def test_labels_options_and_defaults_unchanged():

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread", "restore_process_state"
 
 
 JSON_KEYS = {"per", "valid_per", "layer_weights", "epochs", "best_epoch", "checkpoint", "num_phones", "phones",
-             "num_layers", "utterances", "frames", "unseen_phones", "history", "seconds", "config"}
+             "num_layers", "layers", "utterances", "frames", "unseen_phones", "history", "seconds", "config"}
 
 
 FAST = ["--epochs", "2", "--max-train-utterances", "8", "--threads", "1", "-q"]
@@ -252,8 +252,33 @@ def test_cache_too_large_refused_before_extraction(tones, capsys):
     assert "Traceback" not in err
 
 
+def test_probe_of_chosen_layers_weighs_only_them(tones, tmp_path, capsys):
+    """``--layers``: one index probes that hidden state alone; several, only those."""
+    out = tmp_path / "layer1.json"
+    code, stdout, err, _ = run(capsys, "--checkpoint", tones["ckpt"], "--data", tones["data"], "--layers", "1",
+                               "--json", out, *FAST)
+    assert code == 0, err
+    one = json.loads(out.read_text())
+    assert one["layers"] == [1] and one["layer_weights"] == [1.0] and one["num_layers"] == 1
+    assert "layer weights [1:1.000]" in stdout
+    both = run_probe(tones["ckpt"], tones["data"], cfg=ProbeConfig(epochs=2, max_train_utterances=8, layers=[0, 2]))
+    assert both["layers"] == [0, 2] and len(both["layer_weights"]) == 2
+    assert both["frames"] == one["frames"]
+
+
+@pytest.mark.parametrize("layers", ["0,3", "-1"])
+def test_probe_layer_out_of_range_is_one_line_error(tones, capsys, layers):
+    code, _, err, errors = run(capsys, "--checkpoint", tones["ckpt"], "--data", tones["data"], "--layers", layers,
+                               *FAST)
+    assert code == 1 and "Traceback" not in err
+    probed = [int(k) for k in layers.split(",")]
+    assert errors == [f"dicehubert-probe: error: {tones['ckpt']}: layers {probed}: expected distinct hidden-state "
+                      f"indices in 0..2 (0 = transformer input, k = layer k; the model has 2 layers)"], err
+
+
 def test_bad_options_are_usage_errors(tones, capsys):
-    for bad in (["--epochs", "0"], ["--lr", "-1"], ["--unseen-phones", "skip"]):
+    for bad in (["--epochs", "0"], ["--lr", "-1"], ["--unseen-phones", "skip"], ["--layers", "1,a"],
+                ["--layers", "2,2"]):
         with pytest.raises(SystemExit) as e:
             main(["--checkpoint", tones["ckpt"], "--data", tones["data"], *bad])
         assert e.value.code == 2

@@ -32,3 +32,15 @@ def test_hidden_states_equal_fairseq_per_layer_features(tones):
         for layer in range(1, n_layers + 1):
             x, _ = model.extract_features(wav[None], None, mask=False, output_layer=layer)
             torch.testing.assert_close(states[layer], norm(x[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_chosen_layers_are_exactly_those_states_in_that_order(tones):
+    from dicehubert_fairseq.checkpoint import load_model
+
+    model, _ = load_model(tones["ckpt"])
+    manifest = read_manifest(os.path.join(tones["data"], "valid.tsv"))
+    full = extract_split(model, manifest, limit=3)
+    some = extract_split(model, manifest, limit=3, layers=[2, 0])
+    assert some.feats.shape == (2,) + full.feats.shape[1:]
+    torch.testing.assert_close(some.feats, full.feats[[2, 0]], rtol=0, atol=0)
+    torch.testing.assert_close(some.offsets, full.offsets)

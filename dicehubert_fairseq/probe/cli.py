@@ -105,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     code, result = run_reporting_errors(PROG, cmd.debug, work)
     if code:
         return code
-    weights = " ".join(f"{w:.3f}" for w in result["layer_weights"])
+    weights = " ".join(f"{k}:{w:.3f}" for k, w in zip(result["layers"], result["layer_weights"]))
     print(f"PER {result['per']:.4f} on {cmd.test_split} ({result['utterances']['test']} utterances, "
           f"{result['num_phones']} phones); valid PER {result['valid_per']:.4f} at epoch "
           f"{result['best_epoch']}/{result['epochs']}; layer weights [{weights}]")

@@ -69,11 +69,13 @@ class FeatureCache:
         return FeatureCache(self.feats.to(device), self.offsets)
 
 
-def cache_bytes(model: nn.Module, manifests: Sequence[Manifest]) -> int:
-    """Bytes of float32 hidden states :func:`extract_split` would cache for ``manifests``."""
+def cache_bytes(model: nn.Module, manifests: Sequence[Manifest], num_states: Optional[int] = None) -> int:
+    """Bytes of float32 hidden states :func:`extract_split` would cache for ``manifests``
+    (``num_states`` of them per frame; default: all of the model's)."""
     layers = conv_layers(model)
     frames = sum(conv_output_length(size, layers) for m in manifests for size in m.sizes)
-    return frames * num_hidden_states(model) * hidden_dim(model) * 4
+    states = num_hidden_states(model) if num_states is None else num_states
+    return frames * states * hidden_dim(model) * 4
 
 
 def extract_split(
@@ -84,6 +86,7 @@ def extract_split(
     sample_rate: int = 16000,
     limit: Optional[int] = None,
     desc: str = "",
+    layers: Optional[Sequence[int]] = None,
 ) -> FeatureCache:
     """Extract and cache the layer-normalised hidden states of every utterance of a manifest.
 
@@ -96,15 +99,18 @@ def extract_split(
         sample_rate: the rate every file must have.
         limit: only the first ``limit`` utterances.
         desc: progress-bar label.
+        layers: the hidden states to keep (indices ``0..L``, 0 = transformer input); None: all.
 
     Returns:
-        a :class:`FeatureCache` on the CPU, ``feats`` ``(L + 1, N, D)`` allocated once.
+        a :class:`FeatureCache` on the CPU, ``feats`` ``(len(layers), N, D)`` (``(L + 1, N, D)``
+        when ``layers`` is None) allocated once.
     """
     n = len(manifest) if limit is None else min(limit, len(manifest))
-    layers = conv_layers(model)
-    lengths = [conv_output_length(size, layers) for size in manifest.sizes[:n]]
+    conv = conv_layers(model)
+    lengths = [conv_output_length(size, conv) for size in manifest.sizes[:n]]
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    feats = torch.empty(num_hidden_states(model), int(offsets[-1]), hidden_dim(model))
+    keep = list(range(num_hidden_states(model))) if layers is None else list(layers)
+    feats = torch.empty(len(keep), int(offsets[-1]), hidden_dim(model))
     states = hf_hidden_states if is_hf_model(model) else hidden_states
     for i in tqdm(range(n), desc=f"features {desc}".strip(), unit="utt", leave=False, disable=None):
         wav = torch.from_numpy(read_audio(manifest, i, sample_rate)).to(device)[None]
@@ -112,7 +118,8 @@ def extract_split(
             wav = F.layer_norm(wav, wav.shape)
         with torch.inference_mode():
             out = states(model, wav)
-        h = torch.stack([out.features[0]] + [layer[0] for layer in out.layers])  # (L + 1, T, D)
+        states_all = [out.features[0]] + [layer[0] for layer in out.layers]  # L + 1 of (T, D)
+        h = torch.stack([states_all[k] for k in keep])
         if h.shape[1] != lengths[i]:
             raise InputError([f"{where(manifest.path, i + 2)}: {manifest.audio_path(i)} gave {h.shape[1]} frames, "
                               f"expected {lengths[i]} for the {manifest.sizes[i]} samples the manifest lists"])

@@ -8,11 +8,11 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..cli_args import non_negative_int, positive_float, positive_int
+from ..cli_args import int_list, non_negative_int, positive_float, positive_int
 from ..data.preflight import check_audio
 from ..errors import InputError, where
 from ..export.hf_model import load_upstream
@@ -50,6 +50,10 @@ class ProbeConfig:
         "help": "the hidden states of all utterances are cached in memory (float32, all layers); refuse to "
                 "start if they would exceed this (default: half the physical memory)", "type": positive_float,
         "metavar": "GB"})
+    layers: Optional[List[int]] = field(default=None, metadata={
+        "help": "hidden states the probe weighs, e.g. 0,6,12 (0 = transformer input, k = transformer layer k); "
+                "one index probes that layer alone (default: all)", "type": int_list, "nargs": None,
+        "metavar": "K[,K...]"})
 
 
 def run_probe(
@@ -74,7 +78,7 @@ def run_probe(
 
     Returns:
         a JSON-ready dict: ``per`` (test), ``valid_per``, ``layer_weights`` (softmaxed, one per
-        hidden state), ``epochs``, ``best_epoch``, ``checkpoint``, ``num_phones``, ``phones``,
+        hidden state probed), ``layers`` (the hidden states probed, ``cfg.layers`` or all), ``epochs``, ``best_epoch``, ``checkpoint``, ``num_phones``, ``phones``,
         ``num_layers``, ``utterances``, ``frames``, ``unseen_phones``, ``history``,
         ``seconds``, ``config``.
 
@@ -106,6 +110,12 @@ def run_probe(
         raise InputError(problems)
 
     model, model_cfg = load_upstream(checkpoint, cfg.device)  # a fairseq checkpoint or an HF directory
+    n_states = num_hidden_states(model)
+    probed = list(range(n_states)) if cfg.layers is None else list(cfg.layers)
+    if not probed or len(set(probed)) != len(probed) or any(not 0 <= k < n_states for k in probed):
+        raise InputError([f"{checkpoint}: layers {probed}: expected distinct hidden-state indices in "
+                          f"0..{n_states - 1} (0 = transformer input, k = layer k; the model has "
+                          f"{n_states - 1} layers)"])
     task_cfg = model_cfg.get("task", {}) if hasattr(model_cfg, "get") else {}
     sample_rate = int(task_cfg.get("sample_rate", 16000) or 16000)
     normalize = bool(task_cfg.get("normalize", False))
@@ -114,7 +124,7 @@ def run_probe(
     if problems:
         raise InputError(problems)
     unique = {(s.name, *s.manifest.names): s.manifest for s in (train, valid, test)}
-    need = cache_bytes(model, list(unique.values()))
+    need = cache_bytes(model, list(unique.values()), len(probed))
     memory = physical_memory_bytes()
     limit = cfg.max_cache_gb * 2**30 if cfg.max_cache_gb is not None else (memory / 2 if memory else None)
     if limit is not None and need > limit:
@@ -131,7 +141,7 @@ def run_probe(
                        f"{len(infeasible)} such training utterance(s) add no loss")
     t_load = time.perf_counter()
     seconds = sum(sum(m.sizes) for m in unique.values()) / sample_rate
-    logger.info(f"extracting {num_hidden_states(model)} hidden states of {sum(len(m) for m in unique.values())} "
+    logger.info(f"extracting {len(probed)} hidden states of {sum(len(m) for m in unique.values())} "
                 f"utterances ({seconds / 60:.1f} min of audio, {need / 2**20:.0f} MiB cached)")
 
     caches: Dict[Tuple[str, ...], FeatureCache] = {}
@@ -139,7 +149,7 @@ def run_probe(
     for split in (train, valid, test):
         if key(split) not in caches:
             caches[key(split)] = extract_split(model, split.manifest, cfg.device, normalize, sample_rate,
-                                               desc=split.name)
+                                               desc=split.name, layers=probed)
     del model
     train_cache, valid_cache, test_cache = (caches[key(s)] for s in (train, valid, test))
     t_extract = time.perf_counter()
@@ -159,6 +169,7 @@ def run_probe(
         "per": per,
         "valid_per": info["valid_per"],
         "layer_weights": weights,
+        "layers": probed,
         "epochs": info["epochs"],
         "best_epoch": info["best_epoch"],
         "checkpoint": os.path.abspath(checkpoint),

@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
 BIN = os.path.dirname(sys.executable)
 
 #: the students of the paper's table, in the order of the report; name -> config row + overlays
@@ -58,7 +59,24 @@ class Job:
 
     @property
     def key(self) -> str:
-        return shlex.join(self.cmd)
+        return shlex.join(resolve(self.cmd))
+
+
+#: a command argument ``BEST_LAYER_PREFIX + path``: the best transformer layer on valid that
+#: ``probe_layers.py`` wrote to ``path`` (``--layer-it1 auto``), filled in when the job starts
+BEST_LAYER_PREFIX = "@best_layer:"
+
+
+def resolve(cmd: List[str]) -> List[str]:
+    """``cmd`` with every ``@best_layer:PATH`` replaced by the layer that ``PATH`` names (left as it
+    is while ``PATH`` does not exist yet: the job that writes it has not run)."""
+    out = []
+    for arg in cmd:
+        if arg.startswith(BEST_LAYER_PREFIX) and os.path.exists(arg[len(BEST_LAYER_PREFIX):]):
+            with open(arg[len(BEST_LAYER_PREFIX):]) as f:
+                arg = str(json.load(f)["best_transformer_layer"])
+        out.append(arg)
+    return out
 
 
 def build_jobs(a: argparse.Namespace) -> List[Job]:
@@ -72,6 +90,20 @@ def build_jobs(a: argparse.Namespace) -> List[Job]:
     train_cli = [os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", "config/"]
     extra = shlex.split(a.extra_overrides)
     jobs: List[Job] = []
+    layer_json = lambda name: os.path.join(w, "probe", f"{name}.layers.json")  # noqa: E731
+
+    def layer_of(name, setting):
+        """``setting`` (a layer) or, for ``auto``, the best layer of ``name`` on valid, and the jobs that needs."""
+        if setting == "auto":
+            return BEST_LAYER_PREFIX + layer_json(name), [f"probe_{name}.layers"]
+        return str(setting), []
+
+    def layer_probe(name):
+        probe_opts = [] if not a.probe_train_utterances else ["--max-train-utterances", str(a.probe_train_utterances)]
+        jobs.append(Job(f"probe_{name}.layers", [sys.executable, os.path.join(HERE, "probe_layers.py"),
+                                                 "--checkpoint", ckpt(name), "--data", w, "--out", layer_json(name),
+                                                 "--seed", str(a.seed), "--epochs", str(a.probe_epochs)] + probe_opts,
+                        [name], kind="probe"))
 
     def train(name, row, deps, updates, seed, label_dir=None, more=()):
         run_dir = os.path.join(w, "models", name)
@@ -90,21 +122,27 @@ def build_jobs(a: argparse.Namespace) -> List[Job]:
     # teacher iteration 1 on MFCC labels, fairseq's HuBERT objective (config/tiny_teacher.yaml)
     train("teacher_n1", ["--config-name", "tiny_teacher", "+data=mfcc"], ["labels_mfcc"], a.teacher_updates,
           a.seed, lab("mfcc"))
-    # iteration-1 layer k-means -> teacher iteration 2
+    # iteration-1 layer k-means -> teacher iteration 2 (layer "auto": the best on valid, probed alone)
+    if "teacher_n1" in a.layer_probes:
+        layer_probe("teacher_n1")
+    layer1, need1 = layer_of("teacher_n1", a.layer_it1)
     jobs.append(Job("km_it1", labels_cli + ["fit"] + common_lab + [
-        "--checkpoint", ckpt("teacher_n1"), "--layer", str(a.layer_it1), "--n-clusters", str(a.k),
-        "--out", km("it1")] + fit_opts, ["teacher_n1"]))
+        "--checkpoint", ckpt("teacher_n1"), "--layer", layer1, "--n-clusters", str(a.k),
+        "--out", km("it1")] + fit_opts, ["teacher_n1"] + need1))
     jobs.append(Job("labels_it1", labels_cli + ["dump"] + common_lab + [
-        "--checkpoint", ckpt("teacher_n1"), "--layer", str(a.layer_it1), "--km", km("it1"),
+        "--checkpoint", ckpt("teacher_n1"), "--layer", layer1, "--km", km("it1"),
         "--label-dir", lab("it1"), "--name", "it1"], ["km_it1"]))
     train("teacher_n2", ["--config-name", "tiny_teacher", "task.labels=[it1]", "task.label_rate=50"],
           ["labels_it1"], a.teacher_updates2, a.seed, lab("it1"))
     # the students' targets: k-means of one teacher-N2 layer, hard + soft (stream name "km")
+    if "teacher_n2" in a.layer_probes:
+        layer_probe("teacher_n2")
+    layer2, need2 = layer_of("teacher_n2", a.layer_it2)
     jobs.append(Job("km_it2", labels_cli + ["fit"] + common_lab + [
-        "--checkpoint", ckpt("teacher_n2"), "--layer", str(a.layer_it2), "--n-clusters", str(a.k),
-        "--out", km("it2")] + fit_opts, ["teacher_n2"]))
+        "--checkpoint", ckpt("teacher_n2"), "--layer", layer2, "--n-clusters", str(a.k),
+        "--out", km("it2")] + fit_opts, ["teacher_n2"] + need2))
     jobs.append(Job("labels_it2", labels_cli + ["dump"] + common_lab + [
-        "--checkpoint", ckpt("teacher_n2"), "--layer", str(a.layer_it2), "--km", km("it2"),
+        "--checkpoint", ckpt("teacher_n2"), "--layer", layer2, "--km", km("it2"),
         "--label-dir", lab("it2"), "--name", "km", "--soft", "--temperature", str(a.temperature),
         "--top-k", str(min(a.k, 10))],
         ["km_it2"]))
@@ -127,12 +165,14 @@ def build_jobs(a: argparse.Namespace) -> List[Job]:
                       more=[f"criterion.teacher_checkpoint={ckpt('teacher_n2')}"])
             else:
                 train(name + suffix, row, ["labels_it2"], a.student_updates, seed, lab("it2"))
-    # probes of every trained model
+    # probes of every trained model (the teachers' hidden states are also probed one at a time,
+    # above: which layer carries the phones)
+    probe_opts = [] if not a.probe_train_utterances else ["--max-train-utterances", str(a.probe_train_utterances)]
     for job in [j for j in jobs if j.kind == "train"]:
         jobs.append(Job(f"probe_{job.name}", [os.path.join(BIN, "dicehubert-probe"), "--checkpoint", ckpt(job.name),
                                              "--data", w, "--json", os.path.join(w, "probe", f"{job.name}.json"),
                                              "--seed", str(a.seed), "--threads", "1", "--epochs",
-                                             str(a.probe_epochs), "-q"],
+                                             str(a.probe_epochs), "-q"] + probe_opts,
                         [job.name], kind="probe"))
     return jobs
 
@@ -143,6 +183,42 @@ def build_jobs(a: argparse.Namespace) -> List[Job]:
 def fmt(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def job_group(job: str) -> str:
+    """The report's kind of a job name: labels, teachers, students or probes."""
+    base = job.split(".")[0]
+    if job.startswith("probe_"):
+        return "probes"
+    return "teachers" if base in TEACHERS else "students" if base in STUDENTS else "labels"
+
+
+def timing(workdir: str) -> Dict[str, Dict]:
+    """Wall and CPU seconds of the finished jobs of ``workdir`` (its ``.done`` markers), per
+    :func:`job_group`; ``span_seconds``: first start to last end (jobs run in parallel)."""
+    kinds: Dict[str, Dict] = {}
+    done = os.path.join(workdir, ".done")
+    for f in sorted(os.listdir(done)) if os.path.isdir(done) else []:
+        if not f.endswith(".done.json"):
+            continue
+        with open(os.path.join(done, f)) as fh:
+            info = json.load(fh)
+        k = kinds.setdefault(job_group(f[: -len(".done.json")]),
+                             {"jobs": 0, "wall_seconds": 0.0, "cpu_seconds": 0.0, "start": None, "end": None})
+        k["jobs"] += 1
+        k["wall_seconds"] += info["seconds"]
+        k["cpu_seconds"] += info["cpu_seconds"]
+        if "start" in info and "end" in info:
+            k["start"] = info["start"] if k["start"] is None else min(k["start"], info["start"])
+            k["end"] = info["end"] if k["end"] is None else max(k["end"], info["end"])
+    order = ("labels", "teachers", "students", "probes")
+    out = {}
+    for kind in sorted(kinds, key=order.index):
+        k = kinds[kind]
+        out[kind] = {"jobs": k["jobs"], "wall_seconds": round(k["wall_seconds"], 1),
+                     "cpu_seconds": round(k["cpu_seconds"], 1),
+                     "span_seconds": None if k["start"] is None else round(k["end"] - k["start"], 1)}
+    return out
 
 
 class Runner:
@@ -159,6 +235,7 @@ class Runner:
         os.makedirs(self.done_dir, exist_ok=True)
         os.makedirs(self.log_dir, exist_ok=True)
         self.rerun: set = set()
+        self.started_at: Dict[str, float] = {}
         self.running: Dict[str, tuple] = {}
         self.t0 = time.time()
 
@@ -197,9 +274,10 @@ class Runner:
         log = open(os.path.join(self.log_dir, f"{job.name}.log"), "a")
         log.write(f"\n$ {job.key}\n")
         log.flush()
-        proc = subprocess.Popen(job.cmd, cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(resolve(job.cmd), cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.running[job.name] = (proc, log, time.time())
+        self.started_at[job.name] = time.time()
         print(f"[{fmt(time.time() - self.t0):>6}] start  {job.name}", flush=True)
 
     def progress(self, job: Job) -> str:
@@ -223,7 +301,8 @@ class Runner:
         if status != 0:
             self.fail(name, status)
         with open(self.marker(name), "w") as f:
-            json.dump({"command": self.jobs[name].key, "seconds": wall, "cpu_seconds": cpu}, f)
+            json.dump({"command": self.jobs[name].key, "seconds": wall, "cpu_seconds": cpu,
+                       "start": self.started_at[name], "end": time.time()}, f)
         self.rerun.add(name)
         print(f"[{fmt(time.time() - self.t0):>6}] done   {name} in {fmt(wall)} (cpu {fmt(cpu)})", flush=True)
 
@@ -285,6 +364,19 @@ class Runner:
             finished.add(name)
 
 
+def layer_setting(text: str):
+    """argparse type: a 1-based layer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer (1, 2, ...) or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a layer >= 1 or 'auto', got {text}")
+    return value
+
+
 def main(argv=None) -> int:
     env = os.environ.get
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -296,8 +388,11 @@ def main(argv=None) -> int:
     p.add_argument("--student-updates", type=int, default=int(env("TINY_STUDENT_UPDATES", 400)))
     p.add_argument("--k-mfcc", type=int, default=int(env("TINY_K_MFCC", 100)), help="K of the MFCC k-means")
     p.add_argument("--k", type=int, default=int(env("TINY_K", 50)), help="K of the teacher-layer k-means")
-    p.add_argument("--layer-it1", type=int, default=int(env("TINY_LAYER_IT1", 2)))
-    p.add_argument("--layer-it2", type=int, default=int(env("TINY_LAYER_IT2", 1)))
+    p.add_argument("--layer-it1", type=layer_setting, default=layer_setting(env("TINY_LAYER_IT1", "2")),
+                   help="teacher_n1 layer clustered for teacher_n2's targets; 'auto': its best layer on valid, "
+                        "each layer probed alone (needs teacher_n1 in --layer-probes)")
+    p.add_argument("--layer-it2", type=layer_setting, default=layer_setting(env("TINY_LAYER_IT2", "1")),
+                   help="teacher_n2 layer clustered for the students' targets; 'auto' as --layer-it1")
     p.add_argument("--n-init", type=int, default=int(env("TINY_N_INIT", 3)),
                    help="k-means++ trials of every fit (fairseq's learn_kmeans: 20; 3 is within 1%% of its "
                         "objective here, 8 s faster per fit)")
@@ -306,9 +401,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=int(env("TINY_SEED", 1)))
     p.add_argument("--replicas", type=int, default=int(env("TINY_REPLICAS", 3)),
                    help="seeds of the --replicate students (seed, seed+1, ...)")
-    p.add_argument("--replicate", default=env("TINY_REPLICATE", "dicehubert_narrow,scratch_narrow"),
-                   help="comma-separated students trained with several seeds")
+    p.add_argument("--replicate", default=env("TINY_REPLICATE", ",".join(STUDENTS)),
+                   help="comma-separated students trained with several seeds (default: all five)")
+    p.add_argument("--layer-probes", default=env("TINY_LAYER_PROBES", "teacher_n2"),
+                   help="comma-separated teachers whose hidden states are also probed one at a time "
+                        "(examples/tiny/probe_layers.py); empty: none")
     p.add_argument("--probe-epochs", type=int, default=int(env("TINY_PROBE_EPOCHS", 60)))
+    p.add_argument("--probe-train-utterances", type=int, default=int(env("TINY_PROBE_TRAIN_UTTERANCES", 0)),
+                   help="train every probe on the first N training utterances only (0: all of them)")
     p.add_argument("--jobs", type=int, default=int(env("TINY_JOBS", 2)), help="jobs at once (one thread each)")
     p.add_argument("--extra-overrides", default=env("TINY_OVERRIDES", ""),
                    help="hydra overrides added to every training command (quoted, shell syntax)")
@@ -318,6 +418,14 @@ def main(argv=None) -> int:
     if a.teacher_updates2 is None:
         a.teacher_updates2 = int(env("TINY_TEACHER_UPDATES2", a.teacher_updates))
     a.replicate = [s for s in a.replicate.split(",") if s]
+    a.layer_probes = [s for s in a.layer_probes.split(",") if s]
+    for names, known in ((a.replicate, STUDENTS), (a.layer_probes, TEACHERS)):
+        for name in names:
+            if name not in known:
+                p.error(f"unknown model {name!r} (expected one of {', '.join(known)})")
+    for option, setting, teacher in (("--layer-it1", a.layer_it1, "teacher_n1"), ("--layer-it2", a.layer_it2, "teacher_n2")):
+        if setting == "auto" and teacher not in a.layer_probes:
+            p.error(f"{option} auto needs {teacher}'s layers probed: add it to --layer-probes (TINY_LAYER_PROBES)")
     jobs = build_jobs(a)
     if a.only:
         by = {j.name: j for j in jobs}
@@ -337,6 +445,10 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     runner.run()
+    print("\ntime per kind of job (wall and CPU summed over jobs; span: first start to last end):")
+    for kind, k in timing(a.workdir).items():
+        span = "" if k["span_seconds"] is None else f", span {fmt(k['span_seconds'])}"
+        print(f"  {kind:<9} {k['jobs']:>3} jobs: wall {fmt(k['wall_seconds'])}, cpu {fmt(k['cpu_seconds'])}{span}")
     return 0
 
 

@@ -18,11 +18,15 @@
 # Finished stages are skipped when run again (WORKDIR/.done/), an interrupted training resumes.
 # Logs: WORKDIR/logs/{job}.log. Knobs (environment; defaults are the measured choice, see
 # examples/tiny/README.md):
-#   TINY_SEED=1 TINY_MINUTES=10 TINY_JOBS=2 TINY_TEACHER_UPDATES TINY_TEACHER_UPDATES2
-#   TINY_STUDENT_UPDATES TINY_K_MFCC TINY_K TINY_LAYER_IT1 TINY_LAYER_IT2 TINY_TEMPERATURE
-#   TINY_REPLICAS TINY_REPLICATE TINY_PROBE_EPOCHS TINY_OVERRIDES (extra hydra overrides)
-#   TINY_PRESET=ci: a reduced run (small corpus, a handful of updates) for the test suite; its
-#   corpus and probe epochs are sized so that the teachers' PER stays clearly below chance.
+#   TINY_SEED=1 TINY_MINUTES=12 TINY_JOBS=2 TINY_CORPUS=default|other (voice set and sentences,
+#   see synth_corpus.py) TINY_TEACHER_UPDATES TINY_TEACHER_UPDATES2 TINY_STUDENT_UPDATES
+#   TINY_K_MFCC TINY_K TINY_LAYER_IT1 TINY_LAYER_IT2 TINY_TEMPERATURE TINY_REPLICAS TINY_REPLICATE
+#   TINY_LAYER_PROBES TINY_PROBE_EPOCHS TINY_PROBE_TRAIN_UTTERANCES TINY_OVERRIDES (extra hydra
+#   overrides); TINY_LAYER_IT1/IT2=auto: the teacher's best layer on valid, each probed alone.
+#   TINY_PRESET=default (about 20 min on 2 cores), long (more speech, stronger teachers, longer
+#   students, teacher layers chosen on valid; about 1-2 h on 2 cores), ci: a reduced run (small
+#   corpus, a handful of updates) for the test suite; its corpus and probe epochs are sized so
+#   that the teachers' PER stays clearly below chance.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -30,47 +34,77 @@ REPO="$(cd "$HERE/../.." && pwd)"
 WORKDIR="$(realpath -m "${1:-$HERE/work}")"
 PYTHON="${PYTHON:-python}"
 
-if [[ "${TINY_PRESET:-full}" == ci ]]; then
-  : "${TINY_MINUTES:=3}" "${TINY_TEACHER_UPDATES:=8}" "${TINY_STUDENT_UPDATES:=6}"
-  : "${TINY_K_MFCC:=8}" "${TINY_K:=8}" "${TINY_PROBE_EPOCHS:=20}" "${TINY_REPLICAS:=2}"
-fi
+case "${TINY_PRESET:=default}" in
+  default) ;;
+  long)  # more speech, stronger teachers, longer students; teacher layers chosen on valid
+    : "${TINY_MINUTES:=36}" "${TINY_TEACHER_UPDATES:=2400}" "${TINY_STUDENT_UPDATES:=1600}"
+    : "${TINY_LAYER_IT1:=auto}" "${TINY_LAYER_IT2:=auto}" "${TINY_LAYER_PROBES:=teacher_n1,teacher_n2}"
+    : "${TINY_PROBE_TRAIN_UTTERANCES:=120}" ;;
+  ci)
+    : "${TINY_MINUTES:=3}" "${TINY_TEACHER_UPDATES:=8}" "${TINY_STUDENT_UPDATES:=6}"
+    : "${TINY_K_MFCC:=8}" "${TINY_K:=8}" "${TINY_PROBE_EPOCHS:=20}" "${TINY_REPLICAS:=2}" ;;
+  *) echo "run.sh: error: TINY_PRESET=$TINY_PRESET: expected 'default', 'long' or 'ci'" >&2; exit 1 ;;
+esac
 : "${TINY_SEED:=1}" "${TINY_MINUTES:=12}"
-export TINY_SEED TINY_MINUTES   # pipeline.py reads the TINY_* knobs (set or not) from the environment
-if [[ "${TINY_PRESET:-full}" == ci ]]; then
-  export TINY_TEACHER_UPDATES TINY_STUDENT_UPDATES TINY_K_MFCC TINY_K TINY_PROBE_EPOCHS TINY_REPLICAS
-fi
+# pipeline.py reads the TINY_* knobs that are set from the environment (unset ones stay unset)
+export TINY_SEED TINY_MINUTES TINY_TEACHER_UPDATES TINY_TEACHER_UPDATES2 TINY_STUDENT_UPDATES TINY_K_MFCC TINY_K \
+  TINY_LAYER_IT1 TINY_LAYER_IT2 TINY_LAYER_PROBES TINY_PROBE_TRAIN_UTTERANCES TINY_PROBE_EPOCHS TINY_REPLICAS \
+  TINY_REPLICATE TINY_TEMPERATURE TINY_OVERRIDES TINY_JOBS
 
 for tool in "$PYTHON" fairseq-hydra-train dicehubert-labels dicehubert-probe dicehubert-export; do
   command -v "$tool" >/dev/null || { echo "run.sh: error: '$tool' not found on PATH (activate the" \
     "project's environment: 'make setup' or '. .venv/bin/activate')" >&2; exit 1; }
 done
+# optional dependencies, checked before any work: without matplotlib everything but the plot runs
+if ! "$PYTHON" -c "import matplotlib" 2>/dev/null; then
+  echo "note: matplotlib is not installed: results.md and results.json will be written, results.png skipped" \
+    "(to get it: pip install -e '.[plot]', then run $PYTHON $HERE/report.py WORKDIR again)"
+fi
+case "${TINY_CORPUS:=default}" in
+  default) CORPUS_ARGS=() ;;
+  other) CORPUS_ARGS=(--voices other --text-seed $((TINY_SEED + 1000))) ;;
+  *) echo "run.sh: error: TINY_CORPUS=$TINY_CORPUS: expected 'default' or 'other'" >&2; exit 1 ;;
+esac
 
 T0=$SECONDS
-stage() { printf '\n== %s  [%dm%02ds]\n' "$1" $(((SECONDS - T0) / 60)) $(((SECONDS - T0) % 60)); }
+LAST=$SECONDS
+TIMES=""
+mmss() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+stage() {  # stage SHORT_NAME HEADER: prints the header; records the time of the previous stage
+  [[ -n "${CURRENT:-}" ]] && TIMES+="$(printf '  %-10s %s' "$CURRENT" "$(mmss $((SECONDS - LAST)))")"$'\n'
+  CURRENT="$1"; LAST=$SECONDS
+  printf '\n== %s  [%s]\n' "$2" "$(mmss $((SECONDS - T0)))"
+}
 mkdir -p "$WORKDIR"
-echo "tiny DiceHuBERT pipeline in $WORKDIR (seed $TINY_SEED)"
+echo "tiny DiceHuBERT pipeline in $WORKDIR (preset $TINY_PRESET, seed $TINY_SEED)"
 
-stage "1/4 corpus"
+stage corpus "1/5 corpus"
 if [[ -e "$WORKDIR/train.tsv" || -e "$WORKDIR/valid.tsv" || -e "$WORKDIR/test.tsv" ]]; then
   echo "using the corpus already in $WORKDIR"
 else
   command -v espeak-ng >/dev/null && command -v sox >/dev/null || { echo "run.sh: error: espeak-ng and" \
     "sox are needed to synthesise the corpus (apt-get install espeak-ng sox)" >&2; exit 1; }
-  echo "synthesising about $TINY_MINUTES minutes of speech (espeak-ng + sox)"
+  echo "synthesising about $TINY_MINUTES minutes of speech (espeak-ng + sox; voices: $TINY_CORPUS)"
   "$PYTHON" "$HERE/synth_corpus.py" --out "$WORKDIR" --minutes "$TINY_MINUTES" --seed "$TINY_SEED" \
-    --jobs "${TINY_JOBS:-2}"
+    --jobs "${TINY_JOBS:-2}" ${CORPUS_ARGS[@]+"${CORPUS_ARGS[@]}"}
 fi
 "$PYTHON" "$HERE/check_corpus.py" "$WORKDIR"   # bad corpus: clear message, exit 1, nothing trained
 
-stage "2/4 labels, teachers, students, probes (jobs in parallel; logs in $WORKDIR/logs)"
+stage training "2/5 labels, teachers, students, probes (jobs in parallel; logs in $WORKDIR/logs)"
 "$PYTHON" "$HERE/pipeline.py" "$WORKDIR"
 
-stage "3/4 report"
+stage report "3/5 report"
 "$PYTHON" "$HERE/report.py" "$WORKDIR"
 
-stage "4/4 export"
+stage export "4/5 export"
 # the distilled narrow student, out of the plugin: a transformers HubertModel directory
 dicehubert-export "$WORKDIR/models/dicehubert_narrow/checkpoints/checkpoint_last.pt" --to hf \
   "$WORKDIR/export/dicehubert_narrow_hf" --force
-echo "results: $WORKDIR/results.md, $WORKDIR/results.json, $WORKDIR/results.png"
+stage done "5/5 done"
+printf 'time per stage:\n%s  total %s\n' "$TIMES" "$(mmss $((SECONDS - T0)))"
+if [[ -f "$WORKDIR/results.png" ]]; then
+  echo "results: $WORKDIR/results.md, $WORKDIR/results.json, $WORKDIR/results.png"
+else
+  echo "results: $WORKDIR/results.md, $WORKDIR/results.json (no results.png: matplotlib is not installed)"
+fi
 echo "exported student (transformers): $WORKDIR/export/dicehubert_narrow_hf"

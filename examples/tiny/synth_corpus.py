@@ -15,11 +15,23 @@ Sentences come from a small seeded grammar over a few hundred everyday words; ev
 gets its own voice (English accents x espeak-ng voice variants), speed (words per minute) and
 pitch, drawn from the seed.  Phones are ``espeak-ng -q -x --sep=_`` in the utterance's own
 accent, stress marks (``'`` and ``,``) removed.  Synthesis runs in ``--jobs`` processes; the
-result depends on the seed only (each utterance's randomness is drawn up front).
+result depends on the seeds only (each utterance's randomness is drawn up front).
 
-Example::
+Two disjoint voice sets make two different corpora, so that a conclusion drawn on one can be
+checked on the other:
+
+* ``--voices default``: 4 accents (US, British, RP) x 26 voice variants;
+* ``--voices other``: 4 other accents (New York, Scottish, Lancaster, Caribbean) x 26 other
+  variants, no accent or variant shared with the default set.
+
+``--text-seed`` draws the sentences from their own seed (by default the sentences and the
+voices come from one stream seeded by ``--seed``); a different text seed gives other sentences
+from the same grammar.
+
+Examples::
 
     python examples/tiny/synth_corpus.py --out work/corpus --minutes 10 --seed 0
+    python examples/tiny/synth_corpus.py --out work/other --minutes 10 --seed 0 --voices other --text-seed 1000
 """
 
 import argparse
@@ -43,6 +55,12 @@ ACCENTS = ("en-us", "en-us", "en-gb", "en-gb-x-rp")
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
             "klatt", "klatt2", "klatt3", "Alicia", "Andy", "Annie", "david", "Mr serious",
             "steph", "anika", "edward", "max", "paul", "rob")
+#: the second corpus's voices (--voices other): no accent or variant in common with the above
+OTHER_ACCENTS = ("en-us-nyc", "en-gb-scotland", "en-gb-x-gbclan", "en-029")
+OTHER_VARIANTS = ("m8", "klatt4", "klatt5", "adam", "Alex", "Andrea", "aunty", "benjamin", "caleb",
+                  "edward2", "Gene", "Hugo", "iven", "iven2", "john", "linda", "Michael", "Mike",
+                  "norbert", "quincy", "robert", "shelby", "steph2", "travis", "victor", "zac")
+VOICE_SETS = {"default": (ACCENTS, VARIANTS), "other": (OTHER_ACCENTS, OTHER_VARIANTS)}
 #: espeak-ng -x marks that are not phones once split at '_': pauses ('_:' gives ':'), and the
 #: stand-alone modifiers '!' and ';'
 NOT_PHONES = {":", "!", ";"}
@@ -190,20 +208,37 @@ def align_frames(job: Dict, voice: str, raw: str, num_samples: int, transcript: 
     return frames
 
 
-def plan(seconds: Dict[str, float], seed: int, seconds_per_utt: float = 3.4) -> Dict[str, List[Dict]]:
-    """Per split, the utterances to synthesise (text, voice, speed, pitch), all drawn from ``seed``."""
+def plan(seconds: Dict[str, float], seed: int, seconds_per_utt: float = 3.4, voices: str = "default",
+         text_seed: Optional[int] = None) -> Dict[str, List[Dict]]:
+    """Per split, the utterances to synthesise (text, voice, speed, pitch), drawn from the seeds.
+
+    Args:
+        seconds: audio per split, about (``{"train": 360.0, ...}``).
+        seed: seed of the voices, speeds and pitches (and of the texts when ``text_seed`` is None).
+        seconds_per_utt: expected length of an utterance, to turn seconds into utterances.
+        voices: a key of :data:`VOICE_SETS`.
+        text_seed: seed of the sentences; None: one stream for sentences and voices.
+
+    Returns:
+        per split, a list of ``{"name", "text", "accent", "variant", "speed", "pitch"}``.
+    """
+    accents, variants = VOICE_SETS[voices]
     rng = random.Random(seed)
+    text_rng = rng if text_seed is None else random.Random(text_seed)
     jobs: Dict[str, List[Dict]] = {}
     for split, sec in seconds.items():
         n = max(1, round(sec / seconds_per_utt))
-        jobs[split] = [{
-            "name": f"{split}_{i:04d}.wav",
-            "text": sentence(rng),
-            "accent": rng.choice(ACCENTS),
-            "variant": rng.choice(VARIANTS),
-            "speed": rng.randint(*SPEED),
-            "pitch": rng.randint(*PITCH),
-        } for i in range(n)]
+        jobs[split] = []
+        for i in range(n):
+            text = sentence(text_rng)
+            jobs[split].append({
+                "name": f"{split}_{i:04d}.wav",
+                "text": text,
+                "accent": rng.choice(accents),
+                "variant": rng.choice(variants),
+                "speed": rng.randint(*SPEED),
+                "pitch": rng.randint(*PITCH),
+            })
     return jobs
 
 
@@ -220,7 +255,13 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=10.0, help="total audio, about (default %(default)s)")
     p.add_argument("--split-fractions", default="0.55,0.12,0.33",
                    help="train,valid,test shares of the audio (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of texts, voices, speeds, pitches")
+    p.add_argument("--seed", type=int, default=0, help="seed of voices, speeds, pitches (and texts, unless "
+                                                       "--text-seed is given)")
+    p.add_argument("--voices", choices=sorted(VOICE_SETS), default="default",
+                   help="voice set: 'default' or 'other' (other accents and variants, none shared with "
+                        "'default'; default %(default)s)")
+    p.add_argument("--text-seed", type=int, default=None,
+                   help="seed of the sentences alone (default: drawn from --seed's stream)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel synthesis processes")
     p.add_argument("--align", action="store_true",
                    help="also write {split}.align: frame-level phones (espeak-ng's phoneme events, 100 Hz)")
@@ -236,7 +277,7 @@ def main(argv=None) -> int:
         return 1
     total = args.minutes * 60
     seconds = {s: total * f / sum(fractions) for s, f in zip(("train", "valid", "test"), fractions)}
-    jobs = plan(seconds, args.seed)
+    jobs = plan(seconds, args.seed, voices=args.voices, text_seed=args.text_seed)
     out = os.path.abspath(args.out)
     wav_dir = os.path.join(out, "wav")
     os.makedirs(wav_dir, exist_ok=True)
@@ -249,7 +290,8 @@ def main(argv=None) -> int:
             results[name] = (n, phs, frames)
             if k % 50 == 0 or k == len(flat):
                 print(f"  synthesised {k}/{len(flat)} utterances", flush=True)
-    info = {"seed": args.seed, "sample_rate": SAMPLE_RATE, "splits": {}}
+    info = {"seed": args.seed, "text_seed": args.text_seed, "voice_set": args.voices, "sample_rate": SAMPLE_RATE,
+            "splits": {}}
     if args.align:
         info["align_rate"] = ALIGN_RATE
     for split, js in jobs.items():
@@ -263,7 +305,9 @@ def main(argv=None) -> int:
         secs = sum(results[j["name"]][0] for j in js) / SAMPLE_RATE
         info["splits"][split] = {"utterances": len(js), "seconds": round(secs, 1)}
         print(f"  {split}: {len(js)} utterances, {secs / 60:.1f} min", flush=True)
-    info["voices"] = {"accents": sorted(set(ACCENTS)), "variants": list(VARIANTS), "speed_wpm": SPEED,
+    info["synthesis_seconds"] = round(time.time() - t0, 1)
+    accents, variants = VOICE_SETS[args.voices]
+    info["voices"] = {"accents": sorted(set(accents)), "variants": list(variants), "speed_wpm": SPEED,
                       "pitch": PITCH}
     with open(os.path.join(out, "corpus.json"), "w") as f:
         json.dump(info, f, indent=1)

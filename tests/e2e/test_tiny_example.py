@@ -1,11 +1,14 @@
 """examples/tiny (a reduced run of the whole pipeline, bad corpora) and examples/librispeech.
 
 * ``test_reduced_tiny_run``: ``examples/tiny/run.sh`` with ``TINY_PRESET=ci`` (a 3-minute
-  corpus, a handful of updates per model) end to end: results.json/md/png exist, every model of
-  the paper's table has a finite PER, and both teachers' PER is clearly below chance (the best
-  hypothesis that ignores the audio).  Run twice in the same WORKDIR, the second run skips every
-  stage.  Under CI (``CI=true``, as ``.ci/run`` sets) missing espeak-ng or sox fail the test
-  instead of skipping it, so the end-to-end run cannot quietly drop out of CI.
+  corpus, a handful of updates per model, two seeds of every student) end to end:
+  results.json/md/png exist, every model of the paper's table has a finite PER per seed, both
+  teachers' PER is clearly below chance (the best hypothesis that ignores the audio), the claims
+  table exists and agrees with the per-seed numbers and with the README's verdict rule, and
+  teacher_n2 was probed layer by layer.  Run again in the same WORKDIR without matplotlib, every
+  stage is skipped, results.md/json are rewritten and the plot is skipped with a message.  Under
+  CI (``CI=true``, as ``.ci/run`` sets) missing espeak-ng or sox fail the test instead of skipping
+  it, so the end-to-end run cannot quietly drop out of CI.
 * bad corpora (missing ``.phn``, a ``.phn`` whose line count differs from its manifest, an empty
   split): a clear message, a non-zero exit, and nothing trained.
 * the LibriSpeech scripts parse (``bash -n``), and, run with stub ``dicehubert-labels``,
@@ -20,6 +23,7 @@ import math
 import os
 import shutil
 import stat
+import statistics
 import subprocess
 import sys
 
@@ -35,6 +39,13 @@ BIN = os.path.dirname(sys.executable)
 pytestmark = pytest.mark.e2e
 MODELS = ["teacher_n1", "teacher_n2", "dicehubert_narrow", "dicehubert_narrow_soft", "dicehubert_shallow",
           "feat_narrow", "scratch_narrow"]
+TEACHERS = MODELS[:2]
+#: the paper's comparisons: id -> (the row the paper says is better, the other row)
+CLAIMS = {"distillation": ("dicehubert_narrow", "scratch_narrow"),
+          "ssl_vs_feat": ("dicehubert_narrow", "feat_narrow"),
+          "narrow_vs_shallow": ("dicehubert_narrow", "dicehubert_shallow"),
+          "hard_vs_soft": ("dicehubert_narrow", "dicehubert_narrow_soft"),
+          "teacher_vs_student": ("teacher_n2", "dicehubert_narrow")}
 
 
 def _env(**extra):
@@ -105,10 +116,19 @@ def test_reduced_tiny_run(tmp_path):
         results = json.load(f)
     assert [m["name"] for m in results["models"]] == MODELS
     for m in results["models"]:
-        assert math.isfinite(m["per"]) and m["per"] >= 0, m
+        # every seed's numbers, their mean and sd
+        n = 1 if m["name"] in TEACHERS else 2
+        assert len(m["seeds"]) == len(set(m["seeds"])) == len(m["per_seeds"]) == len(m["valid_per_seeds"]) == n, m
+        assert all(math.isfinite(p) and p >= 0 for p in m["per_seeds"] + m["valid_per_seeds"]), m
+        assert m["per"] == pytest.approx(statistics.fmean(m["per_seeds"]))
+        assert m["valid_per"] == pytest.approx(statistics.fmean(m["valid_per_seeds"]))
+        assert m["per_std"] == (pytest.approx(statistics.stdev(m["per_seeds"])) if n > 1 else None)
         assert m["params"] > 0 and m["updates"] > 0 and m["seconds"] > 0, m
         assert len(m["layer_weights"]) == m["layers"] + 1 and abs(sum(m["layer_weights"]) - 1) < 1e-4, m
     by = {m["name"]: m for m in results["models"]}
+    check_claims(results, by)
+    # each seed is a separately trained student (seed, seed + 1)
+    assert by["feat_narrow"]["seeds"] == [1, 2] and (work / "models" / "feat_narrow.s2").is_dir()
     # the students' shapes relative to the teacher: narrow = same depth, half width; shallow = 1/6 depth
     t = by["teacher_n2"]
     assert by["dicehubert_narrow"]["layers"] == t["layers"] and by["dicehubert_narrow"]["dim"] * 2 == t["dim"]
@@ -122,21 +142,122 @@ def test_reduced_tiny_run(tmp_path):
     md = (work / "results.md").read_text()
     for name in MODELS:
         assert f"| {name} |" in md
+    for c in results["claims"]:
+        assert f"| {c['claim']} | {c['better']} " in md and f"**{c['verdict']}**" in md, c
+    # teacher_n2's hidden states probed one at a time, the best chosen on valid
+    layers = results["teacher_layers"]["teacher_n2"]
+    assert [r["layer"] for r in layers["layers"]] == list(range(by["teacher_n2"]["layers"] + 1))
+    assert layers["best_layer"] == min(layers["layers"], key=lambda r: r["valid_per"])["layer"]
+    # the time of every stage is measured and printed
+    assert set(results["timing"]) == {"corpus", "labels", "teachers", "students", "probes"}
+    assert "time per stage:" in proc.stdout and "time per kind of job" in proc.stdout
+    for stage in ("corpus", "training", "report", "total"):
+        assert f"  {stage} " in proc.stdout, stage
     # the stages say what they do
-    for stage in ("1/4 corpus", "2/4", "3/4 report", "start  teacher_n1", "done   probe_scratch_narrow"):
+    for stage in ("1/5 corpus", "2/5", "3/5 report", "start  teacher_n1", "done   probe_scratch_narrow"):
         assert stage in proc.stdout, stage
     # the last stage exports the distilled narrow student to transformers and says its size
     hf = work / "export" / "dicehubert_narrow_hf"
     assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
-    assert "4/4 export" in proc.stdout and "parameters:" in proc.stdout and "on disk:" in proc.stdout
+    assert "4/5 export" in proc.stdout and "parameters:" in proc.stdout and "on disk:" in proc.stdout
     # soft labels were dumped and used
     assert glob.glob(str(work / "labels" / "it2" / "train.km.soft*"))
 
-    # a second run in the same WORKDIR skips every stage
-    again = run_sh(work, TINY_PRESET="ci")
+    # a second run in the same WORKDIR skips every stage; without matplotlib (a stand-in
+    # package that fails to import) it says so before any work, then writes everything but the plot
+    hide = tmp_path / "no_matplotlib"
+    (hide / "matplotlib").mkdir(parents=True)
+    (hide / "matplotlib" / "__init__.py").write_text("raise ImportError('matplotlib hidden by the test')\n")
+    os.unlink(work / "results.json")
+    again = run_sh(work, TINY_PRESET="ci", PYTHONPATH=str(hide))
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "start " not in again.stdout and "skip   teacher_n1" in again.stdout
     assert "using the corpus already in" in again.stdout
+    note = again.stdout.index("note: matplotlib is not installed")
+    assert note < again.stdout.index("1/5 corpus"), again.stdout[:2000]
+    assert "results.png skipped: matplotlib is not installed" in again.stdout
+    assert "pip install -e '.[plot]'" in again.stdout
+    assert (work / "results.json").is_file() and (work / "results.md").is_file()
+    assert not (work / "results.png").exists()
+
+
+def check_claims(results, by):
+    """The claims entries exist and follow from the per-seed numbers by the stated rule."""
+    from scipy.stats import t
+
+    assert {c["id"]: (c["better"], c["worse"]) for c in results["claims"]} == CLAIMS
+    assert "95% t interval" in results["verdict_rule"]
+    for c in results["claims"]:
+        b, w = by[c["better"]], by[c["worse"]]
+        assert c["better_mean"] == b["per"] and c["worse_mean"] == w["per"], c
+        assert c["better_sd"] == b["per_std"] and c["worse_sd"] == w["per_std"], c
+        bs, ws = dict(zip(b["seeds"], b["per_seeds"])), dict(zip(w["seeds"], w["per_seeds"]))
+        if len(bs) == 1:  # the teacher, trained once, against every seed of the student
+            diffs = [ws[s] - b["per"] for s in sorted(ws)]
+        else:
+            diffs = [ws[s] - bs[s] for s in sorted(set(bs) & set(ws))]
+        assert c["n"] == len(diffs) == 2 and c["diffs"] == pytest.approx(diffs), c
+        mean = statistics.fmean(diffs)
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+        half = t.ppf(0.975, len(diffs) - 1) * se
+        assert c["mean_diff"] == pytest.approx(mean) and c["se"] == pytest.approx(se)
+        assert c["ci95"] == pytest.approx([mean - half, mean + half])
+        assert c["rel_diff"] == pytest.approx(mean / w["per"])
+        expected = "holds" if mean - half > 0 else "reversed" if mean + half < 0 else "within noise"
+        assert c["verdict"] == expected, c
+
+
+def tiny_module(monkeypatch, name):
+    """examples/tiny/{name}.py imported as the scripts import each other (their directory on the path)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(TINY)
+    return importlib.import_module(name)
+
+
+def test_layer_auto_waits_for_the_layer_probe_and_uses_its_best_transformer_layer(monkeypatch, tmp_path):
+    """``--layer-it1 auto``: the k-means of teacher_n1 depends on its layer-by-layer probe, and its
+    command (hence the .done key) names the best transformer layer (>= 1) that the probe wrote."""
+    pipeline = tiny_module(monkeypatch, "pipeline")
+    w = tmp_path / "w"
+    argv = [str(w), "--layer-it1", "auto", "--layer-it2", "3", "--layer-probes", "teacher_n1,teacher_n2"]
+    seen = {}
+    monkeypatch.setattr(pipeline.Runner, "run", lambda self: seen.update(self.jobs))  # build the jobs, run none
+    assert pipeline.main(argv) == 0
+    km1, dump1, km2 = seen["km_it1"], seen["labels_it1"], seen["km_it2"]
+    assert "probe_teacher_n1.layers" in km1.deps and "probe_teacher_n2.layers" not in km2.deps
+    assert km1.key.split("--layer ")[1].startswith("@best_layer:")  # not known before the probe ran
+    assert km2.key.split("--layer ")[1].startswith("3 ")
+    (w / "probe").mkdir(parents=True)
+    (w / "probe" / "teacher_n1.layers.json").write_text(json.dumps({"best_layer": 0, "best_transformer_layer": 4}))
+    assert km1.key.split("--layer ")[1].startswith("4 ") and dump1.key.split("--layer ")[1].startswith("4 ")
+    with pytest.raises(SystemExit):
+        pipeline.main([str(w), "--layer-it2", "auto", "--layer-probes", "teacher_n1"])  # n2 not probed
+
+
+def test_verdicts_follow_the_rule(monkeypatch):
+    """report.compare on hand-made rows: a clear gain holds, a clear loss is reversed, a noisy
+    difference is within noise, one seed is too few; a teacher trained once is paired with every
+    seed of the student."""
+    compare = tiny_module(monkeypatch, "report").compare
+
+    def row(pers, seeds=None):
+        seeds = seeds or list(range(1, len(pers) + 1))
+        return {"seeds": seeds, "per_seeds": pers, "per": statistics.fmean(pers)}
+
+    assert compare(row([0.40, 0.41, 0.42]), row([0.50, 0.52, 0.51]))["verdict"] == "holds"
+    assert compare(row([0.50, 0.52, 0.51]), row([0.40, 0.41, 0.42]))["verdict"] == "reversed"
+    noisy = compare(row([0.40, 0.50, 0.45]), row([0.46, 0.44, 0.47]))
+    assert noisy["verdict"] == "within noise" and noisy["ci95"][0] < 0 < noisy["ci95"][1]
+    # paired: a constant gain of 0.01 with seed-to-seed spread of 0.1 is clear when paired
+    paired = compare(row([0.30, 0.40, 0.50]), row([0.31, 0.41, 0.51]))
+    assert paired["verdict"] == "holds" and paired["diffs"] == pytest.approx([0.01] * 3)
+    assert compare(row([0.4]), row([0.5]))["verdict"] == "too few seeds"
+    teacher = compare(row([0.40], seeds=[1]), row([0.50, 0.52, 0.51]))
+    assert teacher["n"] == 3 and teacher["diffs"] == pytest.approx([0.10, 0.12, 0.11])
+    assert teacher["verdict"] == "holds"
+    # only the seeds both rows have are paired
+    assert compare(row([0.4, 0.5, 0.6]), row([0.5, 0.6], seeds=[2, 3]))["seeds"] == [2, 3]
 
 
 def test_ci_fails_instead_of_skipping_without_speech_tools(tmp_path):
