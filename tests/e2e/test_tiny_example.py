@@ -171,7 +171,7 @@ def test_reduced_tiny_run(tmp_path):
     os.unlink(work / "results.json")
     again = run_sh(work, TINY_PRESET="ci", PYTHONPATH=str(hide))
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert "start " not in again.stdout and "skip   teacher_n1" in again.stdout
+    assert "] start  " not in again.stdout and "skip   teacher_n1" in again.stdout  # no job started again
     assert "using the corpus already in" in again.stdout
     note = again.stdout.index("note: matplotlib is not installed")
     assert note < again.stdout.index("1/5 corpus"), again.stdout[:2000]
