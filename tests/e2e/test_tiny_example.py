@@ -79,7 +79,8 @@ def require_speech_tools():
     """Skip without espeak-ng/sox -- except in CI, where the end-to-end run must not drop out."""
     missing = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
     if missing:
-        msg = f"{' and '.join(missing)} not found: needed to synthesise the corpus (make setup installs them)"
+        msg = (f"{' and '.join(missing)} not found: needed to synthesise the corpus; the test runs once they "
+               f"are on PATH (make setup installs them; under CI=true their absence is a failure)")
         if in_ci():
             pytest.fail(f"CI=true: {msg}")
         pytest.skip(msg)
