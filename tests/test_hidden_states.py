@@ -94,24 +94,35 @@ def test_masking_and_targets_as_fairseqs_forward(tiny_corpus):
     assert h.features_pen.item() > 0
 
 
+def padded_batch(wavs):
+    """``(source (B, T_max), padding_mask (B, T_max))`` of waveforms of different lengths, zero-padded."""
+    lengths = [len(w) for w in wavs]
+    src = torch.zeros(len(wavs), max(lengths))
+    for b, w in enumerate(wavs):
+        src[b, : len(w)] = w
+    return src, torch.arange(src.size(1))[None, :] >= torch.tensor(lengths)[:, None]
+
+
+def assert_each_utterance_as_alone(model, exact, wavs):
+    """Every utterance's output and layer states in the batch ``exact`` equal its forward alone."""
+    for b, w in enumerate(wavs):
+        alone = hidden_states(model, w[None])
+        T = alone.x.size(1)
+        assert int((~exact.padding_mask[b]).sum()) == T
+        torch.testing.assert_close(exact.x[b, :T], alone.x[0], atol=2e-5, rtol=1e-4)
+        for a, s in zip(exact.layers, alone.layers):
+            torch.testing.assert_close(a[b, :T], s[0], atol=2e-5, rtol=1e-4)
+
+
 def test_exact_padding_gives_each_utterance_its_states_alone(tiny_teacher):
     model, _ = load_model(tiny_teacher)  # extractor_mode=default: GroupNorm over time
     lengths = [12000, 7000, 9500]
     wavs = [torch.randn(n) for n in lengths]
-    src = torch.zeros(3, max(lengths))
-    for b, w in enumerate(wavs):
-        src[b, : len(w)] = w
-    pad = torch.arange(src.size(1))[None, :] >= torch.tensor(lengths)[:, None]
+    src, pad = padded_batch(wavs)
     with torch.no_grad():
         exact = hidden_states(model, src, pad, exact_padding=True)
         batched = hidden_states(model, src, pad)
-        for b, w in enumerate(wavs):
-            alone = hidden_states(model, w[None])
-            T = alone.x.size(1)
-            assert int((~exact.padding_mask[b]).sum()) == T
-            torch.testing.assert_close(exact.x[b, :T], alone.x[0], atol=2e-5, rtol=1e-4)
-            for a, s in zip(exact.layers, alone.layers):
-                torch.testing.assert_close(a[b, :T], s[0], atol=2e-5, rtol=1e-4)
+        assert_each_utterance_as_alone(model, exact, wavs)
         # fairseq's semantics instead: the front end saw the padding
         x, _ = model.extract_features(src, pad)
         assert torch.equal(batched.x, x)
@@ -127,23 +138,14 @@ def test_exact_padding_is_exact_for_batch_norm_positional_conv_and_conformer(exp
     g = torch.Generator().manual_seed(0)
     lengths = [12000, 7000, 9500]
     wavs = [torch.randn(n, generator=g) for n in lengths]
-    src = torch.zeros(3, max(lengths))
-    for b, w in enumerate(wavs):
-        src[b, : len(w)] = w
-    pad = torch.arange(src.size(1))[None, :] >= torch.tensor(lengths)[:, None]
+    src, pad = padded_batch(wavs)
     calls = []
     hook = model.encoder.layers[0].register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
         exact = hidden_states(model, src, pad, exact_padding=True)
         n_calls = len(calls)
         plain = hidden_states(model, src, pad)
-        for b, w in enumerate(wavs):
-            alone = hidden_states(model, w[None])
-            T = alone.x.size(1)
-            assert int((~exact.padding_mask[b]).sum()) == T
-            torch.testing.assert_close(exact.x[b, :T], alone.x[0], atol=2e-5, rtol=1e-4)
-            for a, s in zip(exact.layers, alone.layers):
-                torch.testing.assert_close(a[b, :T], s[0], atol=2e-5, rtol=1e-4)
+        assert_each_utterance_as_alone(model, exact, wavs)
     hook.remove()
     assert n_calls == (1 if batched else 3)
     if name != "shallow":  # what fairseq's padded batch gives instead (the bug the test is about)
