@@ -98,8 +98,9 @@ def build_jobs(a: argparse.Namespace) -> List[Job]:
             return BEST_LAYER_PREFIX + layer_json(name), [f"probe_{name}.layers"]
         return str(setting), []
 
+    probe_opts = [] if not a.probe_train_utterances else ["--max-train-utterances", str(a.probe_train_utterances)]
+
     def layer_probe(name):
-        probe_opts = [] if not a.probe_train_utterances else ["--max-train-utterances", str(a.probe_train_utterances)]
         jobs.append(Job(f"probe_{name}.layers", [sys.executable, os.path.join(HERE, "probe_layers.py"),
                                                  "--checkpoint", ckpt(name), "--data", w, "--out", layer_json(name),
                                                  "--seed", str(a.seed), "--epochs", str(a.probe_epochs)] + probe_opts,
@@ -167,7 +168,6 @@ def build_jobs(a: argparse.Namespace) -> List[Job]:
                 train(name + suffix, row, ["labels_it2"], a.student_updates, seed, lab("it2"))
     # probes of every trained model (the teachers' hidden states are also probed one at a time,
     # above: which layer carries the phones)
-    probe_opts = [] if not a.probe_train_utterances else ["--max-train-utterances", str(a.probe_train_utterances)]
     for job in [j for j in jobs if j.kind == "train"]:
         jobs.append(Job(f"probe_{job.name}", [os.path.join(BIN, "dicehubert-probe"), "--checkpoint", ckpt(job.name),
                                              "--data", w, "--json", os.path.join(w, "probe", f"{job.name}.json"),
