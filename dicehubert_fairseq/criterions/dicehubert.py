@@ -127,7 +127,8 @@ class DiceHubertCriterion(FairseqCriterion):
             ``(loss, sample_size, logging_output)``: the loss summed over ``sample_size`` frames
             (masked, plus unmasked if ``pred_nomask_weight > 0``) with the weighted feature
             penalty; per stream ``i``, ``loss_m_i``, ``correct_m_i``, ``count_m_i`` (``_u_`` for
-            unmasked frames) and ``loss_features_pen``.
+            unmasked frames, logged also when ``pred_nomask_weight`` is 0, as fairseq's ``hubert``
+            criterion does) and ``loss_features_pen``.
         """
         logging_output = {}
         loss = 0.0
@@ -138,6 +139,9 @@ class DiceHubertCriterion(FairseqCriterion):
         if self.cfg.pred_nomask_weight > 0:
             loss = loss + self.cfg.pred_nomask_weight * self.stream_loss(net_output, "u", logging_output)
             sample_size += int(net_output["target_u_list"][0].numel()) if net_output["target_u_list"][0] is not None else 0
+        elif net_output.get("logit_u_list"):
+            with torch.no_grad():  # not in the loss, logged as fairseq's hubert criterion does
+                self.stream_loss(net_output, "u", logging_output)
         if not torch.is_tensor(loss):
             loss = net_output["features_pen"].new_zeros(())
         extra, names = model.get_extra_losses(net_output)

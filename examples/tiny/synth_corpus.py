@@ -60,7 +60,21 @@ OTHER_ACCENTS = ("en-us-nyc", "en-gb-scotland", "en-gb-x-gbclan", "en-029")
 OTHER_VARIANTS = ("m8", "klatt4", "klatt5", "adam", "Alex", "Andrea", "aunty", "benjamin", "caleb",
                   "edward2", "Gene", "Hugo", "iven", "iven2", "john", "linda", "Michael", "Mike",
                   "norbert", "quincy", "robert", "shelby", "steph2", "travis", "victor", "zac")
-VOICE_SETS = {"default": (ACCENTS, VARIANTS), "other": (OTHER_ACCENTS, OTHER_VARIANTS)}
+#: every English accent of espeak-ng (the mbrola ones aside): the tuning and teacher corpora speak
+#: all of them, each with voice variants that neither evaluation corpus uses, so that an
+#: (accent, variant) voice of theirs is never one of 'default' or 'other'
+ALL_ACCENTS = ("en-us", "en-gb", "en-gb-x-rp", "en-us-nyc", "en-gb-scotland", "en-gb-x-gbclan", "en-029",
+               "en-gb-x-gbcwmd")
+#: the tuning corpus's variants (--voices tune): recipe values are chosen on its valid split
+TUNE_VARIANTS = ("antonio", "belinda", "Denis", "Gene2", "iven3", "Lee", "michel", "steph3")
+#: the pretrained teachers' corpus (--voices teacher): variants of neither evaluation corpus nor
+#: the tuning corpus
+TEACHER_VARIANTS = ("boris", "Diogo", "ed", "gustave", "Henrique", "iven4", "Jacky", "kaukovalta",
+                    "marcelo", "Marco", "Mario", "miguel", "Nguyen", "pablo", "pedro", "RicishayMax",
+                    "Storm", "AnxiousAndy", "grandpa", "grandma", "klatt6", "sandro", "announcer",
+                    "Tweaky")
+VOICE_SETS = {"default": (ACCENTS, VARIANTS), "other": (OTHER_ACCENTS, OTHER_VARIANTS),
+              "tune": (ALL_ACCENTS, TUNE_VARIANTS), "teacher": (ALL_ACCENTS, TEACHER_VARIANTS)}
 #: espeak-ng -x marks that are not phones once split at '_': pauses ('_:' gives ':'), and the
 #: stand-alone modifiers '!' and ';'
 NOT_PHONES = {":", "!", ";"}
