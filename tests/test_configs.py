@@ -157,7 +157,7 @@ def test_tiny_feat_overlay_is_layer_to_layer_with_mse():
     cfg = compose("feat_narrow", ["task.data=D", "criterion.teacher_checkpoint=T", "model=tiny_narrow",
                                   "feat=tiny_layer_to_layer"])
     assert cfg.criterion.feat_loss == "mse" and cfg.model.feat_head_hidden_dim == 0
-    assert cfg.model.feat_student_layers == cfg.model.feat_target_layers == [1, 2, 3, 4, 5, 6]
+    assert cfg.model.feat_student_layers == cfg.model.feat_target_layers == list(range(1, 13))
     assert cfg.model.init_from_teacher is None
 
 
