@@ -58,6 +58,7 @@ def hidden_states(
     *,
     output_layer: Optional[int] = None,
     mask: bool = False,
+    mask_indices: Optional[torch.Tensor] = None,
     target_list: Optional[Sequence[torch.Tensor]] = None,
     exact_padding: bool = False,
 ) -> HiddenStates:
@@ -70,6 +71,11 @@ def hidden_states(
         output_layer: run the encoder up to this transformer layer (1-based) and stop there;
             None: every layer.
         mask: apply the model's span masking (``model.apply_mask``; the student's L_SSL path).
+        mask_indices: ``(B, T')`` bool, frames to mask given rather than drawn (the teacher of
+            masking distillation sees the student's masks): they get the model's own
+            ``mask_emb``, as ``apply_mask`` does to the frames it draws.  ``T'`` may differ from
+            the model's frame count by the last frames (a teacher whose conv front end counts
+            one frame more or less): missing frames are not masked.  Not with ``mask``.
         target_list: label tensors ``(B, T_label, ...)`` to align to the frames with fairseq's
             ``forward_targets`` (which may trim the frames to the labels); passed to
             ``apply_mask`` as fairseq does.
@@ -89,10 +95,12 @@ def hidden_states(
         :class:`HiddenStates` with ``len(layers) == output_layer`` (or the number of layers).
     """
     n_layers = len(model.encoder.layers) if output_layer is None else int(output_layer)
+    if mask and mask_indices is not None:
+        raise ValueError("hidden_states: give mask (draw the masks) or mask_indices (use these), not both")
     if exact_padding and padding_mask is not None and not padding_mask.any():
         padding_mask = None  # as alone: no mask at all
     if exact_padding and padding_mask is not None and _layers_mix_frames(model):
-        if mask or target_list is not None:
+        if mask or mask_indices is not None or target_list is not None:
             raise ValueError("exact_padding runs this model's utterances one by one (its encoder layers mix "
                              "frames outside attention): mask and target_list are not supported")
         return _one_by_one(model, source, padding_mask, output_layer)
@@ -111,8 +119,10 @@ def hidden_states(
     if model.post_extract_proj is not None:
         features = model.post_extract_proj(features)
     features = model.dropout_input(features)
-    mask_indices = None
-    if mask:
+    if mask_indices is not None:
+        mask_indices = _fit_frames(mask_indices, features.size(1))
+        features[mask_indices] = model.mask_emb.to(features.dtype)
+    elif mask:
         features, mask_indices = model.apply_mask(features, padding_mask, target_list)
     x, layers = _encoder_layers(model.encoder, features, padding_mask, n_layers,
                                 None if output_layer is None else n_layers - 1,
@@ -124,6 +134,14 @@ def hidden_states(
         mask_indices=no_frames if mask_indices is None else mask_indices,
         features_pen=features_pen, target_list=target_list,
     )
+
+
+def _fit_frames(mask_indices: torch.Tensor, frames: int) -> torch.Tensor:
+    """``(B, T')`` bool mask cut or padded (with False) to ``(B, frames)``."""
+    out = mask_indices.new_zeros((mask_indices.size(0), frames), dtype=torch.bool)
+    n = min(frames, mask_indices.size(1))
+    out[:, :n] = mask_indices[:, :n]
+    return out
 
 
 def _exact_front_end(model: nn.Module, source: torch.Tensor, padding_mask: torch.Tensor):

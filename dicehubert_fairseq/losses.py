@@ -113,3 +113,43 @@ def feature_distillation_loss(
     cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-8)
     cos_term = (-F.logsigmoid(cos) * keep).sum() / n
     return l1 + cos_weight * cos_term, l1, cos_term
+
+
+def masking_distillation_loss(
+    pred: torch.Tensor,
+    clean_target: torch.Tensor,
+    masked_target: torch.Tensor,
+    mask_indices: torch.Tensor,
+    padding_mask,
+    masked_weight: float = 1.0,
+    unmasked_weight: float = 1.0,
+):
+    """MaskHuBERT's per-layer loss (masking distillation, "Recycle-and-Distill", Interspeech 2023).
+
+    The student saw the masked input.  On its masked frames it regresses the teacher's features
+    of the clean input; on its unmasked frames, the teacher's features of the same masked input
+    (the teacher given the student's masks).  The frame loss is the squared error averaged over
+    dimensions; each term sums it over its frames and divides by the number of real frames,
+    masked and unmasked together (sungnyun/ARMHuBERT ``train.py``: ``mse_loss(...).mean(-1).sum()
+    / B / T`` for each term, there with padded frames in ``T``).
+
+    Args:
+        pred: ``(B, T, D)`` student predictions (from the masked input).
+        clean_target: ``(B, T, D)`` teacher features of the clean input.
+        masked_target: ``(B, T, D)`` teacher features of the masked input.
+        mask_indices: ``(B, T)`` bool, True on masked frames.
+        padding_mask: ``(B, T)`` bool, True on padded frames (or None); left out of both terms
+            and of the frame count.
+        masked_weight, unmasked_weight: the weight of each term (published: 1 and 1).
+
+    Returns:
+        ``(loss, masked_term, unmasked_term)`` scalars, ``loss = masked_weight * masked_term +
+        unmasked_weight * unmasked_term``.
+    """
+    pred = pred.float()
+    keep = _real_frames(pred, padding_mask)
+    n = keep.sum().clamp(min=1)
+    masked = keep & mask_indices
+    masked_term = (((pred - clean_target.float()) ** 2).mean(-1) * masked).sum() / n
+    unmasked_term = (((pred - masked_target.float()) ** 2).mean(-1) * (keep & ~masked)).sum() / n
+    return masked_weight * masked_term + unmasked_weight * unmasked_term, masked_term, unmasked_term

@@ -226,3 +226,69 @@ def test_student_layers_must_exist(feat_world):
 
 def test_ssl_weight_needs_labels(feat_world):
     _fails(feat_world, "task.labels is empty", extra=["criterion.ssl_weight=1.0"])
+
+
+# ----------------------------------------------------------------------------- masking distillation (MaskHuBERT)
+
+MASK_WEIGHTS = [0.1] * 11 + [1.0]
+
+
+def test_masking_distillation_student_masked_teacher_clean_and_masked(feat_world):
+    """maskdistil_narrow: one masked student forward; the teacher runs on the clean input and on the
+    student's masks (its own mask embedding there); masked frames regress the clean teacher,
+    unmasked frames the masked one; layers weighted 0.1 (1..11) and 1 (12), summed; padding left out."""
+    task, model, crit = build(feat_cfg(feat_world, "maskdistil_narrow",
+                                       ["task.pad_audio=true", "task.max_sample_size=40000"]))
+    assert crit.layer_weights == MASK_WEIGHTS
+    batch = batch_of(task)
+    inputs = crit.model_inputs(batch)
+    assert inputs["mask"] is True and "target_list" not in inputs  # masked input, no labels
+    model.eval()
+    with torch.no_grad():
+        out = model(**inputs)
+        loss, sample_size, log = crit.compute_loss(model, out, batch)
+        net = batch["net_input"]
+        clean = hidden_states(crit.teacher, **net, output_layer=12)
+        masked = hidden_states(crit.teacher, **net, output_layer=12, mask_indices=out["mask_indices"])
+    mask, pad = out["mask_indices"], out["padding_mask"]
+    real = ~pad
+    n_real = int(real.sum())
+    assert pad.any() and (mask & real).any() and (~mask & real).any() and sample_size == n_real
+    # the teacher saw the student's masks, with its own mask embedding
+    torch.testing.assert_close(masked.features[mask], crit.teacher.mask_emb.expand(int(mask.sum()), -1))
+    assert torch.equal(masked.features[~mask], clean.features[~mask])
+    expected, swapped = 0.0, 0.0
+    for k, pred, w in zip(range(1, 13), out["feat_preds"], MASK_WEIGHTS):
+        c, m = clean.layers[k - 1], masked.layers[k - 1]
+        assert not torch.allclose(c[~mask & real], m[~mask & real])  # masking changes the unmasked frames' context
+        sq_clean, sq_masked = ((pred - c) ** 2).mean(-1), ((pred - m) ** 2).mean(-1)
+        masked_term = sq_clean[mask & real].sum().item() / n_real
+        unmasked_term = sq_masked[~mask & real].sum().item() / n_real
+        assert log[f"feat_masked_L{k}"] / n_real == pytest.approx(masked_term, rel=1e-5)
+        assert log[f"feat_unmasked_L{k}"] / n_real == pytest.approx(unmasked_term, rel=1e-5)
+        expected += w * (masked_term + unmasked_term)
+        swapped += w * (sq_masked[mask & real].sum().item() + sq_clean[~mask & real].sum().item()) / n_real
+    assert loss.item() == pytest.approx(expected * n_real, rel=1e-5)
+    assert abs(swapped - expected) > 1e-3 * expected  # the two teachers' roles are not interchangeable
+
+
+def test_masking_distillation_trains_every_head_and_logs_both_terms(feat_world):
+    task, model, crit = build(feat_cfg(feat_world, "maskdistil_shallow_l6"))
+    assert crit.target_layers == [6, 12] and crit.layer_weights == [0.1, 1.0]
+    assert model.feat_student_layers == [1, 2]
+    batch = batch_of(task)
+    model.train()
+    loss, _, log = crit(model, batch)
+    loss.backward()
+    assert {"feat_masked_L6", "feat_unmasked_L12", "feat_loss"} <= set(log) and "feat_mse_L6" not in log
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.feat_heads.parameters())
+    assert model.mask_emb.grad is not None and model.mask_emb.grad.abs().sum() > 0  # masked frames reached the student
+
+
+def test_masking_distillation_options_are_checked(feat_world):
+    w = feat_world
+    _fails(w, "criterion.mask_distil=true with criterion.feat_loss=l1_cos", name="maskdistil_narrow",
+           extra=["criterion.feat_loss=l1_cos"])
+    _fails(w, "criterion.feat_layer_weights has 2 entries", "model.feat_target_layers has 12", name="maskdistil_narrow",
+           extra=["criterion.feat_layer_weights=[0.1,1.0]"])
+    _fails(w, "must not be negative", name="maskdistil_narrow", extra=["criterion.unmasked_weight=-1"])

@@ -94,6 +94,29 @@ def test_masking_and_targets_as_fairseqs_forward(tiny_corpus):
     assert h.features_pen.item() > 0
 
 
+
+def test_given_mask_indices_get_the_models_mask_embedding(tiny_teacher):
+    """The teacher of masking distillation sees the student's masks: the frames given get its own
+    mask_emb, the others are untouched; a mask one frame short or long is cut or padded unmasked."""
+    model, _ = load_model(tiny_teacher)
+    src = torch.randn(2, 12000, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        clean = hidden_states(model, src)
+        T = clean.features.size(1)
+        m = torch.zeros(2, T, dtype=torch.bool)
+        m[0, 3:9], m[1, 10:14] = True, True
+        given = hidden_states(model, src, mask_indices=m)
+        short = hidden_states(model, src, mask_indices=m[:, : T - 1])
+        long = hidden_states(model, src, mask_indices=torch.cat([m, torch.ones(2, 1, dtype=torch.bool)], 1))
+    assert torch.equal(given.mask_indices, m)
+    assert torch.equal(given.features[m], model.mask_emb.expand(int(m.sum()), -1))
+    assert torch.equal(given.features[~m], clean.features[~m])
+    assert not torch.allclose(given.x[~m], clean.x[~m])  # attention carries the masks to the other frames
+    assert torch.equal(short.x, given.x) and torch.equal(long.x, given.x)  # the last frame: unmasked in both
+    with pytest.raises(ValueError, match="not both"):
+        hidden_states(model, src, mask=True, mask_indices=m)
+
+
 def padded_batch(wavs):
     """``(source (B, T_max), padding_mask (B, T_max))`` of waveforms of different lengths, zero-padded."""
     lengths = [len(w) for w in wavs]

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import dicehubert_fairseq  # noqa: F401
 from dicehubert_fairseq.losses import (
-    count_correct, cosine_logits, feature_distillation_loss, feature_mse_loss, hard_cross_entropy, soft_cross_entropy,
+    count_correct, cosine_logits, feature_distillation_loss, feature_mse_loss, hard_cross_entropy,
+    masking_distillation_loss, soft_cross_entropy,
 )
 
 
@@ -224,3 +225,43 @@ def test_soft_cross_entropy_with_extreme_logits_is_finite():
     assert loss.item() == pytest.approx(2e4 + (1 - math.log(math.e + 1)) * -1, rel=1e-4)
     loss.backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_masking_distillation_hand_values_and_padding():
+    """MaskHuBERT's loss: masked frames against the clean teacher, unmasked against the masked
+    teacher, each summed over its frames and divided by all real frames; padding left out.
+
+    One utterance of 4 frames (D = 2), frame 3 padding, frame 1 masked:
+    pred = [[1, 1], [2, 0], [0, 0], [9, 9]], clean = [[0, 1], [0, 0], [1, 1], [0, 0]],
+    masked teacher = [[1, 3], [5, 5], [0, 2], [0, 0]].
+    Masked term: frame 1 vs clean: ((2-0)^2 + 0^2) / 2 = 2, over 3 real frames: 2/3.
+    Unmasked term: frame 0 vs masked: (0 + 2^2) / 2 = 2; frame 2: (0 + 2^2) / 2 = 2: 4/3.
+    (Frame 1 against the masked teacher would add ((2-5)^2 + 5^2) / 2 = 17, frame 0 against the
+    clean teacher 1/2: the targets are not swapped.)
+    """
+    pred = torch.tensor([[[1.0, 1.0], [2.0, 0.0], [0.0, 0.0], [9.0, 9.0]]])
+    clean = torch.tensor([[[0.0, 1.0], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]])
+    masked_teacher = torch.tensor([[[1.0, 3.0], [5.0, 5.0], [0.0, 2.0], [0.0, 0.0]]])
+    mask = torch.tensor([[False, True, False, False]])
+    pad = torch.tensor([[False, False, False, True]])
+    loss, m, u = masking_distillation_loss(pred, clean, masked_teacher, mask, pad)
+    assert m.item() == pytest.approx(2 / 3) and u.item() == pytest.approx(4 / 3)
+    assert loss.item() == pytest.approx(2.0)
+    weighted, m2, u2 = masking_distillation_loss(pred, clean, masked_teacher, mask, pad, 3.0, 0.5)
+    assert (m2.item(), u2.item()) == (pytest.approx(2 / 3), pytest.approx(4 / 3))
+    assert weighted.item() == pytest.approx(3.0 * 2 / 3 + 0.5 * 4 / 3)
+    # a masked padded frame is still padding: nothing changes
+    assert masking_distillation_loss(pred, clean, masked_teacher, mask | pad, pad)[0].item() == pytest.approx(2.0)
+    # no padding mask: frame 3 counts as unmasked, (81 + 81) / 2 = 81 more, over 4 frames
+    loss_all, m_all, u_all = masking_distillation_loss(pred, clean, masked_teacher, mask, None)
+    assert m_all.item() == pytest.approx(2 / 4) and u_all.item() == pytest.approx((4 + 81) / 4)
+
+
+def test_masking_distillation_is_mse_when_both_teachers_agree():
+    """With one target for both terms and weights 1 it is FitHuBERT's MSE over real frames."""
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g)
+    mask = torch.rand(2, 5, generator=g) > 0.5
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    loss, _, _ = masking_distillation_loss(pred, target, target, mask, pad)
+    assert loss.item() == pytest.approx(feature_mse_loss(pred, target, pad).item(), rel=1e-6)

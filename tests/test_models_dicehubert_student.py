@@ -219,3 +219,24 @@ def test_distilhubert_rows_have_its_prediction_heads(feat_world):
     assert all(type(h) is nn.Linear for h in linear.feat_heads)
     _, narrow, _ = build(feat_cfg(feat_world, "feat_narrow"))
     assert len(narrow.feat_heads) == 12 and all(type(h) is nn.Linear for h in narrow.feat_heads)
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["++model.mask_selection=uniform"], "model.mask_selection=uniform"),
+    (["++model.no_mask_overlap=true"], "model.no_mask_overlap=true"),
+    (["++model.mask_channel_prob=0.1", "++model.mask_channel_selection=uniform"], "model.mask_channel_selection=uniform"),
+])
+def test_span_masks_fairseq_cannot_draw_are_refused_when_built(corpus, extra, fragment):
+    """fairseq's compute_mask_indices calls numpy's Generator.randint (and np.int) for these: an
+    AttributeError at the first batch, hours into a job; refused when the model is built instead."""
+    from fairseq.data.data_utils import compute_mask_indices
+
+    data, labels, _ = corpus
+    with pytest.raises(InputError, match="cannot draw") as e:
+        build(tiny_student_cfg(data, labels, extra))
+    assert fragment in str(e.value)
+    with pytest.raises(AttributeError, match="randint|np.int"):  # what it guards against (fairseq's own function)
+        compute_mask_indices((1, 100), None, 0.8, 10, "uniform" if "selection" in fragment else "static",
+                             no_overlap="overlap" in fragment)
+    # without masking they are never drawn: not refused
+    build(tiny_student_cfg(data, labels, ["model.mask_prob=0.0", "++model.mask_selection=uniform"]))

@@ -12,6 +12,14 @@ The paper's baseline and its combination with DiceHuBERT's objective:
   masking gives both the ``dicehubert`` criterion's masked prediction loss (computed by that
   criterion's own code) and the layer states the heads read, so on masked frames the student
   predicts the teacher's features of the *unmasked* input.
+* ``mask_distil: true`` -- masking distillation (MaskHuBERT, "Recycle-and-Distill"): the student
+  sees the masked input, the teacher the clean input *and* the same masked input (its own mask
+  embedding on the student's masked frames); masked frames regress the clean teacher, unmasked
+  frames the masked teacher, each term weighted (``masked_weight``, ``unmasked_weight``) and
+  divided by the real frames (:func:`~dicehubert_fairseq.losses.masking_distillation_loss`).
+
+L_feat is ``sum_k feat_layer_weights[k] * loss_k`` over the target layers; an empty
+``feat_layer_weights`` is the mean over them.
 
 The teacher is loaded once (``teacher_checkpoint``), in eval mode with every parameter
 frozen, and moved to the student's device and dtype at the first batch.  It is held in a
@@ -35,7 +43,7 @@ from ..checkpoint import load_model
 from ..errors import InputError
 from ..frames import conv_layers, frame_stride
 from ..hidden_states import hidden_states
-from ..losses import feature_distillation_loss, feature_mse_loss
+from ..losses import feature_distillation_loss, feature_mse_loss, masking_distillation_loss
 from .dicehubert import DiceHubertCriterion, DiceHubertCriterionConfig
 
 logger = logging.getLogger(__name__)
@@ -65,6 +73,23 @@ class DiceHubertFeatCriterionConfig(DiceHubertCriterionConfig):
     cos_weight: float = field(
         default=1.0, metadata={"help": "lambda of l1_cos, L1 + lambda * (-log sigmoid(cos)) (DistilHuBERT: 1); "
                                        "unused by mse"}
+    )
+    feat_layer_weights: List[float] = field(
+        default_factory=list,
+        metadata={"help": "one weight per target layer: L_feat = sum of weight x layer loss (MaskHuBERT: 0.1 "
+                          "for every layer but the last, 1 for the last); empty: the mean over target layers"},
+    )
+    mask_distil: bool = field(
+        default=False,
+        metadata={"help": "masking distillation (MaskHuBERT): the student sees the masked input (span masks of "
+                          "model.mask_*); masked frames regress the teacher's features of the clean input, "
+                          "unmasked frames the teacher's features of the same masked input; needs feat_loss=mse"},
+    )
+    masked_weight: float = field(
+        default=1.0, metadata={"help": "mask_distil: weight of the masked frames' term (MaskHuBERT: 1)"}
+    )
+    unmasked_weight: float = field(
+        default=1.0, metadata={"help": "mask_distil: weight of the unmasked frames' term (MaskHuBERT: 1)"}
     )
     target_layers: List[int] = field(
         default=II("model.feat_target_layers"),
@@ -133,14 +158,40 @@ def check_teacher(path: str, n_layers: int, dim: int, conv_feature_layers: str, 
         raise InputError(problems)
 
 
+def check_feat_options(kind: str, target_layers: List[int], layer_weights: List[float], mask_distil: bool,
+                       masked_weight: float, unmasked_weight: float) -> List[float]:
+    """The loss options, checked together; returns the weight of each target layer.
+
+    Raises:
+        InputError: one line per problem (an unknown ``feat_loss``, a weight list of the wrong
+            length, a negative weight, masking distillation with another loss than MSE).
+    """
+    problems = []
+    if kind not in ("mse", "l1_cos"):  # a plain string from a hand-made config
+        problems.append(f"criterion.feat_loss={kind}: expected mse or l1_cos")
+    if layer_weights and len(layer_weights) != len(target_layers):
+        problems.append(f"criterion.feat_layer_weights has {len(layer_weights)} entries but model.feat_target_layers "
+                        f"has {len(target_layers)} ({list(target_layers)}): one weight per target layer, or none")
+    if any(w < 0 for w in list(layer_weights) + [masked_weight, unmasked_weight]):
+        problems.append(f"criterion.feat_layer_weights={list(layer_weights)}, masked_weight={masked_weight}, "
+                        f"unmasked_weight={unmasked_weight}: weights must not be negative")
+    if mask_distil and kind != "mse":
+        problems.append(f"criterion.mask_distil=true with criterion.feat_loss={kind}: masking distillation is "
+                        f"MaskHuBERT's mean squared error (set criterion.feat_loss=mse)")
+    if problems:
+        raise InputError(problems)
+    return [float(w) for w in layer_weights] or [1.0 / max(len(target_layers), 1)] * len(target_layers)
+
+
 @register_criterion("dicehubert_feat", dataclass=DiceHubertFeatCriterionConfig)
 class DiceHubertFeatCriterion(DiceHubertCriterion):
     """L_feat (feature distillation from a frozen teacher), alone or added to L_SSL.
 
     Logged per target layer ``k``, each averaged over non-padded frames: ``feat_loss_L{k}``, and
-    its terms: ``feat_mse_L{k}`` (``feat_loss: mse``) or ``feat_l1_L{k}`` and ``feat_cos_L{k}``
-    (the -log sigmoid(cos) term, ``feat_loss: l1_cos``); ``feat_loss`` is the mean over target
-    layers (L_feat).
+    its terms: ``feat_mse_L{k}`` (``feat_loss: mse``), ``feat_l1_L{k}`` and ``feat_cos_L{k}``
+    (the -log sigmoid(cos) term, ``feat_loss: l1_cos``) or ``feat_masked_L{k}`` and
+    ``feat_unmasked_L{k}`` (``mask_distil``); ``feat_loss`` is L_feat, the layers' losses weighted
+    by ``feat_layer_weights`` (empty: their mean).
     """
 
     def __init__(self, cfg: DiceHubertFeatCriterionConfig, task):
@@ -155,10 +206,12 @@ class DiceHubertFeatCriterion(DiceHubertCriterion):
         self.target_layers = list(cfg.target_layers)
         self._teacher = _Frozen(teacher)
         self.feat_loss_kind = str(cfg.feat_loss)
-        if self.feat_loss_kind not in ("mse", "l1_cos"):  # a plain string from a hand-made config
-            raise InputError([f"criterion.feat_loss={self.feat_loss_kind}: expected mse or l1_cos"])
-        logger.info(f"teacher {path}: layers {self.target_layers} -> L_feat ({self.feat_loss_kind}, "
-                    f"ssl_weight={cfg.ssl_weight}, feat_weight={cfg.feat_weight}); kept out of checkpoints")
+        self.layer_weights = check_feat_options(self.feat_loss_kind, self.target_layers, list(cfg.feat_layer_weights),
+                                                bool(cfg.mask_distil), cfg.masked_weight, cfg.unmasked_weight)
+        mode = "masking distillation, " if cfg.mask_distil else ""
+        logger.info(f"teacher {path}: layers {self.target_layers} -> L_feat ({mode}{self.feat_loss_kind}, layer "
+                    f"weights {self.layer_weights}, ssl_weight={cfg.ssl_weight}, feat_weight={cfg.feat_weight}); "
+                    f"kept out of checkpoints")
 
     @property
     def teacher(self) -> torch.nn.Module:
@@ -175,49 +228,70 @@ class DiceHubertFeatCriterion(DiceHubertCriterion):
         return teacher
 
     @torch.no_grad()
-    def teacher_states(self, model, source, padding_mask) -> List[torch.Tensor]:
-        """``(B, T, D_teacher)`` teacher outputs of every ``target_layers`` entry (no gradient)."""
+    def teacher_states(self, model, source, padding_mask, mask_indices=None) -> List[torch.Tensor]:
+        """``(B, T, D_teacher)`` teacher outputs of every ``target_layers`` entry (no gradient).
+
+        Args:
+            mask_indices: ``(B, T)`` bool, the student's masked frames: the teacher sees them
+                masked too (its own ``mask_emb``), as masking distillation's masked teacher;
+                None: the clean input.
+        """
         teacher = self._place_teacher(model)
         teacher.eval()
-        layers = hidden_states(teacher, source, padding_mask, output_layer=max(self.target_layers)).layers
+        layers = hidden_states(teacher, source, padding_mask, output_layer=max(self.target_layers),
+                               mask_indices=mask_indices).layers
         return [layers[k - 1] for k in self.target_layers]
 
-    def layer_loss(self, pred, target, padding_mask) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def layer_loss(self, pred, target, padding_mask, masked=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """One target layer's loss (``criterion.feat_loss``) and its logged terms.
 
         Args:
-            pred, target: ``(B, T, D_teacher)`` student prediction and teacher features.
+            pred, target: ``(B, T, D_teacher)`` student prediction and teacher features (of the
+                clean input).
             padding_mask: ``(B, T)`` bool, True on padding (left out of every mean).
+            masked: masking distillation only: ``(masked_target, mask_indices)``, the teacher's
+                ``(B, T, D_teacher)`` features of the masked input and the ``(B, T)`` masks.
 
         Returns:
-            ``(loss, terms)``: the scalar loss and ``{"mse": ...}`` or ``{"l1": ..., "cos": ...}``.
+            ``(loss, terms)``: the scalar loss and ``{"mse": ...}``, ``{"l1": ..., "cos": ...}`` or
+            (masking distillation) ``{"masked": ..., "unmasked": ...}``.
         """
+        if masked is not None:
+            loss, m, u = masking_distillation_loss(pred, target, masked[0], masked[1], padding_mask,
+                                                   self.cfg.masked_weight, self.cfg.unmasked_weight)
+            return loss, {"masked": m, "unmasked": u}
         if self.feat_loss_kind == "mse":
             loss = feature_mse_loss(pred, target, padding_mask)
             return loss, {"mse": loss}
         loss, l1, cos = feature_distillation_loss(pred, target, padding_mask, self.cfg.cos_weight)
         return loss, {"l1": l1, "cos": cos}
 
-    def feat_loss(self, model, preds, padding_mask, sample, logging_output):
-        """Mean over target layers of the per-layer distillation loss; logs every layer's terms.
+    def feat_loss(self, model, preds, padding_mask, sample, logging_output, mask_indices=None):
+        """The per-layer distillation losses weighted by ``feat_layer_weights`` (empty: their mean);
+        logs every layer's terms.
 
         Args:
             preds: the student's ``(B, T, D_teacher)`` predictions, one per target layer.
             padding_mask: ``(B, T)`` the student's frame padding.
+            mask_indices: ``(B, T)`` the student's masked frames (masking distillation), or None.
         """
         net_input = sample["net_input"]
-        targets = self.teacher_states(model, net_input["source"], net_input.get("padding_mask"))
+        source, source_padding = net_input["source"], net_input.get("padding_mask")
+        targets = self.teacher_states(model, source, source_padding)
+        masked_targets = None
+        if self.cfg.mask_distil:
+            masked_targets = self.teacher_states(model, source, source_padding, mask_indices=mask_indices)
         T = min(preds[0].size(1), targets[0].size(1))  # the SSL path trims frames to the labels
         padding_mask = padding_mask[:, :T]
         n_frames = int((~padding_mask).sum().item())
         total = 0.0
-        for k, pred, target in zip(self.target_layers, preds, targets):
-            loss, terms = self.layer_loss(pred[:, :T], target[:, :T], padding_mask)
-            total = total + loss
+        for i, (k, pred, target, weight) in enumerate(zip(self.target_layers, preds, targets, self.layer_weights)):
+            masked = None if masked_targets is None else (masked_targets[i][:, :T], mask_indices[:, :T])
+            loss, terms = self.layer_loss(pred[:, :T], target[:, :T], padding_mask, masked)
+            total = total + weight * loss
             logging_output[f"feat_loss_L{k}"] = loss.item() * n_frames
             for name, value in terms.items():
                 logging_output[f"feat_{name}_L{k}"] = value.item() * n_frames
-        total = total / len(self.target_layers)
         logging_output["feat_loss"] = total.item() * n_frames
         logging_output["feat_frames"] = n_frames
         return total, n_frames
@@ -225,7 +299,8 @@ class DiceHubertFeatCriterion(DiceHubertCriterion):
     def model_inputs(self, sample) -> dict:
         if self.cfg.ssl_weight > 0:  # one masked forward serves L_SSL and L_feat
             return super().model_inputs(sample)
-        return dict(sample["net_input"], mask=False)  # L_feat alone: unmasked input, no labels
+        # L_feat alone, no labels: unmasked input, or the masked input of masking distillation
+        return dict(sample["net_input"], mask=bool(self.cfg.mask_distil))
 
     def compute_loss(self, model, net_output, sample):
         """``ssl_weight`` * L_SSL + ``feat_weight`` * L_feat of one model output.
@@ -237,7 +312,7 @@ class DiceHubertFeatCriterion(DiceHubertCriterion):
         if self.cfg.ssl_weight > 0:
             ssl_loss, sample_size, logging_output = super().compute_loss(model, net_output, sample)
         feat, n_frames = self.feat_loss(model, net_output["feat_preds"], net_output["padding_mask"], sample,
-                                        logging_output)
+                                        logging_output, net_output["mask_indices"])
         if self.cfg.ssl_weight > 0:
             loss = self.cfg.ssl_weight * ssl_loss + self.cfg.feat_weight * feat * sample_size
         else:

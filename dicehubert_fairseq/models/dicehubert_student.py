@@ -132,6 +132,33 @@ def check_label_rate(label_rate: float, sample_rate: int, conv_feature_layers: s
         ])
 
 
+def check_mask_options(cfg) -> None:
+    """Span-mask settings that fairseq's ``compute_mask_indices`` cannot draw, refused at build time.
+
+    This fairseq (0.12.3's sources, like fairseq's main branch) draws spans with numpy's
+    ``Generator``: its ``uniform`` span lengths call ``Generator.randint``, which does not exist,
+    and its non-overlapping spans also use ``np.int``, gone since numpy 1.24; the first training
+    batch would stop with an ``AttributeError`` (fairseq 0.12.2 drew them from ``np.random``).
+
+    Raises:
+        InputError: one line per setting.
+    """
+    problems = []
+    for kind in ("mask", "mask_channel"):
+        if getattr(cfg, f"{kind}_prob", 0) <= 0:
+            continue
+        if str(getattr(cfg, f"{kind}_selection", "static")) == "uniform":
+            problems.append(f"model.{kind}_selection=uniform: this fairseq's compute_mask_indices cannot draw uniform "
+                            f"span lengths (it calls numpy's Generator.randint, which does not exist); expected static, "
+                            f"normal or poisson")
+        if getattr(cfg, f"no_{kind}_overlap", False):
+            problems.append(f"model.no_{kind}_overlap=true: this fairseq's compute_mask_indices cannot draw "
+                            f"non-overlapping spans (it calls numpy's Generator.randint and np.int, which do not exist); "
+                            f"expected false")
+    if problems:
+        raise InputError(problems)
+
+
 def _task_seed(task_cfg) -> int:
     """``task.seed`` (linked to ``common.seed``) of the ``dicehubert`` task; 1 (fairseq's default
     ``common.seed``) for a task without one, such as fairseq's ``hubert_pretraining``."""
@@ -146,6 +173,7 @@ class DiceHubertStudent(HubertModel):
     """HuBERT student (narrow, shallow, or any size) for DiceHuBERT."""
 
     def __init__(self, cfg: DiceHubertStudentConfig, task_cfg, dictionaries) -> None:
+        check_mask_options(cfg)
         super().__init__(cfg, task_cfg, dictionaries)
         targets = list(getattr(cfg, "feat_target_layers", None) or [])
         sources = list(getattr(cfg, "feat_student_layers", None) or [])

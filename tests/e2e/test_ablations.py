@@ -197,7 +197,8 @@ def row_claims(name, overrides):
     """What a row changes, from its name and command line alone (the docs table's "What it
     changes"), so that a config file that silently lost its change fails the test."""
     ov = dict(o.split("=", 1) for o in overrides)
-    feat_only = name.startswith("feat_")
+    mask_distil = name.startswith("maskdistil_")
+    feat_only = name.startswith("feat_") or mask_distil
     multilayer = "multilayer" in name
     if feat_only:
         labels = []
@@ -219,10 +220,15 @@ def row_claims(name, overrides):
         "label_rate": 100 if labels == ["mfcc"] else 50,
         "soft": name.endswith("_soft"),
         "label_weights": [float(w) for w in weights.strip("[]").split(",")] if weights else [1.0] * len(labels),
-        "feat": name.startswith(("feat_", "ssl_feat_")),
+        "feat": name.startswith(("feat_", "ssl_feat_")) or mask_distil,
         "ssl": not feat_only,
         "feat_weight": float(ov.get("criterion.feat_weight", 1.0)),
-        "layer_to_layer": name in ("feat_narrow", "ssl_feat_narrow"),
+        # (teacher layers, student layers reading them; None: the last layer for every head)
+        "feat_layers": ((list(range(1, 13)), list(range(1, 13))) if name in ("feat_narrow", "ssl_feat_narrow",
+                                                                             "maskdistil_narrow")
+                        else ([6, 12], [1, 2]) if name == "maskdistil_shallow_l6" else ([4, 8, 12], None)),
+        # masking distillation (MaskHuBERT): masked student input, layer weights 0.1 ... 1 summed
+        "mask_distil": mask_distil,
     }
 
 
@@ -271,9 +277,29 @@ def check_row_claims(name, overrides, cfg, world):
     if claims["feat"]:
         assert (criterion.cfg.ssl_weight > 0) == claims["ssl"], name
         assert criterion.cfg.feat_weight == claims["feat_weight"], name
-        targets = list(model.feat_target_layers)
-        assert targets == (list(range(1, TEACHER_LAYERS + 1)) if claims["layer_to_layer"] else [4, 8, 12]), name
-        assert model.feat_student_layers == (targets if claims["layer_to_layer"] else [len(model.encoder.layers)] * 3)
+        targets, sources = claims["feat_layers"]
+        assert list(model.feat_target_layers) == targets, name
+        assert model.feat_student_layers == (sources or [len(model.encoder.layers)] * len(targets)), name
+        check_mask_distil(claims["mask_distil"], task, model, criterion)
+
+
+def check_mask_distil(on, task, model, criterion):
+    """Masking distillation reaches the loss: the student's input is masked, the masked teacher's
+    and the clean teacher's terms are logged per layer, and the last layer weighs 10 times the others."""
+    assert bool(criterion.cfg.mask_distil) == on
+    task.load_dataset("train")
+    ds = task.datasets["train"]
+    batch = ds.collater([ds[i] for i in range(2)])
+    inputs = criterion.model_inputs(batch)
+    model.eval()
+    with torch.no_grad():
+        out = model(**inputs)
+        _, _, log = criterion.compute_loss(model, out, batch)
+    last = criterion.target_layers[-1]
+    assert out["mask_indices"].any() == (on or criterion.cfg.ssl_weight > 0)  # L_feat alone: clean input
+    assert (f"feat_masked_L{last}" in log and f"feat_unmasked_L{last}" in log) == on
+    if on:
+        assert criterion.layer_weights[-1] == 1.0 and set(criterion.layer_weights[:-1]) == {0.1}
 
 
 # --------------------------------------------------------------------------- the table itself
