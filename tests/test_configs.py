@@ -161,6 +161,30 @@ def test_tiny_feat_overlay_is_layer_to_layer_with_mse():
     assert cfg.model.init_from_teacher is None
 
 
+
+@pytest.mark.parametrize("name,overrides,targets,sources,dim", [
+    ("maskdistil_narrow", [], list(range(1, 13)), list(range(1, 13)), 768),
+    ("maskdistil_shallow_l6", [], [6, 12], [1, 2], 768),
+    # examples/tiny: the 12 x 96 tiny narrow student and the 12 x 192 tiny teacher
+    ("maskdistil_narrow", ["model=tiny_narrow", "feat=tiny_mask_layer_to_layer"], list(range(1, 13)),
+     list(range(1, 13)), 192),
+])
+def test_masking_distillation_rows_follow_maskhubert(name, overrides, targets, sources, dim):
+    """MSE, masked student input with the recipe's spans (the DiceHuBERT rows' masks), per-frame weights
+    1 and 1, the last layer 1 and every other 0.1, linear projections, random init, no labels."""
+    cfg = compose(name, ["task.data=D", "criterion.teacher_checkpoint=T"] + overrides)
+    base = compose("dicehubert_narrow", ["task.data=D", "task.label_dir=L"] + overrides[:1])
+    c, m = cfg.criterion, cfg.model
+    assert c._name == "dicehubert_feat" and c.mask_distil and c.ssl_weight == 0.0 and c.feat_loss == "mse"
+    assert (c.masked_weight, c.unmasked_weight) == (1.0, 1.0)
+    assert list(c.feat_layer_weights) == [0.1] * (len(targets) - 1) + [1.0]
+    assert list(m.feat_target_layers) == targets and list(m.feat_student_layers) == sources
+    assert m.feat_teacher_dim == dim and m.feat_head_hidden_dim == 0 and m.init_from_teacher is None
+    assert list(cfg.task.labels) == [] and cfg.task.label_dir is None
+    for key in ("mask_prob", "mask_length", "mask_selection", "no_mask_overlap"):
+        assert m[key] == base.model[key], key
+
+
 # ----------------------------------------------------------------------------- run overlays, as hydra launches them
 
 
