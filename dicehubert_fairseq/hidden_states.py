@@ -8,8 +8,8 @@ It runs fairseq's own building blocks in ``HubertModel.forward``'s order -- ``fo
 ``forward_targets``, the feature penalty, ``layer_norm``, ``forward_padding_mask``,
 ``post_extract_proj``, ``dropout_input``, ``apply_mask`` -- then fairseq's encoder, stopped at
 ``output_layer`` with its own ``layer=`` argument (as ``extract_features(output_layer=L)``).
-Every layer's output is taken by forward hooks, so the encoder (transformer or conformer,
-LayerDrop, activation checkpointing) runs unchanged; a layer skipped by LayerDrop passes its
+Every layer's output is taken by forward hooks, so the encoder (transformer, conformer or the
+convolution-only blocks of ``layer_type=conv``, LayerDrop, activation checkpointing) runs unchanged; a layer skipped by LayerDrop passes its
 input on, and so does its hidden state.  ``HubertModel.forward`` itself cannot serve: it keeps
 neither the layer outputs, the mask nor the aligned targets.
 """
@@ -164,7 +164,8 @@ def _exact_front_end(model: nn.Module, source: torch.Tensor, padding_mask: torch
 
 def _layers_mix_frames(model: nn.Module) -> bool:
     """Whether an encoder layer mixes frames outside attention (a convolution or batch norm: the
-    conformer's convolution module), where fairseq lets padded frames leak into real ones."""
+    conformer's convolution module, where fairseq lets padded frames leak into real ones; the
+    convolution-only blocks, which zero them, are run one by one all the same)."""
     return any(isinstance(m, (nn.Conv1d, nn.modules.batchnorm._BatchNorm)) for m in model.encoder.layers.modules())
 
 

@@ -151,7 +151,8 @@ SMALL_CONV = "[(32,10,5)] + [(32,3,2)] * 2 + [(32,2,2)]"
 #: narrow student (GroupNorm front end, post-LN, feature-distillation heads, no projection);
 #: shallow student in HuBERT-Large layout (layer_norm_first, LayerNorm front end, conv bias,
 #: odd positional kernel, task.normalize); fairseq's own hubert with HuBERT Base's 7-layer front
-#: end; a student with conv_pos_batch_norm and gelu_accurate; a Conformer student.
+#: end; a student with conv_pos_batch_norm and gelu_accurate; a Conformer student; a convolution-only
+#: student (layer_type=conv: no attention).
 EXPORT_SPECS = {
     "narrow": dict(model="dicehubert_student", task="dicehubert", model_overrides=dict(
         _name="dicehubert_student", encoder_layers=3, encoder_embed_dim=32, encoder_ffn_embed_dim=64,
@@ -170,6 +171,10 @@ EXPORT_SPECS = {
         _name="dicehubert_student", encoder_layers=2, encoder_embed_dim=32, conv_feature_layers=SMALL_CONV,
         conv_pos=8, conv_pos_groups=4, layer_type="conformer", depthwise_conv_kernel_size=7, attn_type="",
         pos_enc_type="abs")),
+    "conv": dict(model="dicehubert_student", task="dicehubert", model_overrides=dict(
+        _name="dicehubert_student", encoder_layers=3, encoder_embed_dim=32, conv_feature_layers=SMALL_CONV,
+        conv_pos=8, conv_pos_groups=4, layer_type="conv", depthwise_conv_kernel_size=5,
+        conv_encoder_dilations=[1, 2], feat_target_layers=[1, 3], feat_teacher_dim=48)),
 }
 
 

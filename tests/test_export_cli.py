@@ -47,6 +47,11 @@ def test_bad_input_refused_in_one_line(export_models, tmp_path, capsys):
     line = _refused(capsys, [models["conformer"], "--to", "hf", out_dir / "c"], "model.layer_type=conformer",
                     out_dir / "c")
     assert models["conformer"] in line and "--to fairseq" in line
+    # nor can a convolution-only student, which s3prl's HubertModel cannot build either
+    for target, out, who in (("hf", out_dir / "v", "transformers' HubertModel"), ("s3prl", out_dir / "v.pt",
+                                                                                  "s3prl's HubertModel")):
+        line = _refused(capsys, [models["conv"], "--to", target, out], "model.layer_type=conv", out)
+        assert who in line and line.endswith("(export this model with --to fairseq)"), line
     # s3prl's HubertConfig has no conv_pos_batch_norm
     _refused(capsys, [models["posbn"], "--to", "s3prl", out_dir / "p.pt"], "model.conv_pos_batch_norm=True",
              out_dir / "p.pt")

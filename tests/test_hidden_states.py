@@ -152,7 +152,7 @@ def test_exact_padding_gives_each_utterance_its_states_alone(tiny_teacher):
         assert not torch.allclose(batched.x[1, :10], exact.x[1, :10], atol=1e-3)
 
 
-@pytest.mark.parametrize("name,batched", [("posbn", True), ("conformer", False), ("shallow", True)])
+@pytest.mark.parametrize("name,batched", [("posbn", True), ("conformer", False), ("shallow", True), ("conv", False)])
 def test_exact_padding_is_exact_for_batch_norm_positional_conv_and_conformer(export_models, name, batched):
     """conv_pos_batch_norm: the BatchNorm turns the zeroed padding into non-zero frames that the positional
     conv reads (0.13-0.17 off before the fix); the conformer's depthwise conv reads padded frames in every

@@ -60,6 +60,20 @@ class Source:
         """
         return _restrict(self.cfg.model, HubertConfig, "hubert")
 
+    def needs_plugin(self) -> bool:
+        """Whether only ``dicehubert_student`` can build this model: a convolution-only encoder
+        (``layer_type=conv``), which fairseq's own ``HubertModel`` does not have."""
+        return str(_plain(self.cfg.model).get("layer_type", "transformer")) == "conv"
+
+    def student_model_cfg(self) -> Dict[str, Any]:
+        """The model config as plain Python for ``dicehubert_student`` itself (:meth:`needs_plugin`):
+        ``DiceHubertStudentConfig``'s fields but the feature-distillation heads' and
+        ``init_from_teacher`` (training-only)."""
+        from ..models.dicehubert_student import DiceHubertStudentConfig
+
+        cfg = _restrict(self.cfg.model, DiceHubertStudentConfig, "dicehubert_student")
+        return {k: v for k, v in cfg.items() if not k.startswith("feat_") and k != "init_from_teacher"}
+
     def task_cfg(self) -> Dict[str, Any]:
         """The task config as plain Python, restricted to ``HubertPretrainingConfig``'s fields."""
         return _restrict(self.cfg.task, HubertPretrainingConfig, "hubert_pretraining")

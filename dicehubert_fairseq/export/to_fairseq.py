@@ -18,6 +18,11 @@ The file is what fairseq's trainer saves, reduced to what loading needs:
 
 Continuing HuBERT *pretraining* from this file is not what it is for: fairseq's pretraining
 task encodes labels with ``Dictionary`` methods, so resume from the source checkpoint instead.
+
+One model is beyond fairseq's ``hubert``: a convolution-only student (``model.layer_type=conv``).
+Its file is the same (plain types, no heads, task ``hubert_pretraining``) but keeps model
+``dicehubert_student`` (``DiceHubertStudentConfig``'s fields but the training-only ones): fairseq's
+loader builds it once ``dicehubert_fairseq`` is imported (a warning says so).
 """
 
 import dataclasses
@@ -47,7 +52,7 @@ def _section(cfg, key: str) -> Any:
 def plain_fairseq_cfg(source: Source) -> Dict[str, Any]:
     """The source's fairseq config as plain Python, rewritten for fairseq's own ``hubert``."""
     cfg = {k: _section(source.cfg, k) for k in source.cfg.keys()}
-    cfg["model"] = source.model_cfg()
+    cfg["model"] = source.student_model_cfg() if source.needs_plugin() else source.model_cfg()
     cfg["task"] = source.task_cfg()
     crit = cfg.get("criterion") or {}
     fields = {f.name for f in dataclasses.fields(HubertCriterionConfig)}
@@ -88,6 +93,10 @@ def write_fairseq(source: Source, path: str) -> Dict[str, Any]:
         dict with ``parameters`` and ``dropped`` (the source tensors left out).
     """
     out = fairseq_state(source)
+    if source.needs_plugin():
+        logger.warning(f"{source.path}: model.layer_type=conv (no attention) is beyond fairseq's own 'hubert': the "
+                       f"file keeps model 'dicehubert_student' and loads with fairseq's loader after "
+                       f"'import dicehubert_fairseq'")
     torch.save(out["state"], path)
     params = sum(t.numel() for t in out["state"]["model"].values() if t.is_floating_point())
     return {"parameters": params, "dropped": out["dropped"]}

@@ -28,7 +28,8 @@ mask_emb                        masked_spec_embed
 ==============================  ==============================================================
 
 LayerNorm/GroupNorm epsilon is 1e-5 on both sides.  What ``HubertModel`` cannot represent is
-refused with the field and its value (a Conformer encoder, an activation it lacks).  Dropped:
+refused with the field and its value (a Conformer or convolution-only encoder, an activation it
+lacks).  Dropped:
 the pretraining heads (``final_proj``, ``label_embs_concat``, ``target_glu``) and the
 feature-distillation heads; the HF model ends at the encoder output.
 
@@ -69,8 +70,9 @@ def refusals(source: Source) -> List[str]:
     problems = []
     layer_type = str(m.get("layer_type", "transformer"))
     if layer_type != "transformer":
+        instead = "--to fairseq" if layer_type == "conv" else "--to fairseq or --to s3prl"
         problems.append(f"{where}: model.layer_type={layer_type}: transformers' HubertModel has only "
-                        f"transformer encoder layers (export this model with --to fairseq or --to s3prl)")
+                        f"transformer encoder layers (export this model with {instead})")
     act = str(m.get("activation_fn", "gelu"))
     if act not in ACTIVATIONS:
         problems.append(f"{where}: model.activation_fn={act}: no transformers activation computes it "

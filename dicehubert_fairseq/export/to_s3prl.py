@@ -8,7 +8,8 @@ and its ``load_converted_model`` reads (s3prl 0.4.x)::
 ``load_converted_model`` keeps the keys of ``task_cfg`` / ``model_cfg`` that its own copies of
 ``HubertPretrainingConfig`` / ``HubertConfig`` have, builds its ``HubertModel`` and loads the
 weights strictly.  s3prl's ``HubertConfig`` lacks fairseq's ``conv_pos_batch_norm``: a model
-that uses it is refused (s3prl would silently build a different positional conv).  The file
+that uses it is refused (s3prl would silently build a different positional conv); so is a
+convolution-only student (``layer_type=conv``), which s3prl's ``HubertModel`` cannot build.  The file
 holds plain types only, so s3prl's ``torch.load`` (``weights_only=True`` since torch 2.6) reads it.
 """
 
@@ -28,9 +29,14 @@ S3PRL_MISSING_FIELDS = {"conv_pos_batch_norm": False}
 
 def refusals(source: Source) -> List[str]:
     m = source.model_cfg()
-    return [f"{source.path}: model.{k}={m[k]}: s3prl's HubertConfig has no such field (it builds the "
-            f"model as if {k}={v}); export with --to fairseq or --to hf instead"
-            for k, v in S3PRL_MISSING_FIELDS.items() if k in m and m[k] != v]
+    problems = [f"{source.path}: model.{k}={m[k]}: s3prl's HubertConfig has no such field (it builds the "
+                f"model as if {k}={v}); export with --to fairseq or --to hf instead"
+                for k, v in S3PRL_MISSING_FIELDS.items() if k in m and m[k] != v]
+    if source.needs_plugin():
+        problems.append(f"{source.path}: model.layer_type=conv: s3prl's HubertModel has only transformer and "
+                        f"conformer encoder layers, not this plugin's convolution-only blocks (export this model "
+                        f"with --to fairseq)")
+    return problems
 
 
 def s3prl_state(source: Source) -> Dict[str, Any]:

@@ -13,29 +13,38 @@ It *is* fairseq's ``HubertModel`` (same modules, same state-dict names, same mas
   returns every transformer layer's output and the heads' predictions, for the
   ``dicehubert_feat`` criterion (L_feat, DistilHuBERT / FitHuBERT style). With
   ``feat_target_layers`` empty (the default) the model and its state dict are exactly the
-  L_SSL student's.
+  L_SSL student's,
+* a third encoder layer type beside fairseq's transformer and conformer: ``layer_type=conv``,
+  blocks of depthwise-separable convolutions and a feed-forward network, no attention
+  (:mod:`dicehubert_fairseq.models._conv_encoder`), inside fairseq's own encoder.
 
 Hidden states come from :func:`dicehubert_fairseq.hidden_states.hidden_states`, as everywhere.
 """
 
+import copy
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from fairseq.data.data_utils import compute_mask_indices
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 from fairseq.models.hubert.hubert import HubertConfig, HubertModel
+from fairseq.models.wav2vec.wav2vec2 import LAYER_TYPE_CHOICES
 
 from ..checkpoint import load_state, require_hubert_family
 from ..errors import InputError
 from ..frames import conv_layers, frame_stride
 from ..hidden_states import hidden_states
 from ..losses import cosine_logits
+from ._conv_encoder import ConvEncoder, receptive_field
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +56,23 @@ MASK_REDRAWS = 50
 PRETRAINING_HEADS = ("label_embs_concat", "final_proj.", "target_glu.", "feat_heads.")
 
 
+#: fairseq's encoder layer types, and ``conv``: convolution blocks without attention.
+STUDENT_LAYER_TYPE_CHOICES = ChoiceEnum([str(c) for c in LAYER_TYPE_CHOICES] + ["conv"])
+
+
 @dataclass
 class DiceHubertStudentConfig(HubertConfig):
+    layer_type: STUDENT_LAYER_TYPE_CHOICES = field(
+        default="transformer",
+        metadata={"help": "encoder layers: transformer or conformer (fairseq's), or conv: depthwise-separable "
+                          "convolution blocks, no attention (kernel depthwise_conv_kernel_size, dilations "
+                          "conv_encoder_dilations)"},
+    )
+    conv_encoder_dilations: List[int] = field(
+        default_factory=lambda: [1],
+        metadata={"help": "layer_type=conv: the depthwise convolutions' dilations, repeated over the blocks "
+                          "(e.g. [1, 2, 4, 8])"},
+    )
     init_from_teacher: Optional[str] = field(
         default=None,
         metadata={"help": "teacher checkpoint to initialise from: the conv front end and every "
@@ -159,6 +183,17 @@ def check_mask_options(cfg) -> None:
         raise InputError(problems)
 
 
+def _without_encoder_layers(cfg):
+    """A copy of ``cfg`` for ``HubertModel.__init__`` to build around a convolution-only encoder:
+    fairseq's ``TransformerEncoder`` knows no ``conv`` layers, so it gets none (replaced after)."""
+    if OmegaConf.is_config(cfg):
+        out = copy.deepcopy(cfg)
+        with open_dict(out):
+            out.layer_type, out.encoder_layers = "transformer", 0
+        return out
+    return dataclasses.replace(cfg, layer_type="transformer", encoder_layers=0)
+
+
 def _task_seed(task_cfg) -> int:
     """``task.seed`` (linked to ``common.seed``) of the ``dicehubert`` task; 1 (fairseq's default
     ``common.seed``) for a task without one, such as fairseq's ``hubert_pretraining``."""
@@ -174,7 +209,12 @@ class DiceHubertStudent(HubertModel):
 
     def __init__(self, cfg: DiceHubertStudentConfig, task_cfg, dictionaries) -> None:
         check_mask_options(cfg)
-        super().__init__(cfg, task_cfg, dictionaries)
+        conv = getattr(cfg, "layer_type", "transformer") == "conv"
+        super().__init__(_without_encoder_layers(cfg) if conv else cfg, task_cfg, dictionaries)
+        if conv:  # fairseq's encoder, its layers convolution blocks
+            self.encoder = ConvEncoder(cfg)
+            logger.info(f"encoder: {cfg.encoder_layers} convolution blocks x {cfg.encoder_embed_dim} (no attention), "
+                        f"receptive field {receptive_field(cfg)} frames")
         targets = list(getattr(cfg, "feat_target_layers", None) or [])
         sources = list(getattr(cfg, "feat_student_layers", None) or [])
         n = cfg.encoder_layers

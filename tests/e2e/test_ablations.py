@@ -213,6 +213,7 @@ def row_claims(name, overrides):
     weights = ov.get("criterion.label_weights")
     return {
         "conformer": name == "dicehubert_conformer",
+        "conv": name == "dicehubert_conv_narrow",  # no attention anywhere
         # DistilHuBERT's rows (heads on the last layer) initialise from the teacher by default
         "init": (name.endswith("_init") or "+init" in ov
                  or (name.startswith(("feat_shallow", "ssl_feat_shallow")) and ov.get("model.init_from_teacher") != "null")),
@@ -235,13 +236,18 @@ def row_claims(name, overrides):
 def check_row_claims(name, overrides, cfg, world):
     """The task, model and criterion built from the row's config carry what the row claims."""
     from fairseq.models.wav2vec.wav2vec2 import TransformerSentenceEncoderLayer
+    from fairseq.modules import MultiheadAttention
     from fairseq.modules.conformer_layer import ConformerWav2Vec2EncoderLayer
+
+    from dicehubert_fairseq.models._conv_encoder import ConvBlock
 
     claims = row_claims(name, overrides)
     task, model, criterion = build(cfg)
     # encoder layers
-    layer_class = ConformerWav2Vec2EncoderLayer if claims["conformer"] else TransformerSentenceEncoderLayer
+    layer_class = (ConformerWav2Vec2EncoderLayer if claims["conformer"] else ConvBlock if claims["conv"]
+                   else TransformerSentenceEncoderLayer)
     assert {type(layer) for layer in model.encoder.layers} == {layer_class}, name
+    assert any(isinstance(m, MultiheadAttention) for m in model.modules()) != claims["conv"], name
     # initialisation from the teacher: conv front end and first layer copied, heads never
     teacher = torch.load(world["teacher"], weights_only=True)["model"]
     student = model.state_dict()

@@ -3,7 +3,7 @@ file without this plugin, the s3prl file through s3prl's own loading code; the c
 README's snippet; examples/librispeech/5_superb.sh.
 
 Models: the perturbed tiny checkpoints of ``tests/conftest.py`` (``EXPORT_SPECS``): narrow, shallow,
-teacher-shaped, conv_pos_batch_norm, Conformer.  The reference is fairseq's model through
+teacher-shaped, conv_pos_batch_norm, Conformer, convolution-only.  The reference is fairseq's model through
 :func:`dicehubert_fairseq.hidden_states.hidden_states`.
 """
 
@@ -238,6 +238,38 @@ def test_fairseq_export_loads_without_the_plugin(export_models, tmp_path):
         for g, r in zip(got["outs"], ref):
             for a, b in zip(g["layers"] + [g["final"]], r.layers + [r.x]):
                 assert torch.equal(a, b), (name, float((a - b).abs().max()))
+
+
+def test_conv_student_exports_to_fairseq_and_loads_with_the_plugin(export_models, tmp_path, capsys,
+                                                                  restore_process_state):
+    """A convolution-only student is beyond fairseq's ``hubert``: the file keeps ``dicehubert_student``
+    (plain types, no feature heads, task ``hubert_pretraining``), says so, passes the export's own
+    check, and fairseq's loader rebuilds it here (plugin imported) with bit-identical layer outputs."""
+    from fairseq import checkpoint_utils
+
+    from dicehubert_fairseq.models._conv_encoder import ConvBlock
+
+    path = tmp_path / "conv.hubert.pt"
+    assert main([export_models["conv"], "--to", "fairseq", str(path)]) == 0
+    stdout, err = capsys.readouterr()
+    assert "check: max |difference|" in stdout and "dropped: feat_heads" in stdout, stdout
+    assert "keeps model 'dicehubert_student'" in err and "import dicehubert_fairseq" in err, err
+    raw = torch.load(path, map_location="cpu", weights_only=True)  # no allow-list: plain types only
+    assert raw["cfg"]["model"]["_name"] == "dicehubert_student" and raw["cfg"]["model"]["layer_type"] == "conv"
+    assert raw["cfg"]["model"]["conv_encoder_dilations"] == [1, 2]
+    assert not any(k.startswith("feat_") or k == "init_from_teacher" for k in raw["cfg"]["model"])
+    assert raw["cfg"]["task"]["_name"] == "hubert_pretraining" and raw["cfg"]["common"]["user_dir"] is None
+    assert not any(k.startswith("feat_heads") for k in raw["model"])
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(path)])
+    model = models[0].eval()
+    for p in model.parameters():  # as the source: some kernels differ when parameters require grad
+        p.requires_grad_(False)
+    assert all(isinstance(layer, ConvBlock) for layer in model.encoder.layers) and len(model.encoder.layers) == 3
+    src = load_source(export_models["conv"])
+    wavs, lengths = _batch(src.model)
+    for (ref, _), (got, _) in zip(_alone(src.model, wavs, lengths), _alone(model, wavs, lengths)):
+        for a, b in zip(got.layers + [got.x], ref.layers + [ref.x]):
+            assert torch.equal(a, b), float((a - b).abs().max())
 
 
 # ---------------------------------------------------------------------------------- s3prl
