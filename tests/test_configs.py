@@ -15,13 +15,15 @@ from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQu
 from omegaconf import OmegaConf
 
 import dicehubert_fairseq  # noqa: F401
+from dicehubert_fairseq.models.dicehubert_student import INIT_FROM_TEACHER_REQUIRED
 from dicehubert_fairseq.tasks.dicehubert import missing_gpu_message
 from fairseq.dataclass.initialize import hydra_init
 from tests.helpers.config import CONFIG_DIR, build, compose
 from tests.helpers.data import write_corpus, write_random_labels
 
 
-CORE_CONFIGS = ["dicehubert_narrow", "dicehubert_shallow_l6", "dicehubert_shallow_l4", "hubert_base_scratch"]
+CORE_CONFIGS = ["dicehubert_narrow", "dicehubert_shallow_l6", "dicehubert_shallow_l4", "hubert_base_scratch",
+                "dicehubert_narrow_small"]
 
 
 PRESET_PARAMS = {
@@ -29,6 +31,7 @@ PRESET_PARAMS = {
     "dicehubert_shallow_l6": 23.49e6,
     "dicehubert_shallow_l4": 30.58e6,
     "hubert_base_scratch": 94.37e6,  # HuBERT Base; 94.7M as usually quoted counts its heads for K = 500
+    "dicehubert_narrow_small": 23.14e6,  # at or below L/6 (asserted below)
 }
 
 
@@ -57,6 +60,10 @@ def test_config_composes_builds_and_has_preset_size(name, k100):
     heads = ("label_embs_concat", "final_proj")  # the pretraining heads, whose size follows K
     n = sum(p.numel() for k, p in model.named_parameters() if not k.startswith(heads))
     assert abs(n - PRESET_PARAMS[name]) / PRESET_PARAMS[name] < 0.01, n
+    if name == "dicehubert_narrow_small":  # a narrow student no larger than L/6 (DistilHuBERT's size)
+        _, l6, _ = build(compose("dicehubert_shallow_l6", [f"task.data={data}", f"task.label_dir={labels}", "run=cpu"]))
+        n_l6 = sum(p.numel() for k, p in l6.named_parameters() if not k.startswith(heads))
+        assert n <= n_l6 and model.encoder.embedding_dim == 384 and len(model.encoder.layers) == 12, (n, n_l6)
 
 
 def _doc_millions(pattern):
@@ -183,6 +190,56 @@ def test_masking_distillation_rows_follow_maskhubert(name, overrides, targets, s
     assert list(cfg.task.labels) == [] and cfg.task.label_dir is None
     for key in ("mask_prob", "mask_length", "mask_selection", "no_mask_overlap"):
         assert m[key] == base.model[key], key
+
+
+
+def fair_pairs():
+    """``(L_feat row, L_SSL row, isolates)`` of docs/ablations.md's "Fair pairs" table, each row a
+    ``(config, overrides)``."""
+    rows, inside = [], False
+    with open(os.path.join(os.path.dirname(CONFIG_DIR), "docs", "ablations.md"), encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("## "):
+                inside = line.strip() == "## Fair pairs: which comparisons isolate the loss"
+            elif inside and line.startswith("| `"):
+                cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                feat, ssl = (c.strip("`").split() for c in cells[:2])
+                rows.append(((feat[0], feat[1:]), (ssl[0], ssl[1:]), cells[4].startswith("yes")))
+    return rows
+
+
+#: Model settings that are the L_feat heads' (or the initialisation's), not the student's.
+NOT_THE_STUDENT = ("feat_target_layers", "feat_student_layers", "feat_teacher_dim", "feat_head_hidden_dim",
+                   "init_from_teacher", "label_rate")
+
+
+def test_fair_pairs_isolate_the_loss_where_the_table_says_so():
+    """Same student (every model setting but the heads) and same initialisation exactly where the table
+    says the pair isolates the loss; every L_feat row has such a pair, one of them the default."""
+    paths = ["task.data=D", "task.label_dir=L", "criterion.teacher_checkpoint=T"]
+    pairs = fair_pairs()
+    assert len(pairs) >= 12
+    isolated = set()
+    for (feat, feat_ov), (ssl, ssl_ov), isolates in pairs:
+        a = compose(feat, paths + feat_ov)
+        b = compose(ssl, paths[:2] + ssl_ov)
+        if b.model.init_from_teacher == INIT_FROM_TEACHER_REQUIRED:  # the *_init rows: a teacher on the line
+            b = compose(ssl, paths[:2] + ssl_ov + ["model.init_from_teacher=T"])
+        assert a.criterion._name == "dicehubert_feat" and b.criterion._name == "dicehubert", (feat, ssl)
+        student = {k: v for k, v in a.model.items() if k not in NOT_THE_STUDENT}
+        same_student = student == {k: v for k, v in b.model.items() if k not in NOT_THE_STUDENT}
+        same_init = (a.model.init_from_teacher is None) == (b.model.init_from_teacher is None)
+        assert same_student, (feat, ssl)
+        assert (same_student and same_init) == isolates, (feat, feat_ov, ssl, a.model.init_from_teacher,
+                                                          b.model.init_from_teacher)
+        if isolates:
+            isolated.add(feat)
+    import glob
+
+    # every row with a frozen teacher on the fly (an L_feat overlay in its defaults) has its pair
+    feat_rows = {os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))
+                 if re.search(r"^  - feat: ", open(p).read(), re.M)}
+    assert feat_rows and feat_rows == isolated
 
 
 # ----------------------------------------------------------------------------- run overlays, as hydra launches them

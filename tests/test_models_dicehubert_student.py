@@ -8,7 +8,7 @@ import torch
 import dicehubert_fairseq  # noqa: F401
 from dicehubert_fairseq.errors import InputError
 from tests.helpers.config import FEAT_DIM, FEAT_TINY, batch_of, build, compose, feat_cfg, tiny_student_cfg
-from tests.helpers.data import write_checkpoint, write_random_labels
+from tests.helpers.data import tiny_model_overrides, write_checkpoint, write_random_labels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -240,3 +240,13 @@ def test_span_masks_fairseq_cannot_draw_are_refused_when_built(corpus, extra, fr
                              no_overlap="overlap" in fragment)
     # without masking they are never drawn: not refused
     build(tiny_student_cfg(data, labels, ["model.mask_prob=0.0", "++model.mask_selection=uniform"]))
+
+
+def test_init_rows_stop_without_a_teacher(corpus):
+    """``dicehubert_shallow_l6_init`` (init/teacher.yaml) without ``model.init_from_teacher``: the build stops
+    with what to give, instead of training a randomly initialised student (``???`` there was dropped)."""
+    data, labels, _ = corpus
+    cfg = compose("dicehubert_shallow_l6_init", [f"task.data={data}", f"task.label_dir={labels}", "run=cpu",
+                                                  "task.min_sample_size=8000"] + tiny_model_overrides())
+    with pytest.raises(InputError, match=r"give model.init_from_teacher=PATH"):
+        build(cfg)

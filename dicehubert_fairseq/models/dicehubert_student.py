@@ -52,6 +52,11 @@ logger = logging.getLogger(__name__)
 #: (a row with 1-2 real frames fails a draw with probability about 2/3: 50 draws, about 1e-9).
 MASK_REDRAWS = 50
 
+#: What ``init/teacher.yaml`` (the ``*_init`` rows) sets ``model.init_from_teacher`` to until the command
+#: line gives a path. Not ``???``: OmegaConf keeps the value it merges ``???`` onto (the recipe's
+#: ``null``), so a forgotten path would silently mean a random initialisation.
+INIT_FROM_TEACHER_REQUIRED = "REQUIRED_TEACHER_CHECKPOINT"
+
 #: Parameters that belong to a teacher's own label set, never copied into a student.
 PRETRAINING_HEADS = ("label_embs_concat", "final_proj.", "target_glu.", "feat_heads.")
 
@@ -332,7 +337,15 @@ class DiceHubertStudent(HubertModel):
         return x, mask_indices
 
     def init_from_teacher(self, path: str) -> List[str]:
-        """Initialise from a teacher checkpoint; returns the names of the copied tensors."""
+        """Initialise from a teacher checkpoint; returns the names of the copied tensors.
+
+        Raises:
+            InputError: ``path`` is :data:`INIT_FROM_TEACHER_REQUIRED` (not given), or not a
+                HuBERT-family checkpoint.
+        """
+        if path == INIT_FROM_TEACHER_REQUIRED:
+            raise InputError([f"model.init_from_teacher={path}: this row starts the student from a teacher "
+                              f"(init/teacher.yaml); give model.init_from_teacher=PATH of a fairseq HuBERT checkpoint"])
         state = load_state(path)
         require_hubert_family(state, path)
         copied, skipped = init_from_state_dict(self, state["model"])

@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 import dicehubert_fairseq  # noqa: F401
+from dicehubert_fairseq.models.dicehubert_student import INIT_FROM_TEACHER_REQUIRED
 from fairseq import checkpoint_utils
 from tests.helpers.config import CONFIG_DIR, build, compose
 from tests.helpers.data import (
@@ -99,8 +100,9 @@ def ensure_labels(world, cfg):
 
 
 def is_missing(node, key):
-    """True if ``node.key`` exists and is ``???`` (``key in node`` is False for those)."""
-    return OmegaConf.is_missing(node, key)
+    """True if ``node.key`` exists and is ``???`` (``key in node`` is False for those), or is the
+    placeholder ``init/teacher.yaml`` leaves until a teacher is given."""
+    return OmegaConf.is_missing(node, key) or node.get(key) == INIT_FROM_TEACHER_REQUIRED
 
 
 def substitute(overrides, world):
