@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import stat
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import sys
 import pytest
 
 from dicehubert_fairseq.probe.head import phone_error_rate
+from tests.helpers.runs import install_stubs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "examples", "tiny")
@@ -343,22 +343,11 @@ def test_librispeech_scripts_exist_and_parse():
             assert "set -euo pipefail" in open(path).read(), path
 
 
-STUB = """#!/usr/bin/env python3
-import json, os, sys
-with open(os.environ["STUB_LOG"], "a") as f:
-    f.write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + "\\n")
-"""
-
-
 @pytest.fixture(scope="module")
 def libri_calls(tmp_path_factory):
     """Run the LibriSpeech scripts with stub CLIs on an empty fake corpus; their recorded argv."""
     tmp = tmp_path_factory.mktemp("libri")
-    stubs = tmp / "bin"
-    stubs.mkdir()
-    for tool in ("dicehubert-labels", "fairseq-hydra-train", "dicehubert-probe"):
-        (stubs / tool).write_text(STUB)
-        (stubs / tool).chmod((stubs / tool).stat().st_mode | stat.S_IEXEC)
+    stubs = install_stubs(tmp / "bin", ("dicehubert-labels", "fairseq-hydra-train", "dicehubert-probe"))
     ls = tmp / "LibriSpeech"
     for subset in ("train-clean-100", "train-clean-360", "train-other-500", "dev-clean"):
         (ls / subset).mkdir(parents=True)
@@ -405,10 +394,7 @@ def test_librispeech_k500_is_an_override(tmp_path):
     """``K=500 2_labels.sh``: fairseq's HuBERT iteration-2 setting for the teacher's k-means."""
     from dicehubert_fairseq.labels.cli import build_parser as labels_parser
 
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    (stubs / "dicehubert-labels").write_text(STUB)
-    (stubs / "dicehubert-labels").chmod(0o755)
+    stubs = install_stubs(tmp_path / "bin", ("dicehubert-labels",))
     log = tmp_path / "calls.jsonl"
     env = _env(STUB_LOG=str(log), WORK=str(tmp_path / "work"), NGPU="1", K="500", STAGES="fit",
                TEACHER=str(tmp_path / "hubert_base_ls960.pt"))

@@ -4,7 +4,8 @@
 * :func:`run` -- run one to the end, which must succeed;
 * :func:`run_and_kill` -- start one and SIGKILL it (and every process it started) once it has
   saved a checkpoint, as when a machine is preempted;
-* :func:`json_rows` -- the rows fairseq logs with ``common.log_format=json``.
+* :func:`json_rows` -- the rows fairseq logs with ``common.log_format=json``;
+* :func:`install_stubs` -- console scripts that only record their arguments (:data:`STUB_CLI`).
 """
 
 import json
@@ -104,3 +105,23 @@ def run_and_kill(cmd: Sequence[str], log_path: str, after_update: int, timeout: 
     assert rc == -signal.SIGKILL, rc
     with open(log_path) as f:
         return f.read()
+
+
+#: A console script that appends its name and arguments, as a JSON list, to the file ``$STUB_LOG``.
+STUB_CLI = """#!/usr/bin/env python3
+import json, os, sys
+with open(os.environ["STUB_LOG"], "a") as f:
+    f.write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + "\\n")
+"""
+
+
+def install_stubs(directory, tools: Sequence[str]) -> str:
+    """:data:`STUB_CLI` as each of ``tools`` in ``directory`` (created); returns ``directory``, to put
+    first on ``PATH``."""
+    os.makedirs(directory, exist_ok=True)
+    for tool in tools:
+        path = os.path.join(directory, tool)
+        with open(path, "w") as f:
+            f.write(STUB_CLI)
+        os.chmod(path, 0o755)
+    return str(directory)

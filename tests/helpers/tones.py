@@ -36,6 +36,7 @@ def write_tone_corpus(
     noise: float = 0.02,
     sample_rate: int = 16000,
     seed: int = 0,
+    align_rate: int = 0,
 ) -> Dict[str, List[List[str]]]:
     """Write a tone corpus: ``{split}.tsv``, ``{split}.phn`` and wavs under ``directory/wav``.
 
@@ -48,6 +49,9 @@ def write_tone_corpus(
         gap_seconds: (min, max) silence before each segment and at the end (default none).
         noise: standard deviation of the added white noise.
         seed: seed of every random choice.
+        align_rate: > 0: also ``{split}.align``, the phone of every frame at this many frames per
+            second (the one at the frame's centre; ``sil`` in the gaps), as ``dicehubert-labels
+            quality --align`` reads it.
 
     Returns:
         the phone transcript of every utterance, per split.
@@ -60,7 +64,7 @@ def write_tone_corpus(
     os.makedirs(wav_dir, exist_ok=True)
     out: Dict[str, List[List[str]]] = {}
     for split, n in splits.items():
-        rows, transcripts = [], []
+        rows, transcripts, aligns = [], [], []
         for i in range(n):
             k = int(rng.integers(phones_per_utterance[0], phones_per_utterance[1] + 1))
             phones: List[str] = []
@@ -68,10 +72,11 @@ def write_tone_corpus(
                 p = symbols[int(rng.integers(len(symbols)))]
                 if not phones or p != phones[-1]:
                     phones.append(p)
-            pieces = []
+            pieces, owner = [], []  # owner: the phone of every piece (sil for the gaps)
             gap = lambda: np.zeros(int(rng.uniform(*gap_seconds) * sample_rate))  # noqa: E731
             for p in phones:
                 pieces.append(gap())
+                owner += ["sil", p]
                 size = int(rng.uniform(*segment_seconds) * sample_rate)
                 t = np.arange(size) / sample_rate
                 f = tones[p] * rng.uniform(0.97, 1.03)
@@ -82,15 +87,23 @@ def write_tone_corpus(
                 env[size - fade:] = np.linspace(1, 0, fade)
                 pieces.append(seg * env * rng.uniform(0.5, 1.0))
             pieces.append(gap())
+            owner.append("sil")
             wav = np.concatenate(pieces) + noise * rng.standard_normal(sum(len(x) for x in pieces))
             name = f"{split}_{i:04d}.wav"
             sf.write(os.path.join(wav_dir, name), wav.astype(np.float32), sample_rate, subtype="PCM_16")
             rows.append(f"{name}\t{len(wav)}")
             transcripts.append(phones)
+            if align_rate:
+                sample_phone = np.repeat(owner, [len(x) for x in pieces])
+                hop = sample_rate / align_rate
+                aligns.append([str(sample_phone[int((j + 0.5) * hop)]) for j in range(int(len(wav) / hop))])
         with open(os.path.join(directory, f"{split}.tsv"), "w", encoding="utf-8") as f:
             f.write(os.path.abspath(wav_dir) + "\n" + "\n".join(rows) + "\n")
         with open(os.path.join(directory, f"{split}.phn"), "w", encoding="utf-8") as f:
             f.write("".join(" ".join(t) + "\n" for t in transcripts))
+        if align_rate:
+            with open(os.path.join(directory, f"{split}.align"), "w", encoding="utf-8") as f:
+                f.write("".join(" ".join(a) + "\n" for a in aligns))
         out[split] = transcripts
     return out
 
@@ -114,14 +127,15 @@ def copy_data(data: str, directory: str) -> str:
     return d
 
 
-def write_tone_world(directory: str, splits: Dict[str, int], seed: int = 0) -> Dict[str, str]:
+def write_tone_world(directory: str, splits: Dict[str, int], seed: int = 0, align_rate: int = 0) -> Dict[str, str]:
     """A tone corpus in ``directory``, random labels for it in ``directory/labels`` and a randomly
-    initialised 2 x 32 fairseq ``hubert`` checkpoint ``directory/hubert.pt`` (seeded by ``seed``).
+    initialised 2 x 32 fairseq ``hubert`` checkpoint ``directory/hubert.pt`` (seeded by ``seed``);
+    ``align_rate``: the corpus's frame alignments too (:func:`write_tone_corpus`).
 
     Returns:
         ``{"data": directory, "labels": ..., "ckpt": ...}``.
     """
-    write_tone_corpus(directory, splits, seed=seed)
+    write_tone_corpus(directory, splits, seed=seed, align_rate=align_rate)
     sizes = {s: read_manifest(os.path.join(directory, f"{s}.tsv")).sizes for s in ("train", "valid")}
     labels = os.path.join(directory, "labels")
     write_random_labels(labels, sizes)
