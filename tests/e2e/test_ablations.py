@@ -25,7 +25,7 @@ from dicehubert_fairseq.models.dicehubert_student import INIT_FROM_TEACHER_REQUI
 from fairseq import checkpoint_utils
 from tests.helpers.config import CONFIG_DIR, build, compose
 from tests.helpers.data import (
-    tiny_model_overrides, write_checkpoint, write_corpus, write_random_labels, write_soft_labels,
+    HUBERT_CONV, tiny_model_overrides, write_checkpoint, write_corpus, write_random_labels, write_soft_labels,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -132,7 +132,10 @@ def tiny_config(name, overrides, world, run_dir, from_docs=True, updates=5):
                 base.append(f"{group}.{key}={world['teacher']}")
     mapped = list(probe.model.get("feat_student_layers") or [])
     layers = max(mapped) if mapped else min(probe.model.encoder_layers, 2)
-    tiny = tiny_model_overrides(layers=layers, dim=TINY_DIM) + [
+    tiny = tiny_model_overrides(layers=layers, dim=TINY_DIM)
+    if probe.model.conv_feature_layers != HUBERT_CONV:  # the row's change is its conv front end: kept
+        tiny = [o for o in tiny if not o.startswith("++model.conv_feature_layers=")]
+    tiny = tiny + [
         "run=cpu", "common.log_interval=1", "common.seed=1",
         "task.min_sample_size=8000", "dataset.max_tokens=48000", "dataset.disable_validation=true",
         f"optimization.max_update={updates}", "lr_scheduler.warmup_updates=2",
@@ -216,6 +219,8 @@ def row_claims(name, overrides):
     return {
         "conformer": name == "dicehubert_conformer",
         "conv": name == "dicehubert_conv_narrow",  # no attention anywhere
+        # conv front-end channels: the rows that set their own keep them, the others get the tiny 32
+        "front_end": {"dicehubert_narrow_small": 192, "tiny_teacher": 64}.get(name, 32),
         # DistilHuBERT's rows (heads on the last layer) initialise from the teacher by default
         "init": (name.endswith("_init") or "+init" in ov
                  or (name.startswith(("feat_shallow", "ssl_feat_shallow")) and ov.get("model.init_from_teacher") != "null")),
@@ -250,6 +255,7 @@ def check_row_claims(name, overrides, cfg, world):
                    else TransformerSentenceEncoderLayer)
     assert {type(layer) for layer in model.encoder.layers} == {layer_class}, name
     assert any(isinstance(m, MultiheadAttention) for m in model.modules()) != claims["conv"], name
+    assert {block[0].out_channels for block in model.feature_extractor.conv_layers} == {claims["front_end"]}, name
     # initialisation from the teacher: conv front end and first layer copied, heads never
     teacher = torch.load(world["teacher"], weights_only=True)["model"]
     student = model.state_dict()
