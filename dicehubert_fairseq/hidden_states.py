@@ -10,8 +10,9 @@ It runs fairseq's own building blocks in ``HubertModel.forward``'s order -- ``fo
 ``output_layer`` with its own ``layer=`` argument (as ``extract_features(output_layer=L)``).
 Every layer's output is taken by forward hooks, so the encoder (transformer, conformer or the
 convolution-only blocks of ``layer_type=conv``, LayerDrop, activation checkpointing) runs
-unchanged; a layer skipped by LayerDrop passes its input on, and so does its hidden state.  ``HubertModel.forward`` itself cannot serve: it keeps
-neither the layer outputs, the mask nor the aligned targets.
+unchanged; a layer skipped by LayerDrop passes its input on, and so does its hidden state.
+``HubertModel.forward`` itself cannot serve: it keeps neither the layer outputs, the mask nor the
+aligned targets.
 """
 
 from dataclasses import dataclass

@@ -57,7 +57,8 @@ def test_presets_have_no_attention_and_about_the_narrow_students_size(corpus, mo
     narrow = "narrow" if model == "conv_narrow" else "tiny_narrow"
     counts = {}
     for name in (model, narrow):
-        cfg = compose("dicehubert_narrow", [f"task.data={data}", f"task.label_dir={labels}", "run=cpu", f"model={name}"])
+        cfg = compose("dicehubert_narrow",
+                      [f"task.data={data}", f"task.label_dir={labels}", "run=cpu", f"model={name}"])
         _, student, _ = build(cfg)
         counts[name] = sum(p.numel() for k, p in student.named_parameters()
                            if not k.startswith(("label_embs_concat", "final_proj")))

@@ -177,13 +177,13 @@ def check_mask_options(cfg) -> None:
         if getattr(cfg, f"{kind}_prob", 0) <= 0:
             continue
         if str(getattr(cfg, f"{kind}_selection", "static")) == "uniform":
-            problems.append(f"model.{kind}_selection=uniform: this fairseq's compute_mask_indices cannot draw uniform "
-                            f"span lengths (it calls numpy's Generator.randint, which does not exist); expected static, "
-                            f"normal or poisson")
+            problems.append(f"model.{kind}_selection=uniform: this fairseq's compute_mask_indices cannot draw "
+                            f"uniform span lengths (it calls numpy's Generator.randint, which does not exist); "
+                            f"expected static, normal or poisson")
         if getattr(cfg, f"no_{kind}_overlap", False):
             problems.append(f"model.no_{kind}_overlap=true: this fairseq's compute_mask_indices cannot draw "
-                            f"non-overlapping spans (it calls numpy's Generator.randint and np.int, which do not exist); "
-                            f"expected false")
+                            f"non-overlapping spans (it calls numpy's Generator.randint and np.int, which do not "
+                            f"exist); expected false")
     if problems:
         raise InputError(problems)
 

@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--row", required=True, help="the config row the students were trained with (dicehubert_narrow)")
     p.add_argument("--layers", type=int, nargs="+", required=True, help="the teacher layers of the sweep")
-    p.add_argument("--iter", type=int, default=2, help="the teacher's HuBERT iteration in the stream names (default: 2)")
+    p.add_argument("--iter", type=int, default=2,
+                   help="the teacher's HuBERT iteration in the stream names (default: 2)")
     p.add_argument("--suffix", default="", help="after the stream in the students' names (the soft row: _t1)")
     p.add_argument("--quality", default=None, help="dicehubert-labels quality --json output")
     p.add_argument("--probe-dir", required=True, help="directory of the dicehubert-probe --json outputs")

@@ -74,7 +74,8 @@ def test_labels_per_layer_named_after_layer_and_temperature(stubbed):
     assert [(ns.layer, os.path.basename(ns.out)) for ns in fits] == [([L], f"l{L}_k100.joblib") for L in LAYERS]
     dumps = [ns for _, ns in got if ns.command == "dump" and not ns.mfcc]
     expected = {(f"it2_l{L}", split, None) for L in LAYERS for split in ("train", "valid")}
-    expected |= {(f"it2_l{L}_t{t}", split, float(t)) for L in LAYERS for t in (1, 5, 10) for split in ("train", "valid")}
+    expected |= {(f"it2_l{L}_t{t}", split, float(t))
+                 for L in LAYERS for t in (1, 5, 10) for split in ("train", "valid")}
     assert {(ns.name, ns.split, ns.temperature if ns.soft else None) for ns in dumps} == expected
     for ns in dumps:  # every stream from its own layer's k-means, one process (CPU): no shards to merge
         layer = re.match(r"it2_l(\d+)", ns.name).group(1)
