@@ -224,7 +224,8 @@ def test_distilhubert_rows_have_its_prediction_heads(feat_world):
 @pytest.mark.parametrize("extra,fragment", [
     (["++model.mask_selection=uniform"], "model.mask_selection=uniform"),
     (["++model.no_mask_overlap=true"], "model.no_mask_overlap=true"),
-    (["++model.mask_channel_prob=0.1", "++model.mask_channel_selection=uniform"], "model.mask_channel_selection=uniform"),
+    (["++model.mask_channel_prob=0.1", "++model.mask_channel_selection=uniform"],
+     "model.mask_channel_selection=uniform"),
 ])
 def test_span_masks_fairseq_cannot_draw_are_refused_when_built(corpus, extra, fragment):
     """fairseq's compute_mask_indices calls numpy's Generator.randint (and np.int) for these: an
