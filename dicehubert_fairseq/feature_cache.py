@@ -102,7 +102,8 @@ class FeatureCache:
         return torch.cat([torch.arange(self._offsets[u], self._offsets[u + 1]) for u in utts])
 
     def select(self, utts: Sequence[int]) -> "FeatureCache":
-        """A new cache holding the utterances at positions ``utts``, in that order (a copy)."""
+        """A new cache holding the utterances at positions ``utts``, in that order (a copy; its keys
+        are their new positions)."""
         lengths = [self._offsets[u + 1] - self._offsets[u] for u in utts]
         offsets = [0]
         for n in lengths:
@@ -111,6 +112,8 @@ class FeatureCache:
         return FeatureCache(offsets[-1], feats.shape[2], feats.shape[0], _buffer=feats, _offsets=offsets)
 
     def to(self, device) -> "FeatureCache":
-        """The same utterances with their features on ``device``."""
+        """The same utterances, under the same keys, with their features on ``device``."""
         feats = self.feats.to(device)
-        return FeatureCache(self.frames, feats.shape[2], feats.shape[0], _buffer=feats, _offsets=self._offsets)
+        moved = FeatureCache(self.frames, feats.shape[2], feats.shape[0], _buffer=feats, _offsets=self._offsets)
+        moved._position = dict(self._position)
+        return moved

@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 import pytest
 
 from dicehubert_fairseq.feature_cache import FeatureCache
@@ -292,3 +293,14 @@ def test_max_batch_seconds_default_is_one_utterance_on_cpu(tiny_teacher):
         device, sample_rate = __import__("torch").device("cuda"), 16000
 
     assert max_batch_samples(FeatureConfig(), OnCuda()) == 50 * 16000
+
+
+def test_feature_cache_select_and_to_for_the_probe():
+    """The probe's use: every utterance added in order (key = position), several states per frame."""
+    cache = FeatureCache(5, 2, states=3)
+    a, b = torch.arange(12.0).view(3, 2, 2), -torch.arange(18.0).view(3, 3, 2)
+    assert cache.add(0, a) and cache.add(1, b) and cache.feats.shape == (3, 5, 2)
+    some = cache.select([1, 0])
+    assert some.offsets.tolist() == [0, 3, 5] and some.frame_index([1]).tolist() == [3, 4]
+    torch.testing.assert_close(some.feats, torch.cat([b, a], 1), rtol=0, atol=0)
+    torch.testing.assert_close(cache.to("cpu").get(1), b, rtol=0, atol=0)
