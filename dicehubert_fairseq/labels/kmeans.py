@@ -30,8 +30,7 @@ This module is the algorithm only: fitting on a manifest and the model files are
 """
 
 import logging
-import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
