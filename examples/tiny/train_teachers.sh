@@ -71,3 +71,23 @@ stage km_mfcc dicehubert-labels fit --manifest-dir "$T" --split train --mfcc --n
 stage labels_mfcc dicehubert-labels dump --manifest-dir "$T" --split train --mfcc --km "$W/km/mfcc.joblib" \
   --label-dir "$W/labels/mfcc" --name mfcc --no-progress
 stage teacher_n1 train teacher_n1 "$UPD1" "$W/labels/mfcc" +data=mfcc
+layers() {  # layers NAME: every hidden state probed alone on the tuning corpus (valid PER, PNMI)
+  "$PYTHON" "$HERE/probe_layers.py" --checkpoint "$W/$1/checkpoints/checkpoint_last.pt" --data "$TUNE" \
+    --out "$W/probe/$1.layers.json" --seed "$SEED" --epochs 60 --pnmi-k 100
+}
+stage layers_n1 layers teacher_n1
+LAYER1="$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["best_transformer_layer"])' \
+  "$W/probe/teacher_n1.layers.json")"
+echo "teacher_n1's best transformer layer on the tuning corpus's valid split: $LAYER1"
+stage km_it1 dicehubert-labels fit --manifest-dir "$T" --split train --checkpoint "$W/teacher_n1/checkpoints/checkpoint_last.pt" \
+  --layer "$LAYER1" --n-clusters 100 --out "$W/km/it1.joblib" --seed "$SEED" --n-init 3 --no-progress
+stage labels_it1 dicehubert-labels dump --manifest-dir "$T" --split train \
+  --checkpoint "$W/teacher_n1/checkpoints/checkpoint_last.pt" --layer "$LAYER1" --km "$W/km/it1.joblib" \
+  --label-dir "$W/labels/it1" --name it1 --no-progress
+stage teacher_n2 train teacher_n2 "$UPD2" "$W/labels/it1" task.labels=[it1] task.label_rate=50
+stage layers_n2 layers teacher_n2
+if [[ "${TEACHERS_PACK:-0}" == 1 ]]; then
+  "$PYTHON" "$HERE/teachers.py" pack "$W"
+else
+  echo "trained; to ship them: $PYTHON $HERE/teachers.py pack $W   (or TEACHERS_PACK=1)"
+fi
