@@ -154,10 +154,11 @@ def build_jobs(a: argparse.Namespace) -> List[Job]:
         return str(setting), []
 
     def layer_probe(name, ckpt, deps):
+        which = ["--layers", a.layer_probe_layers] if a.layer_probe_layers else []
         jobs.append(Job(f"probe_{name}.layers", [sys.executable, os.path.join(HERE, "probe_layers.py"),
                                                  "--checkpoint", ckpt, "--data", w, "--out", layer_json(name),
-                                                 "--seed", str(a.seed), "--epochs", str(a.probe_epochs)] + probe_opts,
-                        deps, kind="probe"))
+                                                 "--seed", str(a.seed), "--epochs", str(a.probe_epochs)]
+                        + which + probe_opts, deps, kind="probe"))
 
     def train(name, row, deps, updates, seed, label_dir=None, more=()):
         run_dir = os.path.join(w, "models", name)
@@ -504,6 +505,8 @@ def main(argv=None) -> int:
     p.add_argument("--layer-probes", default=env("TINY_LAYER_PROBES", ""),
                    help="comma-separated teachers whose hidden states are also probed one at a time on this "
                         "corpus (examples/tiny/probe_layers.py); empty: none")
+    p.add_argument("--layer-probe-layers", default=env("TINY_LAYER_PROBE_LAYERS", ""),
+                   help="comma-separated hidden states the --layer-probes probe (default: all, 0..L)")
     p.add_argument("--probe-epochs", type=int, default=int(env("TINY_PROBE_EPOCHS", 60)))
     p.add_argument("--probe-train-utterances", type=int, default=int(env("TINY_PROBE_TRAIN_UTTERANCES", 0)),
                    help="train every probe on the first N training utterances only (0: all of them)")

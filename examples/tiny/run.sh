@@ -24,7 +24,7 @@
 #   TINY_TEACHERS (teacher pairs trained with TINY_TEACHER=train, 2)
 #   TINY_TEACHER_UPDATES TINY_TEACHER_UPDATES2 TINY_STUDENT_UPDATES TINY_ROWS (student rows,
 #   comma-separated: pipeline.py --help) TINY_REPLICAS (seeds per row) TINY_K_MFCC TINY_K
-#   TINY_LAYER_IT1 TINY_LAYER_IT2 TINY_TEMPERATURE TINY_LAYER_PROBES TINY_PROBE_EPOCHS
+#   TINY_LAYER_IT1 TINY_LAYER_IT2 TINY_TEMPERATURE TINY_LAYER_PROBES TINY_LAYER_PROBE_LAYERS TINY_PROBE_EPOCHS
 #   TINY_PROBE_TRAIN_UTTERANCES TINY_OVERRIDES (extra hydra overrides)
 #   TINY_PRESET=default (about 20 min on 2 cores), long (more speech, more rows, longer students,
 #   8 seeds; under 2 h on 2 cores), ci: a reduced run for the test suite (a small corpus, two
@@ -45,7 +45,7 @@ case "${TINY_PRESET:=default}" in
   ci)
     : "${TINY_MINUTES:=3}" "${TINY_TEACHER:=train}" "${TINY_TEACHER_UPDATES:=8}" "${TINY_STUDENT_UPDATES:=6}"
     : "${TINY_K_MFCC:=8}" "${TINY_K:=8}" "${TINY_LAYER_IT1:=6}" "${TINY_LAYER_IT2:=6}" "${TINY_PROBE_EPOCHS:=20}"
-    : "${TINY_REPLICAS:=2}" "${TINY_LAYER_PROBES:=teacher_n2}"
+    : "${TINY_REPLICAS:=2}" "${TINY_LAYER_PROBES:=teacher_n2}" "${TINY_LAYER_PROBE_LAYERS:=0,1,6,12}"
     : "${TINY_ROWS:=dicehubert_narrow,dicehubert_shallow,feat_narrow,scratch_narrow,dicehubert_narrow_soft}" ;;
   *) echo "run.sh: error: TINY_PRESET=$TINY_PRESET: expected 'default', 'long' or 'ci'" >&2; exit 1 ;;
 esac
@@ -53,7 +53,7 @@ esac
 # pipeline.py reads the TINY_* knobs that are set from the environment (unset ones stay unset)
 export TINY_SEED TINY_MINUTES TINY_TEACHER TINY_TEACHER_DIR TINY_TEACHERS TINY_TEACHER_UPDATES TINY_TEACHER_UPDATES2 \
   TINY_STUDENT_UPDATES TINY_ROWS TINY_K_MFCC TINY_K TINY_LAYER_IT1 TINY_LAYER_IT2 TINY_LAYER_PROBES \
-  TINY_PROBE_TRAIN_UTTERANCES TINY_PROBE_EPOCHS TINY_REPLICAS TINY_TEMPERATURE TINY_OVERRIDES TINY_JOBS
+  TINY_LAYER_PROBE_LAYERS TINY_PROBE_TRAIN_UTTERANCES TINY_PROBE_EPOCHS TINY_REPLICAS TINY_TEMPERATURE TINY_OVERRIDES TINY_JOBS
 
 for tool in "$PYTHON" fairseq-hydra-train dicehubert-labels dicehubert-probe dicehubert-export; do
   command -v "$tool" >/dev/null || { echo "run.sh: error: '$tool' not found on PATH (activate the" \

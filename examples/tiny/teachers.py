@@ -130,7 +130,64 @@ def pack(workdir: str, directory: str) -> Dict:
         json.dump(info, f, indent=1)
         f.write("\n")
     os.replace(tmp, os.path.join(directory, "teachers.json"))
+    with open(os.path.join(directory, "README.md.tmp"), "w") as f:
+        f.write(markdown(info))
+    os.replace(os.path.join(directory, "README.md.tmp"), os.path.join(directory, "README.md"))
     return info
+
+
+def markdown(info: Dict) -> str:
+    """``teachers/README.md``: what the teachers are, how they were made, their curves and layers."""
+    t1, t2 = (info["teachers"][n] for n in NAMES)
+    lines = [
+        "# The tiny example's pretrained teachers",
+        "",
+        "Written by `examples/tiny/teachers.py pack` from a finished `examples/tiny/train_teachers.sh` run "
+        f"(code at commit `{info['commit'][:10]}`, packed {info['date']}); every figure below is in "
+        "[teachers.json](teachers.json). Retrain them from scratch: `examples/tiny/train_teachers.sh WORKDIR` "
+        "(then `python examples/tiny/teachers.py pack WORKDIR`), or let `run.sh` train its own: `TINY_TEACHER=train`.",
+        "",
+        "| teacher | what | layers x dim | parameters | updates | CPU time to train | file (float16) | SHA-256 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    what = {"teacher_n1": "HuBERT iteration 1: MFCC k-means (K=100, 100 Hz) targets",
+            "teacher_n2": f"HuBERT iteration 2: K=100 k-means of teacher_n1's layer {t1['best_transformer_layer']}"}
+    for name in NAMES:
+        t = info["teachers"][name]
+        lines.append(f"| {name} | {what[name]} | {t['layers']} x {t['dim']} | {t['params'] / 1e6:.2f}M | "
+                     f"{t['updates']} | {t['train_seconds'] / 60:.0f} min (one thread) | `{t['file']}` "
+                     f"{t['bytes'] / 1e6:.1f} MB | `{t['sha256'][:16]}...` |")
+    lines += ["", "`dicehubert_fairseq.checkpoint.load_state` checks each file against its `.sha256` at every "
+              "load; `run.sh` checks both before any work (`python examples/tiny/teachers.py verify`).", "",
+              "## Training curves", "",
+              "Accuracy of the masked-prediction head on the training batches (fairseq's `correct_m_0`: masked "
+              "frames, the loss; `correct_u_0`: unmasked frames, logged but not in the loss):", "",
+              "| update | " + " | ".join(f"{n} masked | {n} unmasked" for n in NAMES) + " |",
+              "|---|" + "---|---|" * len(NAMES)]
+    curves_ = {n: {p["update"]: p for p in info["teachers"][n]["curve"]} for n in NAMES}
+    last = max(max(c) for c in curves_.values() if c)
+    step = 1000 if last > 4000 else max(100, last // 4 // 100 * 100)
+    for u in range(step, last + 1, step):
+        cells = []
+        for n in NAMES:
+            p = curves_[n].get(u)
+            cells.append("| |" if p is None else f"{p['masked_acc']:.3f} | {p['unmasked_acc']:.3f}")
+        lines.append(f"| {u} | " + " | ".join(cells) + " |")
+    lines += ["", "## Layer by layer, on the tuning corpus's valid split", "",
+              "Each hidden state probed alone (`probe_layers.py`: frozen model, linear CTC head over espeak-ng "
+              "phones, 60 epochs, best epoch on valid) and, for transformer layers, the PNMI of its K=100 "
+              "k-means labels against the frame alignments (`dicehubert-labels quality`). 0 is the "
+              "transformer's input. The layer chosen (best valid PER among layers 1..12) is what the next "
+              "stage clusters.", ""]
+    for name in NAMES:
+        t = info["teachers"][name]
+        rows = t["layers_on_tune_valid"]
+        lines += [f"**{name}** (chosen: layer {t['best_transformer_layer']})", "",
+                  "| hidden state | " + " | ".join(str(r["layer"]) for r in rows) + " |",
+                  "|---|" + "---|" * len(rows),
+                  "| valid PER | " + " | ".join(f"{r['valid_per']:.3f}" for r in rows) + " |",
+                  "| PNMI | " + " | ".join(f"{r['pnmi']:.3f}" if "pnmi" in r else "" for r in rows) + " |", ""]
+    return "\n".join(lines)
 
 
 def chosen_layer(directory: str, name: str) -> int:
