@@ -18,8 +18,8 @@
 # Logs: WORKDIR/logs/{job}.log. Knobs (environment; defaults are the measured choice, see
 # examples/tiny/README.md and EXPERIMENTS.md):
 #   TINY_SEED=1 (first student seed) TINY_MINUTES=12 TINY_JOBS=2
-#   TINY_CORPUS=default|other|tune (voice set and sentences, see synth_corpus.py; 'tune' is the
-#   corpus recipe values are chosen on)
+#   TINY_CORPUS=default|other (voice set and sentences, see synth_corpus.py; the tuning corpus,
+#   where recipe values are chosen, is made by train_teachers.sh and experiments.sh)
 #   TINY_TEACHER=shipped|train TINY_TEACHER_DIR (the shipped teachers, examples/tiny/teachers)
 #   TINY_TEACHERS (teacher pairs trained with TINY_TEACHER=train, 2)
 #   TINY_TEACHER_UPDATES TINY_TEACHER_UPDATES2 TINY_STUDENT_UPDATES TINY_ROWS (student rows,
@@ -67,8 +67,7 @@ fi
 case "${TINY_CORPUS:=default}" in
   default) CORPUS_ARGS=() ;;
   other) CORPUS_ARGS=(--voices other --text-seed $((TINY_SEED + 1000))) ;;
-  tune) CORPUS_ARGS=(--voices tune --text-seed $((TINY_SEED + 2000))) ;;
-  *) echo "run.sh: error: TINY_CORPUS=$TINY_CORPUS: expected 'default', 'other' or 'tune'" >&2; exit 1 ;;
+  *) echo "run.sh: error: TINY_CORPUS=$TINY_CORPUS: expected 'default' or 'other'" >&2; exit 1 ;;
 esac
 case "$TINY_TEACHER" in
   shipped)  # the pretrained teachers, checked before any work (every load checks them again)
