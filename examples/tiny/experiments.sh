@@ -40,7 +40,7 @@ run() {  # run NAME CORPUS PIPELINE_ARGS...: pipeline + report in ROOT/NAME, res
   mkdir -p "$w" "$OUT"
   for f in "$src"/*.tsv "$src"/*.phn "$src"/corpus.json; do cp -p "$f" "$w/"; done
   echo "== $name: pipeline.py $w $*"
-  "$PYTHON" "$HERE/pipeline.py" "$w" "$@"
+  "$PYTHON" "$HERE/pipeline.py" "$w" ${EXP_TEACHER_DIR:+--teacher-dir "$EXP_TEACHER_DIR"} "$@"
   "$PYTHON" "$HERE/report.py" "$w" >/dev/null
   cp "$w/results.json" "$OUT/$name.json"
   cp "$w/results.md" "$OUT/$name.md"
@@ -48,15 +48,17 @@ run() {  # run NAME CORPUS PIPELINE_ARGS...: pipeline + report in ROOT/NAME, res
 }
 
 narrow() { echo --rows dicehubert_narrow --replicas 3; }
+n1() { echo --rows dicehubert_narrow_n1 --replicas 3; }  # students of teacher_n1's chosen layer
 
 case "${1:-list}" in list) sed -n '/^for exp in/,$p' "$0" | grep -oE '^    [a-z0-9_.-]+\)' | tr -d ' )'; exit 0 ;; esac
 for exp in "$@"; do
   case "$exp" in
-    # T1: the students' loss and learning rate (tuning corpus, narrow student, 3 seeds, 400 updates)
-    t1_both_lr2e-3) run "$exp" tune $(narrow) --student-updates 400 ;;
-    t1_masked_lr2e-3) run "$exp" tune $(narrow) --student-updates 400 --extra-overrides "$MASKED" ;;
-    t1_masked_lr1e-3) run "$exp" tune $(narrow) --student-updates 400 --extra-overrides "$MASKED optimization.lr=[0.001]" ;;
-    t1_masked_lr5e-4) run "$exp" tune $(narrow) --student-updates 400 --extra-overrides "$MASKED optimization.lr=[0.0005]" ;;
+    # T1: the students' loss and learning rate (tuning corpus, narrow students of teacher_n1's chosen
+    # layer, 3 seeds, 400 updates): run while teacher_n2 was training
+    t1_both_lr2e-3) run "$exp" tune $(n1) --student-updates 400 ;;
+    t1_masked_lr2e-3) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED" ;;
+    t1_masked_lr1e-3) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED optimization.lr=[0.001]" ;;
+    t1_masked_lr5e-4) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED optimization.lr=[0.0005]" ;;
     *) echo "experiments.sh: unknown experiment '$exp' (experiments.sh list)" >&2; exit 1 ;;
   esac
 done

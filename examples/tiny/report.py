@@ -6,25 +6,25 @@
     {"models": [...], "claims": [...], "verdict_rule": "...", "teacher_layers": {...},
      "timing": {...}, "setup": {...}}
 
-``models``: one entry per row of the paper's table (``teacher_n1``, ``teacher_n2`` and the
-students), in that order: ``params`` (without the pretraining heads: label embeddings, final
-projection, L_feat heads, as the presets are quoted), ``layers``, ``dim``, ``updates``;
-``seeds`` and, per seed, ``per_seeds`` (test PER of the probe), ``valid_per_seeds`` and
-``seconds_seeds`` (training wall time); ``per`` / ``valid_per`` / ``seconds`` their means,
-``per_std`` the standard deviation over seeds (None with one seed); ``layer_weights`` the
-probe's layer weights averaged over seeds.
+``models``: one entry per row that ``WORKDIR/rows.json`` (pipeline.py) lists, teachers first:
+``kind`` (teacher or student), ``params`` (without the pretraining heads: label embeddings,
+final projection, L_feat heads, as the presets are quoted), ``layers``, ``dim``, ``updates``;
+per run, ``seeds``, ``teachers`` (the teacher pair a student learned from), ``per_seeds`` (test
+PER of the probe), ``valid_per_seeds`` and ``seconds_seeds`` (training wall time; None for a
+shipped teacher); ``per`` / ``valid_per`` / ``seconds`` their means, ``per_std`` the standard
+deviation (None with one run); ``layer_weights`` the probe's layer weights averaged over runs.
 
-``claims``: the paper's comparisons (:data:`CLAIMS`), each with the two rows compared
-(``better``: the row the paper says is better, ``worse``), their means and standard deviations,
-the paired per-seed differences ``diffs`` (PER of ``worse`` minus PER of ``better``, seed by
-seed; a row trained once, a teacher, is compared with every seed of the other), their mean
-``mean_diff``, standard error ``se``, the 95% t interval ``ci95``, the relative difference
-``rel_diff`` (``mean_diff`` over the mean PER of ``worse``) and the ``verdict`` by
-:data:`VERDICT_RULE`.
+``claims``: the comparisons of :data:`CLAIMS` whose two rows were run, each with the rows
+(``better``: expected better, ``worse``), their means and deviations, the paired differences
+``diffs`` (PER of ``worse`` minus PER of ``better``, by seed: :func:`pairs`), their mean
+``mean_diff``, ``se``, paired 95% interval ``ci95`` and p-value ``p``, Holm-adjusted ``p_holm``,
+the ``welch`` comparison, ``rel_diff`` and ``rel_ci95`` (over the worse row's mean PER), the
+paper's ``paper_size`` and ``paper_size_verdict``, the ``verdict`` (Holm) and
+``verdict_uncorrected``, and ``valid``: the same on the valid split.  The rule: :data:`VERDICT_RULE`.
 
-``teacher_layers``: per teacher probed layer by layer, the valid and test PER of each hidden
-state alone and the best one on valid.  ``timing``: wall and CPU seconds per kind of job
-(corpus synthesis, labels, teachers, students, probes).
+``teacher_layers``: per teacher probed layer by layer on this corpus, the valid and test PER of
+each hidden state alone and the best one on valid.  ``timing``: wall and CPU seconds per kind of
+job (corpus synthesis, labels, teachers, students, probes).
 ``results.png`` (needs matplotlib; skipped with a message otherwise): PER by model (bar: mean,
 line: one standard deviation, dots: seeds), the probe's layer weights, and the teachers' PER
 layer by layer.

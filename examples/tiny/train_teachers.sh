@@ -11,7 +11,8 @@
 #   2. teacher_n1  HuBERT iteration 1: MFCC k-means (K=100, 100 Hz) targets, masked frames only
 #   3. layer    teacher_n1's best transformer layer for phones on the tuning corpus's valid split
 #               (each layer probed alone: probe_layers.py)
-#   4. teacher_n2  HuBERT iteration 2: K=100 k-means of that layer (50 Hz), masked frames only
+#   4. teacher_n2  HuBERT iteration 2: K=500 k-means of that layer (50 Hz; HuBERT Base's K for its
+#               second iteration), masked frames only
 #   5. report   both teachers layer by layer on the tuning corpus's valid split (probe PER and
 #               PNMI), training curves; pack.py writes the fp16 checkpoints, checksums and
 #               teachers.json into examples/tiny/teachers/ (TEACHERS_PACK=1)
@@ -71,21 +72,23 @@ stage km_mfcc dicehubert-labels fit --manifest-dir "$T" --split train --mfcc --n
 stage labels_mfcc dicehubert-labels dump --manifest-dir "$T" --split train --mfcc --km "$W/km/mfcc.joblib" \
   --label-dir "$W/labels/mfcc" --name mfcc --no-progress
 stage teacher_n1 train teacher_n1 "$UPD1" "$W/labels/mfcc" +data=mfcc
-layers() {  # layers NAME: every hidden state probed alone on the tuning corpus (valid PER, PNMI)
-  "$PYTHON" "$HERE/probe_layers.py" --checkpoint "$W/$1/checkpoints/checkpoint_last.pt" --data "$TUNE" \
-    --out "$W/probe/$1.layers.json" --seed "$SEED" --epochs 60 --pnmi-k 100
+layers() {  # layers NAME [--pnmi-k 100]: every hidden state probed alone on the tuning corpus (valid PER[, PNMI])
+  local name="$1"; shift
+  "$PYTHON" "$HERE/probe_layers.py" --checkpoint "$W/$name/checkpoints/checkpoint_last.pt" --data "$TUNE" \
+    --out "$W/probe/$name.layers.json" --seed "$SEED" --epochs 60 "$@"
 }
-stage layers_n1 layers teacher_n1
+stage layers_n1 layers teacher_n1  # the PERs choose the layer; PNMI (same probes again, deterministic) at the end
 LAYER1="$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["best_transformer_layer"])' \
   "$W/probe/teacher_n1.layers.json")"
 echo "teacher_n1's best transformer layer on the tuning corpus's valid split: $LAYER1"
 stage km_it1 dicehubert-labels fit --manifest-dir "$T" --split train --checkpoint "$W/teacher_n1/checkpoints/checkpoint_last.pt" \
-  --layer "$LAYER1" --n-clusters 100 --out "$W/km/it1.joblib" --seed "$SEED" --n-init 3 --no-progress
+  --layer "$LAYER1" --n-clusters 500 --out "$W/km/it1.joblib" --seed "$SEED" --n-init 3 --no-progress
 stage labels_it1 dicehubert-labels dump --manifest-dir "$T" --split train \
   --checkpoint "$W/teacher_n1/checkpoints/checkpoint_last.pt" --layer "$LAYER1" --km "$W/km/it1.joblib" \
   --label-dir "$W/labels/it1" --name it1 --no-progress
 stage teacher_n2 train teacher_n2 "$UPD2" "$W/labels/it1" task.labels=[it1] task.label_rate=50
-stage layers_n2 layers teacher_n2
+stage layers_n2 layers teacher_n2 --pnmi-k 100
+stage quality_n1 layers teacher_n1 --pnmi-k 100
 if [[ "${TEACHERS_PACK:-0}" == 1 ]]; then
   "$PYTHON" "$HERE/teachers.py" pack "$W"
 else
