@@ -59,6 +59,7 @@ for exp in "$@"; do
     t1_masked_lr2e-3) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED" ;;
     t1_masked_lr1e-3) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED optimization.lr=[0.001]" ;;
     t1_masked_lr5e-4) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED optimization.lr=[0.0005]" ;;
+    t1_masked_lr2.5e-4) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED optimization.lr=[0.00025]" ;;
     *) echo "experiments.sh: unknown experiment '$exp' (experiments.sh list)" >&2; exit 1 ;;
   esac
 done

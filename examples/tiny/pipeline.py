@@ -139,8 +139,7 @@ def build_jobs(a: argparse.Namespace) -> List[Job]:
     rows: Dict[str, Dict] = {}
     layer_json = lambda name: os.path.join(w, "probe", f"{name}.layers.json")  # noqa: E731
     probe_opts = [] if not a.probe_train_utterances else ["--max-train-utterances", str(a.probe_train_utterances)]
-    shipped = a.teachers == "shipped"
-    n_teachers = 1 if shipped else a.teacher_replicas
+    n_teachers = 1 if a.teachers == "shipped" else a.teacher_replicas
 
     def add_run(row, run, seed, teacher, ckpt, trained, kind):
         rows.setdefault(row, {"kind": kind, "what": WHAT[row], "runs": []})["runs"].append(
@@ -178,11 +177,13 @@ def build_jobs(a: argparse.Namespace) -> List[Job]:
             "--checkpoint", ckpt, "--layer", layer, "--km", km(name), "--label-dir", lab(name), "--name", "km"]
             + dump, [f"km_{name}"]))
 
-    # MFCC k-means labels (HuBERT iteration 1 targets; the scratch student's)
-    jobs.append(Job("km_mfcc", labels_cli + ["fit"] + common_lab + [
-        "--mfcc", "--n-clusters", str(a.k_mfcc), "--out", km("mfcc")] + fit_opts))
-    jobs.append(Job("labels_mfcc", labels_cli + ["dump"] + common_lab + [
-        "--mfcc", "--km", km("mfcc"), "--label-dir", lab("mfcc"), "--name", "mfcc"], ["km_mfcc"]))
+    # MFCC k-means labels (HuBERT iteration 1 targets; the scratch student's), where needed
+    shipped = a.teachers == "shipped"
+    if not shipped or any(STUDENTS[r][1] == "mfcc" for r in a.rows):
+        jobs.append(Job("km_mfcc", labels_cli + ["fit"] + common_lab + [
+            "--mfcc", "--n-clusters", str(a.k_mfcc), "--out", km("mfcc")] + fit_opts))
+        jobs.append(Job("labels_mfcc", labels_cli + ["dump"] + common_lab + [
+            "--mfcc", "--km", km("mfcc"), "--label-dir", lab("mfcc"), "--name", "mfcc"], ["km_mfcc"]))
 
     # the teachers: the shipped, pretrained ones (verified first), or trained here, n_teachers of each
     teacher_ckpt, teacher_deps = {}, {}
