@@ -9,9 +9,11 @@ labels' teacher, the probe's upstream, the L_feat teacher and every export go th
 """
 
 import dataclasses
+import hashlib
 import logging
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -36,15 +38,59 @@ PRETRAINING_HEADS = ("label_embs_concat", "final_proj.", "target_glu.")
 FEAT_HEADS = ("feat_heads.",)
 
 
+#: the checksum file beside a checkpoint (``sha256sum`` format: ``HEX  NAME``)
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checksum(path: str) -> Optional[str]:
+    """Check ``path`` against ``path + ".sha256"`` when that file exists (``sha256sum -c`` format).
+
+    Checkpoints committed with a checksum (examples/tiny's pretrained teachers) are verified at
+    every load; others load as they are.
+
+    Returns:
+        the verified digest, or None without a checksum file.
+
+    Raises:
+        InputError: the checksum file is malformed, or the checkpoint's digest differs from it.
+    """
+    side = os.fspath(path) + CHECKSUM_SUFFIX
+    if not os.path.isfile(side):
+        return None
+    with open(side, encoding="utf-8", errors="replace") as f:
+        first = f.readline().strip()
+    expected = first.split()[0].lower() if first else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise InputError([f"{side}:1: expected a SHA-256 checksum (64 hex digits, then the file name), "
+                          f"found {first[:80]!r}"])
+    found = sha256_file(path)
+    if found != expected:
+        raise InputError([f"{path}: SHA-256 {found} differs from {side} ({expected}): the checkpoint is corrupt "
+                          f"or was replaced; restore it (git checkout -- {os.path.basename(path)}) or retrain it"])
+    return found
+
+
 def load_state(path: str) -> Dict[str, Any]:
     """Load a fairseq checkpoint on CPU (``weights_only``, fairseq's globals allow-listed).
 
+    A checkpoint with a checksum file beside it (:func:`verify_checksum`) is verified first.
+
     Raises:
-        InputError: missing, truncated/corrupt, or not a fairseq checkpoint.
+        InputError: missing, corrupt (checksum), truncated, or not a fairseq checkpoint.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError([f"{path}: checkpoint not found"])
+    verify_checksum(path)
     try:
         # fairseq's loader also upgrades old (argparse) checkpoints to a config
         state = checkpoint_utils.load_checkpoint_to_cpu(path)
