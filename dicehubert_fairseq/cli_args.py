@@ -7,10 +7,10 @@ help. Unlike it, list fields take space-separated values (``--labels km mfcc``) 
 
 * ``flag``: the option's name when it is not ``--field-name`` (e.g. ``--no-progress`` for
   ``progress: bool = True``); ``argparse_alias``: a second name (fairseq's key, e.g. ``-q``);
-* ``type``: a converter that also validates (:func:`positive_int` ...: a bad value is a usage
-  error, exit status 2); ``choices``, ``metavar``; ``action="append"`` for a repeatable option;
+* ``type``: a converter that also validates (:mod:`~dicehubert_fairseq.option_types`: a bad
+  value is a usage error, exit status 2); ``choices``, ``metavar``; ``action="append"`` for a repeatable option;
   ``nargs``: for a list field, overrides ``+`` (``None``: one token, which ``type`` turns into
-  the list, e.g. :func:`int_list` for ``--layer 6,9,12``);
+  the list, e.g. :func:`~dicehubert_fairseq.option_types.int_list` for ``--layer 6,9,12``);
 * ``positional``: a positional argument instead of an option (required: no default).
 
 A ``bool`` field is a switch: ``store_true`` when it defaults to False, ``store_false`` (under
@@ -25,42 +25,6 @@ from typing import Any, Iterable, Sequence, Type, TypeVar
 from omegaconf import MISSING
 
 T = TypeVar("T")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def int_list(text: str) -> list:
-    """argparse type: comma-separated integers (``6,9,12``), at least one, no repeats (their range is
-    the caller's to check: it can name the file that sets it)."""
-    try:
-        values = [int(t) for t in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 6,9,12, got {text!r}") from None
-    if len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"expected distinct integers, got {text!r}")
-    return values
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -1,13 +1,15 @@
-"""Frames of a fairseq conv front end: how many a waveform gives, and how many samples apart.
+"""Frames of a fairseq conv front end: how many a waveform gives, how many samples apart, which are padding.
 
 HuBERT's front end is a stack of un-padded 1-d convolutions given by fairseq's
 ``conv_feature_layers`` string (``"[(dim, kernel, stride), ...]"``); Kaldi-style MFCC frames are
-the same arithmetic with one layer ``(window, shift)``.
+the same arithmetic with one layer ``(window, shift)``. A batch of utterances of several lengths
+is padded at the end of each row, and fairseq marks the padding True (:func:`padding_mask_of`).
 """
 
 import math
 from typing import List, Sequence, Tuple, Union
 
+import torch
 from torch import nn
 
 #: ``(kernel, stride)`` of each layer, input side first.
@@ -53,3 +55,17 @@ def conv_output_length(num_samples: int, layers: ConvLayers) -> int:
 def frame_stride(layers: ConvLayers) -> int:
     """Samples between two consecutive frames: the product of the strides."""
     return math.prod(int(s) for _, s in layers)
+
+
+def padding_mask_of(lengths: Union[Sequence[int], torch.Tensor], size: int, device=None) -> torch.Tensor:
+    """fairseq's padding mask of a batch padded at the end of each row.
+
+    Args:
+        lengths: ``(B,)`` samples (or frames) of each row.
+        size: the padded length ``T``.
+        device: where to build it.
+
+    Returns:
+        ``(B, T)`` bool, True on padding (position ``t >= lengths[b]``).
+    """
+    return torch.arange(size, device=device)[None, :] >= torch.as_tensor(lengths, device=device)[:, None]

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .frames import conv_layers, conv_output_length
+from .frames import conv_layers, conv_output_length, padding_mask_of
 
 
 @dataclass
@@ -158,8 +158,7 @@ def _exact_front_end(model: nn.Module, source: torch.Tensor, padding_mask: torch
             features[b, :, : o.size(2)] = o[0]
     else:
         features = model.forward_features(source)
-    frame_mask = torch.arange(features.size(2), device=features.device)[None, :] >= torch.tensor(
-        frames, device=features.device)[:, None]
+    frame_mask = padding_mask_of(frames, features.size(2), device=features.device)
     return features, frame_mask
 
 
@@ -184,7 +183,7 @@ def _one_by_one(model: nn.Module, source: torch.Tensor, padding_mask: torch.Tens
             out[b, : t.size(1)] = t[0]
         return out
 
-    frame_mask = torch.arange(T, device=source.device)[None, :] >= torch.tensor(frames, device=source.device)[:, None]
+    frame_mask = padding_mask_of(frames, T, device=source.device)
     # HuBERT's feature penalty is a mean over the batch's conv features: here over every utterance's own
     pen = sum(o.features_pen * t for o, t in zip(outs, frames)) / sum(frames)
     return HiddenStates(

@@ -7,7 +7,8 @@ from typing import List, Optional
 import pytest
 from omegaconf import MISSING
 
-from dicehubert_fairseq.cli_args import add_arguments, from_args, int_list, positive_int
+from dicehubert_fairseq.cli_args import add_arguments, from_args
+from dicehubert_fairseq.option_types import int_list, positive_int
 from dicehubert_fairseq.export.cli import build_parser as export_parser
 from dicehubert_fairseq.labels.cli import build_parser as labels_parser
 from dicehubert_fairseq.probe.cli import build_parser as probe_parser

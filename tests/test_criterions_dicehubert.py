@@ -250,9 +250,10 @@ def test_nan_without_loss_scaling_stops_with_the_utterances(world, one_torch_thr
 
 #: Cases of :func:`test_dicehubert_computes_fairseqs_hubert`: overrides of config/tiny_teacher.yaml.
 EQUIVALENCE_CASES = {
-    # fairseq's hubert_base_librispeech.yaml loss: masked frames only, feature penalty 10, tied projection
+    # fairseq's hubert_base_librispeech.yaml loss: masked frames only, feature penalty 10, tied projection;
+    # and fairseq's log_keys (a field both configs have): the feature penalty logged as it is
     "hubert_base_loss": ["criterion.pred_nomask_weight=0.0", "criterion.loss_weights=[10.0]",
-                         "model.untie_final_proj=false"],
+                         "model.untie_final_proj=false", "++criterion.log_keys=[features_pen]"],
     # the tiny teacher as configured (run/tiny.yaml: unmasked frames weigh 1, no feature penalty)
     "tiny_teacher": [],
     # two label streams, untied projections, unmasked-frame weight 0.5, padded batch
@@ -368,6 +369,7 @@ def test_dicehubert_computes_fairseqs_hubert(case, equivalence_world, monkeypatc
 
     assert size == ref_size > 0
     assert math.isclose(loss.item(), ref_loss.item(), rel_tol=1e-5)
+    assert ("features_pen" in ref_log) == ("++criterion.log_keys=[features_pen]" in overrides)
     for key, value in ref_log.items():
         assert key in log, key
         if key.startswith(("correct_", "count_", "ntokens", "nsentences", "sample_size")):
@@ -395,3 +397,20 @@ def test_dicehubert_computes_fairseqs_hubert(case, equivalence_world, monkeypatc
             diff += (ours[name].grad - p.grad).double().pow(2).sum().item()
             norm += p.grad.double().pow(2).sum().item()
     assert norm > 0 and math.sqrt(diff / norm) < 1e-5, math.sqrt(diff / norm)
+
+
+def test_config_extends_fairseqs_hubert_criterion_config_with_our_defaults():
+    """The fields fairseq's ``hubert`` criterion has are its own (one definition, same names);
+    ours differ only in the default feature-penalty weight and add one weight per stream."""
+    import dataclasses
+
+    from fairseq.criterions.hubert_criterion import HubertCriterionConfig
+
+    from dicehubert_fairseq.criterions.dicehubert import DiceHubertCriterionConfig
+
+    assert issubclass(DiceHubertCriterionConfig, HubertCriterionConfig)
+    ours = {f.name: f for f in dataclasses.fields(DiceHubertCriterionConfig)}
+    assert set(ours) == {f.name for f in dataclasses.fields(HubertCriterionConfig)} | {"label_weights"}
+    cfg = DiceHubertCriterionConfig()
+    assert (cfg.pred_masked_weight, cfg.pred_nomask_weight, cfg.loss_weights, cfg.log_keys, cfg.label_weights) == (
+        1.0, 0.0, [10.0], [], [])

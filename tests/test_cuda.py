@@ -17,7 +17,7 @@ import torch
 from dicehubert_fairseq.data.audio import read_audio
 from dicehubert_fairseq.data.files import read_manifest
 from dicehubert_fairseq.labels.cli import main as labels_main
-from dicehubert_fairseq.labels.features import TeacherFeatureReader
+from dicehubert_fairseq.labels.teacher import TeacherFeatureReader
 from tests.helpers.config import batch_of, build, feat_cfg, tiny_student_cfg
 
 pytestmark = [

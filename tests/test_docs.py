@@ -39,3 +39,18 @@ def test_no_link_leaves_the_repository(doc):
         path = os.path.normpath(os.path.join(REPO, os.path.dirname(doc), target))
         assert os.path.commonpath([REPO, path]) == REPO, f"{doc}: {target} points outside the repository"
         assert os.path.exists(path), f"{doc}: {target} does not exist"
+
+
+TEST_REFERENCE = re.compile(r"`(tests/[\w/]+\.py)((?:::\w+)?)`")   # `tests/x.py` or `tests/x.py::test_name`
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_cited_tests_exist(doc):
+    """A document that names a test (``tests/x.py::test_y``) names one that exists."""
+    with open(os.path.join(REPO, doc), encoding="utf-8") as f:
+        text = f.read()
+    for path, name in TEST_REFERENCE.findall(text):
+        assert os.path.isfile(os.path.join(REPO, path)), f"{doc}: {path} does not exist"
+        if name:
+            with open(os.path.join(REPO, path), encoding="utf-8") as f:
+                assert f"def {name[2:]}(" in f.read(), f"{doc}: {path}{name} does not exist"

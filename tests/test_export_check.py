@@ -6,9 +6,10 @@ import os
 import pytest
 import torch
 
+from dicehubert_fairseq.checkpoint import load_source
 from dicehubert_fairseq.export import check
 from dicehubert_fairseq.export.cli import main
-from dicehubert_fairseq.export.source import load_source
+from dicehubert_fairseq.frames import padding_mask_of
 from dicehubert_fairseq.hidden_states import hidden_states
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,7 +32,7 @@ def test_batch_padding_mask_gives_the_conv_arithmetic_frames(export_models):
         model = load_source(export_models[name]).model
         wavs, lengths = check.random_batch(load_source(export_models[name]))
         frames = check.frames_of(model, lengths)
-        plain = torch.arange(wavs.shape[1])[None, :] >= torch.tensor(lengths)[:, None]
+        plain = padding_mask_of(lengths, wavs.shape[1])
         with torch.inference_mode():
             fairseq_own = hidden_states(model, wavs, plain)
             ours = hidden_states(model, wavs, check.batch_padding_mask(model, lengths, wavs.shape[1]))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from fairseq.models.wav2vec.wav2vec2 import ConvFeatureExtractionModel
 
-from dicehubert_fairseq.frames import conv_layers, conv_output_length, frame_stride
+from dicehubert_fairseq.frames import conv_layers, conv_output_length, frame_stride, padding_mask_of
 
 HUBERT = "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"
 ODD = "[(8,7,3)] + [(8,4,2)] * 2"
@@ -36,3 +36,9 @@ def test_output_length_equals_the_conv_stack(spec):
                 assert got == model.feature_extractor(torch.zeros(1, n)).shape[2], n
     # HuBERT's stack: the 50 Hz formula (S - 400) // 320 + 1
     assert all(conv_output_length(n, conv_layers(HUBERT)) == (n - 400) // 320 + 1 for n in range(400, 5000, 37))
+
+
+def test_padding_mask_by_hand():
+    assert padding_mask_of([3, 1, 0], 4).tolist() == [[False, False, False, True], [False, True, True, True],
+                                                    [True, True, True, True]]
+    assert padding_mask_of(torch.tensor([2]), 2).tolist() == [[False, False]]

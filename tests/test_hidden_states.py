@@ -9,6 +9,7 @@ import torch
 import dicehubert_fairseq  # noqa: F401
 from dicehubert_fairseq.checkpoint import load_model
 from tests.helpers.config import build, compose
+from dicehubert_fairseq.frames import padding_mask_of
 from dicehubert_fairseq.hidden_states import hidden_states
 from tests.helpers.data import tiny_model_overrides
 
@@ -123,7 +124,7 @@ def padded_batch(wavs):
     src = torch.zeros(len(wavs), max(lengths))
     for b, w in enumerate(wavs):
         src[b, : len(w)] = w
-    return src, torch.arange(src.size(1))[None, :] >= torch.tensor(lengths)[:, None]
+    return src, padding_mask_of(lengths, src.size(1))
 
 
 def assert_each_utterance_as_alone(model, exact, wavs):

@@ -14,8 +14,11 @@ from dicehubert_fairseq.data.audio import read_audio
 from dicehubert_fairseq.data.files import SoftLabels, read_dictionary_symbols, read_manifest
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.labels.cli import main
-from dicehubert_fairseq.labels.dump import DumpConfig, dump_labels
-from dicehubert_fairseq.labels.features import FeatureConfig, MfccFeatureReader, TeacherFeatureReader
+from dicehubert_fairseq.labels.config import Corpus, FeatureConfig
+from dicehubert_fairseq.labels.dump import DumpConfig
+from dicehubert_fairseq.labels.mfcc import MfccFeatureReader
+from dicehubert_fairseq.labels.plan import make_plan
+from dicehubert_fairseq.labels.teacher import TeacherFeatureReader
 from dicehubert_fairseq.labels.fit import load_kmeans
 from dicehubert_fairseq.labels.kmeans import new_kmeans, objective_of
 from tests.helpers.data import num_frames
@@ -189,8 +192,8 @@ def test_fit_normalize_is_kmeans_on_unit_vectors_and_dump_uses_the_stored_mode(t
     assert f"{mfcc_km}: fitted on raw features" in err and "fit --normalize" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "x")
     with pytest.raises(InputError, match="fitted on L2-normalised features"):
-        dump_labels(os.path.join(data, "valid.tsv"), "valid", FeatureConfig(mfcc=True),
-                    DumpConfig(km=mfcc_km_unit, label_dir=str(tmp_path / "y"), normalize=False), progress=False)
+        make_plan("dump", Corpus(data, "valid"), FeatureConfig(mfcc=True),
+                  dump=DumpConfig(km=mfcc_km_unit, label_dir=str(tmp_path / "y"), normalize=False))
 
 
 def test_temperature_as_a_multiple_of_the_stored_median_gap(tiny_corpus, mfcc_km_unit, tmp_path, capsys):

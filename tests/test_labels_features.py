@@ -14,9 +14,9 @@ from dicehubert_fairseq.data.files import read_manifest
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.data.audio import read_audio
 from dicehubert_fairseq.frames import conv_output_length
-from dicehubert_fairseq.labels.features import (
-    MfccFeatureReader, TeacherFeatureReader, compute_deltas, kaldi_mfcc, length_sorted_batches, mfcc_39,
-)
+from dicehubert_fairseq.labels.features import length_sorted_batches
+from dicehubert_fairseq.labels.mfcc import MfccFeatureReader, compute_deltas, kaldi_mfcc, mfcc_39
+from dicehubert_fairseq.labels.teacher import TeacherFeatureReader
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,11 @@ import pytest
 
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.labels.cli import main
+from dicehubert_fairseq.labels.config import Corpus, FeatureConfig
 from dicehubert_fairseq.labels.dump import DumpConfig
-from dicehubert_fairseq.labels.features import FeatureConfig, MfccFeatureReader
-from dicehubert_fairseq.labels.fit import FitConfig, fit_kmeans, load_kmeans, sample_rows, save_kmeans
+from dicehubert_fairseq.labels.fit import FitConfig, load_kmeans, sample_rows, save_kmeans
+from dicehubert_fairseq.labels.mfcc import MfccFeatureReader
+from dicehubert_fairseq.labels.plan import make_plan
 from dicehubert_fairseq.labels.kmeans import new_kmeans, objective_of
 from tests.test_labels_dump import _features
 from tests.test_labels_kmeans import mixture
@@ -102,4 +104,4 @@ def test_fit_reports_typical_distances_and_soft_label_entropies(tiny_corpus, tmp
 def test_fit_refuses_bad_report_options(tiny_corpus, tmp_path):
     cfg = FitConfig(n_clusters=4, out=str(tmp_path / "km.joblib"), report_temperatures=[0.0])
     with pytest.raises(InputError, match="--report-temperatures must be > 0"):
-        fit_kmeans(str(tmp_path / "none.tsv"), FeatureConfig(mfcc=True), cfg)
+        make_plan("fit", Corpus(str(tmp_path), "none"), FeatureConfig(mfcc=True), fit=cfg)

@@ -1,4 +1,4 @@
-"""Streaming k-means of dicehubert-labels: fairseq learn_kmeans' estimator, fed in bounded memory."""
+"""Streaming k-means of dicehubert-labels: fairseq learn_kmeans' estimator on a pool, our own online step past it."""
 
 import tracemalloc
 
@@ -8,9 +8,9 @@ import torch
 
 from dicehubert_fairseq.errors import InputError
 from dicehubert_fairseq.labels.kmeans import (
-    LEARN_KMEANS_SETTINGS, SKLEARN_COUNTS, Assigner, ReservoirSample, StreamingKMeans, distance_report, new_kmeans,
-    objective_of,
+    LEARN_KMEANS_SETTINGS, Assigner, ReservoirSample, StreamingKMeans, new_kmeans, objective_of,
 )
+from dicehubert_fairseq.labels.fit import distance_report
 
 pytestmark = pytest.mark.usefixtures("one_openmp_thread")
 
@@ -160,19 +160,53 @@ def test_reservoir_is_uniform_and_bounded():
     assert small.data.shape == (4, 2)
 
 
-def test_sklearn_private_counts_still_mean_what_we_rescale():
-    """StreamingKMeans rescales MiniBatchKMeans._counts after fit (its one use of a private sklearn
-    attribute): partial_fit must still move a centre by n / (count + n) towards its batch mean and add
-    n to its count.  A scikit-learn release that changes this fails here (setup.py bounds the range)."""
-    km = new_kmeans(2, seed=0, batch_size=100, n_init=1).fit(np.array([[0.0, 0.0]] * 50 + [[10.0, 10.0]] * 50,
-                                                                    dtype=np.float32))
-    counts = getattr(km, SKLEARN_COUNTS)
-    assert counts.shape == (2,) and counts.dtype.kind == "f"
-    near = int(np.argmin(np.linalg.norm(km.cluster_centers_, axis=1)))  # the centre at (0, 0)
-    counts[:] = [30.0, 30.0]
-    before = km.cluster_centers_[near].copy()
-    batch = np.array([[1.0, 2.0]] * 10, dtype=np.float32)  # all assigned to that centre
-    km.partial_fit(batch)
-    expected = (30.0 * before + batch.sum(0)) / (30.0 + 10.0)
-    np.testing.assert_allclose(km.cluster_centers_[near], expected, rtol=1e-5)
-    assert getattr(km, SKLEARN_COUNTS)[near] == pytest.approx(40.0)
+def test_online_step_keeps_each_centre_the_mean_of_every_frame_assigned_to_it():
+    """By hand: two clusters of the pool (3 frames at 0, 2 at 10, in 1-d), then two streamed
+    mini-batches; each centre is the mean of all its frames, the pool's and the stream's."""
+    pool = np.array([[0.0], [0.0], [0.0], [10.0], [10.0]], np.float32)
+    skm = StreamingKMeans(2, 1, seed=0, batch_size=2, pool_size=5, n_init=1)
+    skm.add(pool)  # the pool is full: fitted as fairseq does, centres 0 and 10
+    low = int(np.argmin(skm.km.cluster_centers_[:, 0]))
+    np.testing.assert_allclose(np.sort(skm.km.cluster_centers_[:, 0]), [0.0, 10.0], atol=1e-5)
+    skm.add(np.array([[3.0], [12.0]], np.float32))  # 2 frames: in the shuffle pool, not yet a mini-batch
+    assert skm.steps == 0
+    skm.add(np.array([[1.0], [11.0], [2.0]], np.float32))  # full pool (5): one mini-batch of 2 drawn
+    assert skm.steps == 1
+    km = skm.finish()  # the 3 frames left: two more mini-batches
+    assert skm.steps == 3 and skm.frames_seen == 10
+    centers = km.cluster_centers_[:, 0]
+    np.testing.assert_allclose(centers[low], np.mean([0, 0, 0, 3, 1, 2]), atol=1e-5)
+    np.testing.assert_allclose(centers[1 - low], np.mean([10, 10, 12, 11]), atol=1e-5)
+    assert km.cluster_centers_.dtype == np.float32
+    # the held-out objective: each batch's squared distances before its own update
+    assert skm.stream_objective > 0
+
+
+def test_online_step_is_the_mini_batch_update_of_sklearns_partial_fit():
+    """From the same centres and no frames counted yet, our steps move the centres as
+    ``MiniBatchKMeans.partial_fit`` (reassignment off) moves them, batch after batch."""
+    X = mixture(3000, dim=4, k=5, seed=3)
+    skm = StreamingKMeans(5, 4, seed=1, batch_size=500, pool_size=500, n_init=1)
+    skm.fit_initial(X[:500])
+    start = np.asarray(skm.km.cluster_centers_).copy()
+    skm._counts.zero_()  # as a fresh partial_fit: no frame counted yet
+    ref = new_kmeans(5, seed=1, batch_size=500, n_init=1, init=start)
+    for s in range(500, 3000, 500):
+        batch = np.ascontiguousarray(X[s : s + 500])
+        skm._step(batch)
+        ref.partial_fit(batch)
+        np.testing.assert_allclose(skm._centers.numpy(), ref.cluster_centers_, rtol=1e-5, atol=1e-5)
+    assert skm.steps == 5 and not np.allclose(start, ref.cluster_centers_)
+
+
+def test_kmeans_uses_public_scikit_learn_api_only():
+    """No private attribute of a scikit-learn object is read or written (they change between releases)."""
+    import ast
+    import inspect
+
+    from dicehubert_fairseq.labels import kmeans
+
+    tree = ast.parse(inspect.getsource(kmeans))
+    private = [node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+               and isinstance(node.value, ast.Attribute) and node.value.attr == "km" and node.attr.startswith("_")]
+    assert private == []

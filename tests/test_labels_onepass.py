@@ -10,13 +10,17 @@ import sys
 import time
 
 import numpy as np
+import torch
 import pytest
 
+from dicehubert_fairseq.feature_cache import FeatureCache
 from dicehubert_fairseq.labels import features as features_module
 from dicehubert_fairseq.labels.cli import build_parser, main
-from dicehubert_fairseq.labels.features import (FeatureCache, FeatureConfig, MfccFeatureReader, TeacherFeatureReader,
-                                                iter_features, max_batch_samples)
+from dicehubert_fairseq.labels.config import FeatureConfig, max_batch_samples
+from dicehubert_fairseq.labels.features import FeatureSource
 from dicehubert_fairseq.labels.fit import load_kmeans
+from dicehubert_fairseq.labels.mfcc import MfccFeatureReader
+from dicehubert_fairseq.labels.teacher import TeacherFeatureReader
 from tests.helpers.runs import subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_openmp_thread", "one_torch_thread")
@@ -184,12 +188,11 @@ def test_run_checks_options_before_loading_the_teacher(tiny_corpus, tmp_path, ca
 SLOW_RUN = """
 import sys, time
 from dicehubert_fairseq.labels import cli, dump
-iter_features = dump.iter_features
-def slow(*args, **kwargs):  # a slow machine: every labelled utterance takes a second
-    for item in iter_features(*args, **kwargs):
-        yield item
-        time.sleep(1.0)
-dump.iter_features = slow
+write = dump.write_block
+def slow(*args, **kwargs):  # a slow machine: every block of labels takes two seconds more
+    write(*args, **kwargs)
+    time.sleep(2.0)
+dump.write_block = slow
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -237,32 +240,34 @@ def test_sigkilled_run_resumes_to_the_same_files(tiny_corpus, tiny_teacher, tmp_
 
 
 def test_feature_cache_keeps_whole_utterances_up_to_its_capacity():
-    cache = FeatureCache(10)
+    cache = FeatureCache(10, 2)
     a, b, c = (np.full((n, 2), n, dtype=np.float32) for n in (6, 5, 4))
-    assert cache.offer(0, a) and not cache.offer(1, b) and cache.offer(2, c)  # 6 + 5 > 10; 6 + 4 fits
+    assert cache.add(0, a) and not cache.add(1, b) and cache.add(2, c)  # 6 + 5 > 10; 6 + 4 fits
     assert cache.frames == 10 and 0 in cache and 1 not in cache and len(cache) == 2
     a[:] = -1  # a copy was kept
-    np.testing.assert_array_equal(cache.get(0), np.full((6, 2), 6))
+    np.testing.assert_array_equal(cache.get(0).numpy(), np.full((6, 2), 6))
     assert (cache.served_frames, cache.served_rows) == (6, 1)
+    assert cache.lengths.tolist() == [6, 4] and cache.offsets.tolist() == [0, 6, 10]
     cache.freeze()
-    assert not FeatureCache(10).offer(0, np.zeros((11, 2), np.float32))
-    assert not cache.offer(3, np.zeros((0, 2), np.float32)) and 3 not in cache
+    assert not FeatureCache(10, 2).add(0, np.zeros((11, 2), np.float32))
+    assert not cache.add(3, np.zeros((0, 2), np.float32)) and 3 not in cache
 
 
-def test_iter_features_serves_cached_rows_in_the_same_order(tiny_corpus, monkeypatch):
+def test_source_serves_cached_rows_in_the_same_order(tiny_corpus, monkeypatch):
     from dicehubert_fairseq.data.files import read_manifest
 
     manifest = read_manifest(os.path.join(tiny_corpus["data"], "train.tsv"))
     reader = MfccFeatureReader()
     rows = [5, 1, 3, 0]
-    plain = list(iter_features(reader, manifest, rows, 16000))
-    cache = FeatureCache(10 ** 6)
-    first = list(iter_features(reader, manifest, rows, 16000, cache=cache))
+    plain = list(FeatureSource(manifest, reader, 16000).read(rows))
+    cache = FeatureCache(10 ** 6, reader.dim)
+    cached = FeatureSource(manifest, reader, 16000, cache)
+    first = list(cached.read(rows))
     assert len(cache) == 4 and cache.served_rows == 0
     read = []
     real = features_module.read_audio
     monkeypatch.setattr(features_module, "read_audio", lambda m, r, sr: read.append(r) or real(m, r, sr))
-    second = list(iter_features(reader, manifest, rows, 16000, cache=cache))
+    second = list(cached.read(rows))
     assert read == [] and cache.served_rows == 4
     for x, y, z in zip(plain, first, second):
         assert x[0] == y[0] == z[0]
@@ -275,8 +280,8 @@ def test_cache_refused_for_batched_teacher_features(tiny_corpus, tiny_teacher):
     manifest = read_manifest(os.path.join(tiny_corpus["data"], "train.tsv"))
     reader = TeacherFeatureReader(tiny_teacher, 1)
     with pytest.raises(ValueError, match="one utterance at a time"):
-        next(iter_features(reader, manifest, [0, 1], 16000 * 50, cache=FeatureCache(100)))
-    assert next(iter_features(reader, manifest, [0, 1], 0, cache=FeatureCache(100)))[0] in (0, 1)
+        FeatureSource(manifest, reader, 16000 * 50, FeatureCache(100, reader.dim))
+    assert next(FeatureSource(manifest, reader, 0, FeatureCache(100, reader.dim)).read([0, 1]))[0] in (0, 1)
 
 
 def test_max_batch_seconds_default_is_one_utterance_on_cpu(tiny_teacher):
@@ -288,3 +293,14 @@ def test_max_batch_seconds_default_is_one_utterance_on_cpu(tiny_teacher):
         device, sample_rate = __import__("torch").device("cuda"), 16000
 
     assert max_batch_samples(FeatureConfig(), OnCuda()) == 50 * 16000
+
+
+def test_feature_cache_select_and_to_for_the_probe():
+    """The probe's use: every utterance added in order (key = position), several states per frame."""
+    cache = FeatureCache(5, 2, states=3)
+    a, b = torch.arange(12.0).view(3, 2, 2), -torch.arange(18.0).view(3, 3, 2)
+    assert cache.add(0, a) and cache.add(1, b) and cache.feats.shape == (3, 5, 2)
+    some = cache.select([1, 0])
+    assert some.offsets.tolist() == [0, 3, 5] and some.frame_index([1]).tolist() == [3, 4]
+    torch.testing.assert_close(some.feats, torch.cat([b, a], 1), rtol=0, atol=0)
+    torch.testing.assert_close(cache.to("cpu").get(1), b, rtol=0, atol=0)

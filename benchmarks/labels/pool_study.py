@@ -10,7 +10,7 @@ several K, pool sizes and seeds, and for two ways of closing it that cost teache
 the sample: more streamed passes, and a last exact Lloyd step (one more pass that sets every
 centroid to the mean of the frames nearest to it).
 
-The features are served to the library's own ``fit_kmeans`` (the code of ``fit``, as committed)
+The features are served to the library's own ``fit`` (the code of ``dicehubert-labels fit``, as committed)
 from memory, in the order ``fit`` reads them, so no teacher runs here; the variants with more
 passes mirror ``fit``'s stream and are checked to give ``fit``'s centroids with one pass.
 
@@ -27,16 +27,20 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
 from dicehubert_fairseq.data.files import read_manifest
+from dicehubert_fairseq.feature_cache import FeatureCache
 from dicehubert_fairseq.frames import conv_output_length
-from dicehubert_fairseq.labels.features import FeatureCache, FeatureConfig, FeatureReader, iter_features
-from dicehubert_fairseq.labels.fit import FitConfig, fit_kmeans, sample_rows
+from dicehubert_fairseq.labels.config import Corpus
+from dicehubert_fairseq.labels.features import FeatureReader, FeatureSource
+from dicehubert_fairseq.labels.fit import FitConfig, fit, sample_rows
 from dicehubert_fairseq.labels.kmeans import ReservoirSample, StreamingKMeans, new_kmeans, objective_of
+from dicehubert_fairseq.labels.plan import make_plan
 
 #: HuBERT's conv front end, (kernel, stride) per layer: frames per utterance
 HUBERT_CONV = [(10, 5)] + [(3, 2)] * 4 + [(2, 2)] * 2
@@ -76,9 +80,9 @@ def load(workdir, features=None, lengths=None):
 
 
 def full_cache(rows):
-    cache = FeatureCache(sum(len(r) for r in rows))
+    cache = FeatureCache(sum(len(r) for r in rows), rows[0].shape[1])
     for i, r in enumerate(rows):
-        cache.offer(i, r)
+        cache.add(i, r)
     cache.freeze()
     return cache
 
@@ -88,8 +92,7 @@ def stream_order(manifest, reader, cache, seed, block_size=200):
     rows = sample_rows(len(manifest), 1.0, seed)
     order = []
     for s in range(0, len(rows), block_size):
-        order += [r for r, _ in iter_features(reader, manifest, [int(x) for x in rows[s:s + block_size]], 0,
-                                              cache=cache)]
+        order += [r for r, _ in FeatureSource(manifest, reader, 0, cache).read([int(x) for x in rows[s:s + block_size]])]
     return order
 
 
@@ -157,8 +160,9 @@ def main():
                     if name == "fit":  # the mirror is fit's own code path: same centroids
                         cfg = FitConfig(n_clusters=K, out=os.path.join(tmp, "km.joblib"), percent=1.0,
                                         batch_size=batch, seed=seed, pool_size=pool)
-                        km, meta = fit_kmeans(manifest.path, FeatureConfig(), cfg, check_headers=False,
-                                              progress=False, reader=reader, cache=cache)
+                        plan = make_plan("fit", Corpus(os.path.dirname(manifest.path), "train", check_headers=False),
+                                         fit=cfg, reader=reader, progress=False)
+                        km, meta = fit(replace(plan, source=replace(plan.source, cache=cache)))
                         assert meta["passes"] == 2 and np.allclose(km.cluster_centers_, C, rtol=0, atol=1e-5), \
                             "the mirror of fit's stream differs from fit"
                     gaps.append(objective_of(C, X) / ref[K, seed] - 1)

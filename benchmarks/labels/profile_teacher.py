@@ -36,7 +36,9 @@ import torch
 from dicehubert_fairseq.data.audio import read_audio
 from dicehubert_fairseq.data.files import read_manifest
 from dicehubert_fairseq.hidden_states import hidden_states
-from dicehubert_fairseq.labels.features import TeacherFeatureReader, cpu_has_bf16, length_sorted_batches, mfcc_39
+from dicehubert_fairseq.labels.features import length_sorted_batches
+from dicehubert_fairseq.labels.mfcc import mfcc_39
+from dicehubert_fairseq.labels.teacher import TeacherFeatureReader, cpu_has_bf16
 from tests.helpers.data import write_checkpoint, write_corpus, write_random_labels
 
 from .run import HUBERT_BASE

@@ -24,9 +24,10 @@ import time
 import torch
 from threadpoolctl import threadpool_limits
 
-from dicehubert_fairseq.labels.dump import DumpConfig, dump_labels
-from dicehubert_fairseq.labels.features import FeatureConfig
-from dicehubert_fairseq.labels.fit import FitConfig, fit_kmeans
+from dicehubert_fairseq.labels.config import Corpus, FeatureConfig
+from dicehubert_fairseq.labels.dump import DumpConfig, dump
+from dicehubert_fairseq.labels.fit import FitConfig, fit
+from dicehubert_fairseq.labels.plan import make_plan
 from dicehubert_fairseq.labels.quality import QualityConfig, measure_quality
 
 BASE = {"encoder_layers": 12, "encoder_embed_dim": 768, "encoder_ffn_embed_dim": 3072, "encoder_attention_heads": 12,
@@ -57,10 +58,9 @@ def run(a) -> dict:
             km = os.path.join(work, f"{tag}.joblib")
             feats = FeatureConfig(mfcc=True) if mfcc else FeatureConfig(checkpoint=a.checkpoint, layer=layers)
             t0 = time.time()
-            _, meta = fit_kmeans(os.path.join(a.data, "train.tsv"), feats,
-                                 FitConfig(n_clusters=a.n_clusters, out=km, percent=a.percent, seed=a.seed,
-                                           n_init=a.n_init, normalize=mode == "normalized", report_temperatures=temps),
-                                 progress=False)
+            _, meta = fit(make_plan("fit", Corpus(a.data, "train"), feats, fit=FitConfig(
+                n_clusters=a.n_clusters, out=km, percent=a.percent, seed=a.seed, n_init=a.n_init,
+                normalize=mode == "normalized", report_temperatures=temps), progress=False))
             d = meta["distances"]
             rows.append({"layer": item, "mode": mode, "frames": d["frames"], "nearest_p50": d["nearest"]["p50"],
                          "gap_p10": d["gap"]["p10"], "gap_p50": d["gap"]["p50"], "gap_p90": d["gap"]["p90"],
@@ -68,8 +68,8 @@ def run(a) -> dict:
                          "entropy_bits_gap": d["entropy_bits_gap"], "top1_gap": d["top1_gap"],
                          "fit_s": round(time.time() - t0, 1)})
             if os.path.isfile(align):
-                dump_labels(os.path.join(a.data, f"{a.eval_split}.tsv"), a.eval_split, feats,
-                            DumpConfig(km=km, label_dir=work, name=tag), progress=False)
+                dump(make_plan("dump", Corpus(a.data, a.eval_split), feats, dump=DumpConfig(km=km, label_dir=work, name=tag),
+                               progress=False))
                 q = measure_quality(QualityConfig(label_dir=work, labels=[tag], split=a.eval_split, align=align,
                                                   label_rate=100.0 if mfcc else 50.0))[0]
                 quality.append({"layer": item, "mode": mode, **{k: q[k] for k in (

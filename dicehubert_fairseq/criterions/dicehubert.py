@@ -8,7 +8,7 @@ from typing import List
 import torch
 
 from fairseq.criterions import FairseqCriterion, register_criterion
-from fairseq.dataclass import FairseqDataclass
+from fairseq.criterions.hubert_criterion import HubertCriterionConfig
 from fairseq.logging import metrics
 
 from ..losses import count_correct, hard_cross_entropy, soft_cross_entropy
@@ -17,9 +17,11 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DiceHubertCriterionConfig(FairseqDataclass):
-    pred_masked_weight: float = field(default=1.0, metadata={"help": "weight of the loss on masked frames"})
-    pred_nomask_weight: float = field(default=0.0, metadata={"help": "weight of the loss on unmasked frames"})
+class DiceHubertCriterionConfig(HubertCriterionConfig):
+    """fairseq's ``hubert`` criterion config (``pred_masked_weight``, ``pred_nomask_weight``,
+    ``loss_weights``, ``log_keys``), with HuBERT's feature-penalty weight as the default and one
+    weight per label stream."""
+
     loss_weights: List[float] = field(
         default_factory=lambda: [10.0],
         metadata={"help": "weights of the model's extra losses (HuBERT: the feature penalty)"},
@@ -107,6 +109,9 @@ class DiceHubertCriterion(FairseqCriterion):
         net_output = model(**self.model_inputs(sample))  # through model(...): a DDP wrapper sees the forward
         loss, sample_size, logging_output = self.compute_loss(model, net_output, sample)
         check_finite(loss, sample, scaled=loss_scaled(model))
+        for key in self.cfg.log_keys:  # as fairseq's hubert criterion: net_output values to log
+            if key in net_output:
+                logging_output[key] = float(net_output[key])
         logging_output.update(
             loss=loss.item(),
             ntokens=sample_size,

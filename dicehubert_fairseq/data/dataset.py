@@ -14,18 +14,21 @@ Random crops (``random_crop``) are drawn from an RNG seeded by ``(seed, epoch, d
 alone: fairseq's ``HubertDataset`` draws them from numpy's global RNG, which fairseq's
 prefetch thread (where ``collater`` runs) shares with the training thread, so two runs of the
 same command cropped differently.
+
+The manifest is read once, by ``HubertDataset``, keeping every row; the rows outside
+``[min_keep_sample_size, max_keep_sample_size]`` are dropped afterwards, and the manifest row of
+each item kept is known (soft labels and label lines are found by it).
 """
 
 import itertools
 import logging
 import threading
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from fairseq.data import HubertDataset
-from fairseq.data.audio.hubert_dataset import load_audio
 
 from .files import SoftLabels
 
@@ -54,7 +57,9 @@ class DiceHubertDataset(HubertDataset):
             :data:`SOFT_PAD`).
         seed: seed of the random crops (the task passes ``common.seed``); with the epoch
             (:meth:`set_epoch`) and the dataset index it fixes every crop.
-        **kwargs: everything ``HubertDataset`` takes.
+        max_keep_sample_size / min_keep_sample_size: ``HubertDataset``'s (keyword only): rows
+            longer / shorter are dropped.
+        **kwargs: everything else ``HubertDataset`` takes.
     """
 
     def __init__(
@@ -65,19 +70,33 @@ class DiceHubertDataset(HubertDataset):
         soft_luts: Sequence[Optional[np.ndarray]] = (),
         hard_pads: Sequence[int] = (),
         seed: int = 1,
+        max_keep_sample_size: Optional[int] = None,
+        min_keep_sample_size: Optional[int] = None,
         **kwargs,
     ):
         self.seed = int(seed)
         self.epoch = 1
-        self._collating: Dict[int, Dict[int, int]] = {}  # thread -> {id(waveform): dataset index}
+        self._collating = threading.local()  # .indices: the dataset indices of the batch being collated
         self.soft_labels = list(soft_labels)
         self.soft_luts = [None if lut is None else torch.as_tensor(lut, dtype=torch.long) for lut in soft_luts]
         self.hard_pads = list(hard_pads)
-        _, _, self._rows, _, _ = load_audio(
-            manifest_path, kwargs.get("max_keep_sample_size"), kwargs.get("min_keep_sample_size")
-        )
-        super().__init__(manifest_path, *args, **kwargs)
-        if not self.store_labels:
+        super().__init__(manifest_path, *args, **kwargs)  # every row: the manifest is read here, once
+        self._keep_rows(min_keep_sample_size, max_keep_sample_size)
+
+    def _keep_rows(self, min_keep: Optional[int], max_keep: Optional[int]) -> None:
+        """Drop the rows outside ``[min_keep, max_keep]`` samples (fairseq's rule); :attr:`_rows`: the
+        manifest row of each item kept."""
+        self._rows = [r for r, n in enumerate(self.sizes)
+                      if (min_keep is None or n >= min_keep) and (max_keep is None or n <= max_keep)]
+        if len(self._rows) < len(self.sizes):
+            logger.info(f"kept {len(self._rows)} of {len(self.sizes)} utterances: "
+                        f"{sum(min_keep is not None and n < min_keep for n in self.sizes)} shorter than {min_keep} samples, "
+                        f"{sum(max_keep is not None and n > max_keep for n in self.sizes)} longer than {max_keep}")
+        self.audio_names = [self.audio_names[r] for r in self._rows]
+        self.sizes = [self.sizes[r] for r in self._rows]
+        if self.store_labels:
+            self.label_list = [[labels[r] for r in self._rows] for labels in self.label_list]
+        else:
             # fairseq's load_label_offset measures lines after newline translation, so in a CRLF
             # file every line is a byte short and labels drift: measure the raw bytes instead
             self.label_offsets_list = [_byte_offsets(p, self._rows) for p in self.label_paths]
@@ -91,18 +110,21 @@ class DiceHubertDataset(HubertDataset):
         key = [self.seed % 2**32, self.epoch] + ([] if index is None else [int(index)])
         return np.random.default_rng(key)
 
-    def crop_to_max_size(self, wav, target_size):
-        """``HubertDataset``'s crop, its random start drawn from :meth:`crop_rng` of the utterance.
+    def collater_audio(self, audios, audio_size):
+        """``HubertDataset``'s, each random crop's start drawn from :meth:`crop_rng` of its utterance.
 
-        ``collater`` (through ``collater_audio``) calls it once per waveform to crop; the
-        waveform is identified by the object it is, recorded by :meth:`collater`.
+        The audios come in the order of the batch :meth:`collater` is collating, whose dataset
+        indices it recorded; the waveforms longer than ``audio_size`` are cut here, so fairseq's
+        own crop (from numpy's global RNG) never runs.
         """
-        diff = len(wav) - target_size
-        if diff <= 0 or not self.random_crop:
-            return super().crop_to_max_size(wav, target_size)
-        index = self._collating.get(threading.get_ident(), {}).get(id(wav))
-        start = int(self.crop_rng(index).integers(0, diff + 1))
-        return wav[start : start + target_size], start
+        if not self.random_crop:
+            return super().collater_audio(audios, audio_size)
+        indices = getattr(self._collating, "indices", None) or [None] * len(audios)
+        starts = [int(self.crop_rng(i).integers(0, len(a) - audio_size + 1)) if len(a) > audio_size else 0
+                  for i, a in zip(indices, audios)]
+        cropped = [a[s : s + audio_size] if len(a) > audio_size else a for a, s in zip(audios, starts)]
+        collated, padding_mask, _ = super().collater_audio(cropped, audio_size)
+        return collated, padding_mask, starts
 
     def get_label(self, index, label_idx):
         soft = self.soft_labels[label_idx] if self.soft_labels else None
@@ -120,12 +142,12 @@ class DiceHubertDataset(HubertDataset):
         return torch.arange(start, end, dtype=torch.long)
 
     def collater(self, samples):
-        thread = threading.get_ident()
-        self._collating[thread] = {id(s["source"]): s["id"] for s in samples if s["source"] is not None}
+        # HubertDataset.collater hands collater_audio the waveforms of these samples, in this order
+        self._collating.indices = [s["id"] for s in samples if s["source"] is not None]
         try:
             batch = super().collater(samples)
         finally:
-            self._collating.pop(thread, None)
+            self._collating.indices = None
         if batch:  # named in error messages (e.g. a non-finite loss)
             batch["utt_names"] = [self.audio_names[i] for i in batch["id"].tolist()]
         if not batch or not any(s is not None for s in self.soft_labels):

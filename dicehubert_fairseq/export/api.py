@@ -5,9 +5,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from ..checkpoint import load_source
 from ..errors import InputError
 from . import check as checks, to_fairseq, to_hf, to_s3prl
-from .source import atomic_output, check_output, count_parameters, describe_dropped, disk_size, load_source
+from .output import atomic_output, check_output, count_parameters, describe_dropped, disk_size
 
 logger = logging.getLogger(__name__)
 

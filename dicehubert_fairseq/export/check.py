@@ -19,9 +19,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from fairseq import checkpoint_utils
 
-from ..frames import conv_layers, conv_output_length
+from ..checkpoint import Source
+from ..frames import conv_layers, conv_output_length, padding_mask_of
 from ..hidden_states import HiddenStates, hidden_states
-from .source import Source
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def batch_padding_mask(model: torch.nn.Module, lengths: Sequence[int], num_sampl
     layers = conv_layers(model)
     block = num_samples // conv_output_length(num_samples, layers)
     frames = torch.tensor([conv_output_length(int(n), layers) for n in lengths])
-    return torch.arange(num_samples)[None, :] >= (frames * block)[:, None]
+    return padding_mask_of(frames * block, num_samples)
 
 
 def frames_of(model: torch.nn.Module, lengths: Sequence[int]) -> List[int]:
@@ -104,7 +104,7 @@ def check_hf(source: Source, directory: str) -> List[float]:
     ref = source_states(source, wavs, lengths)
     model = _frozen(HubertModel.from_pretrained(directory))
     with torch.inference_mode():
-        got = hf_hidden_states(model, wavs, torch.arange(wavs.shape[1])[None, :] >= torch.tensor(lengths)[:, None])
+        got = hf_hidden_states(model, wavs, padding_mask_of(lengths, wavs.shape[1]))
     return max_abs(outputs(got), outputs(ref), frames_of(source.model, lengths))
 
 

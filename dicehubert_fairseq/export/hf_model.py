@@ -14,7 +14,7 @@ import torch
 
 from ..checkpoint import load_model
 from ..errors import InputError
-from ..frames import conv_layers, conv_output_length
+from ..frames import conv_layers, conv_output_length, padding_mask_of
 from ..hidden_states import HiddenStates
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def hf_hidden_states(
     B, T = x.shape[:2]
     frames = torch.full((B,), T) if padding_mask is None else torch.tensor(
         [conv_output_length(int(n), conv_layers(model)) for n in (~padding_mask).sum(1)])
-    frame_padding = torch.arange(T, device=x.device)[None, :] >= frames.to(x.device)[:, None]
+    frame_padding = padding_mask_of(frames, T, device=x.device)
     return HiddenStates(x=x, layers=captured["layers"], features=captured["features"], padding_mask=frame_padding,
                         mask_indices=torch.zeros_like(frame_padding),
                         features_pen=captured["conv"].float().pow(2).mean())

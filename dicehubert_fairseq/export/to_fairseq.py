@@ -34,7 +34,8 @@ from fairseq.criterions.hubert_criterion import HubertCriterionConfig
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .source import FEAT_HEADS, Source, require_plain, split_state_dict
+from ..checkpoint import FEAT_HEADS, Source, require_plain
+from .output import split_state_dict
 
 logger = logging.getLogger(__name__)
 

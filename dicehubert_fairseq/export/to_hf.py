@@ -46,9 +46,10 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
+from ..checkpoint import FEAT_HEADS, PRETRAINING_HEADS, Source
 from ..errors import InputError
 from ..frames import conv_layers
-from .source import FEAT_HEADS, PRETRAINING_HEADS, Source, split_state_dict
+from .output import split_state_dict
 
 logger = logging.getLogger(__name__)
 

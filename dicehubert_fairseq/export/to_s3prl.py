@@ -18,8 +18,9 @@ from typing import Any, Dict, List
 
 import torch
 
+from ..checkpoint import FEAT_HEADS, Source, require_plain
 from ..errors import InputError
-from .source import FEAT_HEADS, Source, require_plain, split_state_dict
+from .output import split_state_dict
 
 logger = logging.getLogger(__name__)
 

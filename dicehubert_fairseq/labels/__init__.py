@@ -1,11 +1,20 @@
 """K-means labels for DiceHuBERT: teacher-layer (or MFCC) features, streamed k-means, label files.
 
-* :mod:`.features` -- :class:`~.features.TeacherFeatureReader` (layer ``L`` of a HuBERT-family
-  checkpoint, batched) and :class:`~.features.MfccFeatureReader` (Kaldi MFCC in torch);
+Plan, then run: :func:`~.plan.make_plan` checks and resolves every option of a command into a
+frozen :class:`~.plan.LabelPlan`, which the command's function runs.
+
+* :mod:`.config` -- what is read: the corpus, :class:`~.config.FeatureConfig` and the reader it names;
+* :mod:`.features` -- the readers' interface and :class:`~.features.FeatureSource` (rows read in
+  length-sorted batches, optionally through a feature cache);
+* :mod:`.teacher` -- :class:`~.teacher.TeacherFeatureReader` (layer ``L`` of a HuBERT-family
+  checkpoint, batched); :mod:`.mfcc` -- :class:`~.mfcc.MfccFeatureReader` (Kaldi MFCC in torch);
 * :mod:`.kmeans` -- the algorithm: :class:`~.kmeans.StreamingKMeans` (fairseq learn_kmeans'
-  MiniBatchKMeans, fed by a stream in bounded memory), hard/soft assignment;
+  fit on a pool, then our own online mini-batch step), hard/soft assignment;
+* :mod:`.plan` -- :func:`~.plan.make_plan`;
 * :mod:`.fit` -- ``fit``: k-means on (a sample of) a manifest, the joblib model files;
-* :mod:`.dump` -- ``dump``/``merge``: resumable, sharded hard/soft label dumping, shard merging;
+* :mod:`.dump` -- ``dump``: hard/soft labels of a split or shard;
+* :mod:`.blocks` -- the block grid (why shards, resumed runs and ``run`` write the same bytes),
+  block writing, resume, assembly of the final files, ``merge`` of shards;
 * :mod:`.onepass` -- ``run``: fit + dump in one process, the k-means sample's features reused;
 * :mod:`.quality` -- ``quality``: phone purity, cluster purity and PNMI against phone alignments;
 * :mod:`.cli` -- the ``dicehubert-labels`` command (``python -m dicehubert_fairseq.labels``), its

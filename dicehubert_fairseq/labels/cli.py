@@ -29,15 +29,18 @@ import torch
 from omegaconf import MISSING
 from threadpoolctl import threadpool_limits
 
-from ..cli_args import add_arguments, from_args, positive_int
+from ..cli_args import add_arguments, from_args
 from ..cli_errors import run_reporting_errors
 from ..data.files import soft_label_paths
 from ..data.preflight import check_split
 from ..errors import InputError
-from .dump import DumpConfig, dump_labels, merge_shards
-from .features import FeatureConfig
-from .fit import FitConfig, fit_kmeans
-from .onepass import run_labels
+from ..option_types import positive_int
+from .blocks import MergeConfig, merge
+from .config import Corpus, FeatureConfig, FitCorpus
+from .dump import DumpConfig, dump
+from .fit import FitConfig, fit
+from .onepass import run
+from .plan import make_plan
 from .quality import QualityConfig, format_table, measure_quality
 
 logger = logging.getLogger(__name__)
@@ -55,32 +58,12 @@ class Common:
 
 
 @dataclass
-class Source:
-    """The utterances ``dump`` reads (``fit``: :class:`FitSource`)."""
+class Threads:
+    """The CPU threads of ``fit``, ``dump`` and ``run``."""
 
-    manifest_dir: str = field(default=MISSING, metadata={"help": "directory with {split}.tsv"})
-    split: str = field(default=MISSING, metadata={"help": "manifest split to read"})
-    check_headers: bool = field(default=True, metadata={
-        "help": "skip reading every audio header before starting", "flag": "--no-header-check"})
     threads: Optional[int] = field(default=None, metadata={
         "help": "CPU threads for torch and sklearn/OpenMP (default: their own defaults); on a shared machine "
                 "fewer threads than cores avoids OpenMP spinning", "type": positive_int})
-
-
-@dataclass
-class FitSource(Source):
-    split: str = field(default="train", metadata={"help": "manifest split to read"})
-
-
-@dataclass
-class MergeArgs:
-    label_dir: str = field(default=MISSING, metadata={"help": "directory with {split}_{rank}_{nshard}.{name}"})
-    split: str = field(default=MISSING, metadata={"help": "the split whose shards are joined"})
-    nshard: int = field(default=MISSING, metadata={"help": "number of shards"})
-    name: str = field(default="km", metadata={"help": "label name"})
-    manifest_dir: Optional[str] = field(default=None, metadata={
-        "help": "if given, check the line count against {split}.tsv"})
-    out_dir: Optional[str] = field(default=None, metadata={"help": "where to write (default --label-dir)"})
 
 
 @dataclass
@@ -100,11 +83,11 @@ class CheckArgs:
 
 #: subcommand -> (help, option dataclasses)
 SUBCOMMANDS = {
-    "fit": ("fit k-means on teacher-layer (or MFCC) features, streamed", (FitSource, FeatureConfig, FitConfig)),
-    "dump": ("write hard (and soft) labels of a split or shard", (Source, FeatureConfig, DumpConfig)),
+    "fit": ("fit k-means on teacher-layer (or MFCC) features, streamed", (FitCorpus, Threads, FeatureConfig, FitConfig)),
+    "dump": ("write hard (and soft) labels of a split or shard", (Corpus, Threads, FeatureConfig, DumpConfig)),
     "run": ("fit, then dump the split's labels, in one process (the files of fit + dump)",
-            (Source, FeatureConfig, FitConfig, DumpConfig)),
-    "merge": ("join the shards of a split into {split}.{name}", (MergeArgs,)),
+            (Corpus, Threads, FeatureConfig, FitConfig, DumpConfig)),
+    "merge": ("join the shards of a split into {split}.{name}", (MergeConfig,)),
     "check": ("validate manifests, audio and label files; report every problem", (CheckArgs,)),
     "quality": ("phone purity, cluster purity and PNMI of label files against frame-level phone alignments",
                 (QualityConfig,)),
@@ -133,10 +116,6 @@ def _limit_threads(threads: Optional[int]):
         return contextlib.nullcontext()
     torch.set_num_threads(threads)
     return threadpool_limits(limits=threads)
-
-
-def _manifest_path(src: Source) -> str:
-    return os.path.join(src.manifest_dir, f"{src.split}.tsv")
 
 
 def _print_fit(cfg: FitConfig, meta: dict) -> None:
@@ -169,26 +148,26 @@ def _print_dump(cfg: DumpConfig, s: dict) -> None:
 
 
 def cmd_fit(args, progress: bool) -> int:
-    src, features, cfg = from_args(FitSource, args), from_args(FeatureConfig, args), from_args(FitConfig, args)
-    _, meta = fit_kmeans(_manifest_path(src), features, cfg, check_headers=src.check_headers, progress=progress)
-    _print_fit(cfg, meta)
+    plan = make_plan("fit", from_args(FitCorpus, args), from_args(FeatureConfig, args), fit=from_args(FitConfig, args),
+                     progress=progress)
+    _, meta = fit(plan)
+    _print_fit(plan.fit.cfg, meta)
     return 0
 
 
 def cmd_dump(args, progress: bool) -> int:
-    src, features, cfg = from_args(Source, args), from_args(FeatureConfig, args), from_args(DumpConfig, args)
-    s = dump_labels(_manifest_path(src), src.split, features, cfg, check_headers=src.check_headers,
-                    progress=progress)
-    _print_dump(cfg, s)
+    plan = make_plan("dump", from_args(Corpus, args), from_args(FeatureConfig, args),
+                     dump=from_args(DumpConfig, args), progress=progress)
+    _print_dump(plan.dump.cfg, dump(plan))
     return 0
 
 
 def cmd_run(args, progress: bool) -> int:
-    src, features, fit_cfg = from_args(Source, args), from_args(FeatureConfig, args), from_args(FitConfig, args)
+    fit_cfg = from_args(FitConfig, args)
     dump_cfg = from_args(DumpConfig, args, km=fit_cfg.out, nshard=1, rank=0, block_size=fit_cfg.block_size,
                          normalize=None)
-    r = run_labels(_manifest_path(src), src.split, features, fit_cfg, dump_cfg, check_headers=src.check_headers,
-                   progress=progress)
+    r = run(make_plan("run", from_args(Corpus, args), from_args(FeatureConfig, args), fit=fit_cfg, dump=dump_cfg,
+                      progress=progress))
     if r["fit"] is None:
         print(f"{fit_cfg.out}: already fitted with these inputs and settings")
     else:
@@ -203,9 +182,7 @@ def cmd_run(args, progress: bool) -> int:
 
 
 def cmd_merge(args, progress: bool) -> int:
-    a = from_args(MergeArgs, args)
-    manifest = os.path.join(a.manifest_dir, f"{a.split}.tsv") if a.manifest_dir else None
-    s = merge_shards(a.label_dir, a.split, a.name, a.nshard, manifest_path=manifest, out_dir=a.out_dir)
+    s = merge(make_plan("merge", merge=from_args(MergeConfig, args), progress=progress))
     print(f"wrote {s['label_path']}: {s['utterances']} utterances, {s['frames']} frames"
           + (" (+ soft labels)" if s["soft"] else ""))
     return 0

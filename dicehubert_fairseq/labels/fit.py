@@ -1,7 +1,8 @@
 """Fitting the k-means model of ``dicehubert-labels fit`` on (a sample of) a manifest, and its file.
 
-Features (:mod:`.features`) are streamed into :class:`~.kmeans.StreamingKMeans` in length-sorted
-blocks; nothing but the model is written.  The model is saved with ``joblib`` as a plain
+:func:`fit` runs a plan (:func:`~.plan.make_plan`): the features of the sample (:mod:`.features`)
+are streamed into :class:`~.kmeans.StreamingKMeans` in length-sorted blocks; nothing but the
+model is written.  The model is saved with ``joblib`` as a plain
 ``MiniBatchKMeans`` (fairseq's ``dump_km_label.py`` loads it unchanged), carrying a
 ``dicehubert_meta_`` dict (features, seed, frames seen, the mode, typical distances).
 
@@ -14,18 +15,17 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import joblib
 import numpy as np
+import torch
 from omegaconf import MISSING
 from tqdm import tqdm
 
-from ..data.files import atomic_write, read_manifest
-from ..data.preflight import check_audio, require_valid
+from ..data.files import atomic_write
 from ..errors import InputError
-from .features import FeatureCache, FeatureConfig, FeatureReader, iter_features, make_reader, max_batch_samples
-from .kmeans import SOFT_TOP_K, ReservoirSample, StreamingKMeans, distance_report, l2_normalize_np
+from .kmeans import SOFT_TOP_K, Assigner, ReservoirSample, StreamingKMeans, l2_normalize_np
 
 logger = logging.getLogger(__name__)
 
@@ -156,93 +156,123 @@ def check_fit_config(cfg: FitConfig) -> None:
         raise InputError([f"--report-frames must be at least 1, found {cfg.report_frames}"])
 
 
-def fit_kmeans(manifest_path: str, features: FeatureConfig, cfg: FitConfig, check_headers: bool = True,
-               progress: bool = True, reader: Optional[FeatureReader] = None,
-               cache: Optional[FeatureCache] = None) -> Tuple[object, Dict[str, object]]:
-    """Fit k-means on features of (a sample of) a manifest, streamed, and save it to ``cfg.out``.
+def distance_report(centers: np.ndarray, X: np.ndarray, normalize: bool = False,
+                    temperatures: Sequence[float] = (), top_k: int = SOFT_TOP_K,
+                    gap_multiples: Sequence[float] = (0.5, 1.0, 2.0)) -> Dict[str, object]:
+    """Typical squared distances of frames to their centroids, and the soft labels' entropy per temperature.
 
-    The settings and the manifest are checked before the teacher is loaded; with
-    ``check_headers``, the audio headers of the sampled rows too, before any feature is read.
+    What a user needs to choose the soft labels' temperature ``T`` of ``softmax(-d^2 / T)``: on a
+    frame whose nearest and second-nearest centroids lie ``d1 < d2`` away (squared), the
+    runner-up gets ``exp(-(d2 - d1) / T)`` times the winner's probability, so ``T`` equal to the
+    median gap gives it ``1/e`` (0.37) on the median frame; ``T`` well below the gaps gives
+    one-hot targets, well above them uniform ones over the kept clusters.
 
     Args:
-        manifest_path: ``{split}.tsv``.
-        features: the features to fit on (teacher layer or MFCC).
-        cfg: K, sample, k-means settings and the output path.
-        check_headers: read every sampled file's header (rate, channels, length) first.
-        progress: show a tqdm bar (frames/s).
-        reader: the reader of ``features`` if already loaded (``dicehubert-labels run``: one teacher).
-        cache: keeps the sample's features that fit in it, and serves them in the second pass of a
-            sample larger than the pool (see :func:`~.features.iter_features`: features computed
-            one utterance at a time only). The model does not depend on it.
+        centers: ``(K, D)`` centroids (``K >= 2``).
+        X: ``(N, D)`` frames (raw: normalised here when ``normalize``).
+        normalize: the model's mode (see :class:`Assigner`).
+        temperatures: ``T`` values whose soft labels' entropy to measure.
+        top_k: clusters kept per frame, as ``dump --soft --top-k``.
+        gap_multiples: also measure at ``T = m x`` the median gap (``dump --temperature-gap m``).
+
+    Returns:
+        dict: ``frames``; ``nearest`` and ``gap``: the 10th, 50th and 90th percentiles of ``d1``
+        and of ``d2 - d1`` (keys ``p10``, ``p50``, ``p90``); ``entropy_bits``: per ``T`` (str),
+        the mean entropy in bits of the top-k renormalised soft label (0: one-hot,
+        ``log2(top_k)``: uniform); ``top1``: per ``T``, the mean probability of the nearest
+        centroid; ``entropy_bits_gap`` and ``top1_gap``: the same per gap multiple ``m`` (str);
+        ``top_k``; ``max_entropy_bits`` (``log2(top_k)``).
+    """
+    a = Assigner(centers, normalize=normalize)
+    k = min(int(top_k), a.n_clusters)
+    x = torch.from_numpy(np.asarray(X, dtype=np.float32))
+    chunks = [x[s : s + 8192] for s in range(0, len(x), 8192)]
+    nearest, gaps = [], []
+    for c in chunks:
+        two = torch.topk(a.distances(c).clamp_min(0), min(2, a.n_clusters), dim=1, largest=False).values
+        nearest.append(two[:, 0])
+        gaps.append(two[:, -1] - two[:, 0])
+
+    def pct(v):
+        q = torch.quantile(torch.cat(v).double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+        return {"p10": float(q[0]), "p50": float(q[1]), "p90": float(q[2])}
+
+    gap = pct(gaps)
+
+    def soft_stats(t: float):
+        h = top1 = 0.0
+        for c in chunks:
+            _, probs, _ = a.soft(c, t, k)
+            p = probs.double()
+            h += float(-(p * torch.log2(p.clamp_min(1e-300))).sum())
+            top1 += float(p[:, 0].sum())
+        n = max(len(x), 1)
+        return h / n, top1 / n
+
+    by_t = {f"{float(t):g}": soft_stats(float(t)) for t in temperatures}
+    by_gap = {f"{float(m):g}": soft_stats(float(m) * gap["p50"]) for m in gap_multiples if gap["p50"] > 0}
+    return {"frames": len(x), "nearest": pct(nearest), "gap": gap, "top_k": k, "max_entropy_bits": math.log2(k),
+            "entropy_bits": {t: v[0] for t, v in by_t.items()}, "top1": {t: v[1] for t, v in by_t.items()},
+            "entropy_bits_gap": {m: v[0] for m, v in by_gap.items()}, "top1_gap": {m: v[1] for m, v in by_gap.items()}}
+
+
+def fit(plan) -> Tuple[object, Dict[str, object]]:
+    """Fit k-means on the plan's sample, streamed, and save it to ``cfg.out``.
+
+    Args:
+        plan: a ``fit`` or ``run`` :class:`~.plan.LabelPlan`: its sample rows, settings and
+            features (with ``run``'s cache, which keeps the sample's features that fit in it and
+            serves them in the second pass of a sample larger than the pool; the model does not
+            depend on it).
 
     Returns:
         ``(model, meta)``: the fitted ``MiniBatchKMeans`` and the metadata saved with it
         (features, mode ``normalize``, frames, utterances, objectives, steps, and ``distances``:
-        :func:`~.kmeans.distance_report` of the final centroids on a uniform sample of
-        ``report_frames`` fitted frames, ``None`` for K = 1).
-
-    Raises:
-        InputError: bad settings, manifest, audio or teacher; K larger than the frames sampled.
+        :func:`distance_report` of the final centroids on a uniform sample of ``report_frames``
+        fitted frames, ``None`` for K = 1).
     """
-    check_fit_config(cfg)
-    manifest = read_manifest(manifest_path)
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    reader = reader or make_reader(features)
-    rows = sample_rows(len(manifest), cfg.percent, cfg.seed)
-    if check_headers:
-        require_valid(check_audio(manifest, reader.sample_rate, headers=True, rows=sorted(int(r) for r in rows)),
-                      manifest.path)
-    batch_samples = max_batch_samples(features, reader)
-    frames = sum(reader.num_frames(manifest.sizes[i]) for i in rows)
-    K = cfg.n_clusters
-    if frames < K:
-        raise InputError([f"{manifest.path}: K={K} clusters but the {len(rows)} utterance(s) sampled "
-                          f"({cfg.percent:g} of {len(manifest)}) have only {frames} frames at "
-                          f"{reader.frame_rate:g} Hz (use fewer clusters or a larger --percent)"])
-    logger.info(f"fitting K={K} on {len(rows)} of {len(manifest)} utterances ({frames} frames)")
-    skm = StreamingKMeans(K, reader.dim, seed=cfg.seed, batch_size=cfg.batch_size, pool_size=cfg.pool_size,
+    f, dim = plan.fit, plan.source.reader.dim
+    cfg, K = f.cfg, f.cfg.n_clusters
+    logger.info(f"fitting K={K} on {len(f.rows)} of {len(plan.source.manifest)} utterances ({f.frames} frames)")
+    skm = StreamingKMeans(K, dim, seed=cfg.seed, batch_size=cfg.batch_size, pool_size=cfg.pool_size,
                           n_init=cfg.n_init, max_iter=cfg.max_iter)
-    two_pass = frames > skm.pool_size
-    if two_pass and skm.pool_size < POOL_FRAMES_PER_CLUSTER * K:
-        logger.warning(f"--pool-size {skm.pool_size} holds {skm.pool_size / K:.1f} frames per cluster for K={K}, "
-                       f"fewer than {POOL_FRAMES_PER_CLUSTER}: the streamed fit of {frames} frames will be further "
-                       f"from an in-memory fit (measured +3.6 % at 7 per cluster, about +1 % at 28; see "
-                       f"benchmarks/README.md); give --pool-size {POOL_FRAMES_PER_CLUSTER * K} or more")
     # a uniform sample of the fitted frames, for the typical distances reported at the end
-    sample = ReservoirSample(max(1, min(int(cfg.report_frames), frames)), reader.dim, seed=cfg.seed + 1)
-
-    def stream(consumers, desc):
-        bar = tqdm(total=frames, unit="frame", unit_scale=True, desc=desc, disable=not progress, smoothing=0.1)
-        for s in range(0, len(rows), cfg.block_size):
-            block = [int(r) for r in rows[s : s + cfg.block_size]]
-            for _row, feats in iter_features(reader, manifest, block, batch_samples, cache=cache):
-                if cfg.normalize:
-                    feats = l2_normalize_np(feats)
-                for consume in consumers:
-                    consume(feats)
-                bar.update(len(feats))
-        bar.close()
-
-    if two_pass:
+    sample = ReservoirSample(max(1, min(int(cfg.report_frames), f.frames)), dim, seed=cfg.seed + 1)
+    if f.two_pass:
         # pass 1: a uniform sample of the whole stream for the initial fit (the first frames of a
-        # stream need not be representative); pass 2: every frame through partial_fit
-        logger.info(f"{frames} frames > pool of {skm.pool_size}: pass 1 samples the pool uniformly, pass 2 streams")
-        reservoir = ReservoirSample(skm.pool_size, reader.dim, seed=cfg.seed)
-        stream([reservoir.add, sample.add], "fit 1/2")
+        # stream need not be representative); pass 2: every frame streamed
+        logger.info(f"{f.frames} frames > pool of {skm.pool_size}: pass 1 samples the pool uniformly, pass 2 streams")
+        reservoir = ReservoirSample(skm.pool_size, dim, seed=cfg.seed)
+        _stream(plan, [reservoir.add, sample.add], "fit 1/2")
         skm.fit_initial(reservoir.data)
         del reservoir
-        stream([skm.add], "fit 2/2")
+        _stream(plan, [skm.add], "fit 2/2")
     else:
-        stream([skm.add, sample.add], "fit")
+        _stream(plan, [skm.add, sample.add], "fit")
     km = skm.finish()
     distances = (distance_report(km.cluster_centers_, sample.data, normalize=False,
                                  temperatures=cfg.report_temperatures, top_k=SOFT_TOP_K)
                  if K >= 2 else None)  # the sample is normalised already
-    meta = {"features": reader.description, "manifest": os.path.abspath(manifest.path), "n_clusters": K,
-            "normalize": bool(cfg.normalize), "seed": cfg.seed, "percent": cfg.percent, "batch_size": cfg.batch_size,
-            "utterances": len(rows), "frames": frames, "init_objective": skm.init_objective,
-            "init_frames": skm.init_frames, "stream_objective": skm.stream_objective,
-            "partial_fit_steps": skm.steps, "pool_size": skm.pool_size, "passes": 2 if two_pass else 1,
-            "distances": distances, "settings": fit_settings(cfg, batch_samples)}
+    meta = {"features": plan.source.reader.description, "manifest": os.path.abspath(plan.source.manifest.path),
+            "n_clusters": K, "normalize": bool(cfg.normalize), "seed": cfg.seed, "percent": cfg.percent,
+            "batch_size": cfg.batch_size, "utterances": len(f.rows), "frames": f.frames,
+            "init_objective": skm.init_objective, "init_frames": skm.init_frames,
+            "stream_objective": skm.stream_objective, "partial_fit_steps": skm.steps, "pool_size": skm.pool_size,
+            "passes": 2 if f.two_pass else 1, "distances": distances, "settings": f.settings}
     save_kmeans(km, cfg.out, meta)
     return km, meta
+
+
+def _stream(plan, consumers, desc: str) -> None:
+    """Every frame of the sample, block by block (``block_size`` sample rows length-sorted together),
+    L2-normalised in ``normalize`` mode, to each of ``consumers``."""
+    f = plan.fit
+    bar = tqdm(total=f.frames, unit="frame", unit_scale=True, desc=desc, disable=not plan.progress, smoothing=0.1)
+    for s in range(0, len(f.rows), f.cfg.block_size):
+        for _row, feats in plan.source.read(list(f.rows[s : s + f.cfg.block_size])):
+            if f.cfg.normalize:
+                feats = l2_normalize_np(feats)
+            for consume in consumers:
+                consume(feats)
+            bar.update(len(feats))
+    bar.close()

@@ -2,23 +2,27 @@
 
 fairseq's ``learn_kmeans.py`` loads its whole sample into RAM and calls
 ``MiniBatchKMeans.fit`` (k-means++, batch 10000, ``max_iter`` 100, ``max_no_improvement`` 100,
-``n_init`` 20, ``reassignment_ratio`` 0, ``tol`` 0).  :class:`StreamingKMeans` uses the same
-estimator with the same settings, fed from a stream:
+``n_init`` 20, ``reassignment_ratio`` 0, ``tol`` 0).  :class:`StreamingKMeans` fits the same
+estimator with the same settings on a pool of frames, then streams the rest:
 
 1. ``pool_size`` frames (default ``3 * batch_size``, sklearn's ``init_size``) are ``fit`` on
    exactly as fairseq does (``n_init`` k-means++ trials, best kept, then mini-batch steps with
    early stopping) -- for a sample of at most ``pool_size`` frames this *is* fairseq's
-   learn_kmeans on that sample.  :func:`~dicehubert_fairseq.labels.fit.fit_kmeans` gives it a
-   uniform random sample of the whole stream (:class:`ReservoirSample`, an extra pass over the features) when the sample is larger
+   learn_kmeans on that sample, and its centroids are the model's.
+   :func:`~dicehubert_fairseq.labels.fit.fit` gives it a uniform random sample of the whole
+   stream (:class:`ReservoirSample`, an extra pass over the features) when the sample is larger
    than the pool; :meth:`StreamingKMeans.add` alone uses the first ``pool_size`` frames;
 2. every later frame goes through a shuffle pool of ``pool_size`` frames from which random
-   mini-batches of ``batch_size`` frames are drawn and passed to ``partial_fit``; the pool is
-   drained at the end.  sklearn keeps per-centre counts and moves a centre by
-   ``n_batch / (count + n_batch)`` towards the mean of its new frames; after step 1 the counts are
-   rescaled to the number of frames actually fitted on (``fit`` counts each frame once per epoch),
-   so every centre stays the running mean of all frames ever assigned to it (MacQueen's online
-   k-means, in mini-batches) and the stream after the pool weighs as much as its size.
+   mini-batches of ``batch_size`` frames are drawn, and the pool is drained at the end. Each
+   mini-batch is assigned to the nearest centroids (:func:`sq_distances`, as the labels are) and
+   each centre becomes the running mean of every frame ever assigned to it: a centre that had
+   ``n`` frames (those of the pool nearest to it after step 1, then the stream's) and receives
+   ``m`` more with sum ``s`` moves to ``c + (s - m c) / (n + m)`` (MacQueen's online k-means, in
+   mini-batches), so the stream after the pool weighs as much as its size.
 
+scikit-learn is used through its public API only: the estimator, ``fit`` and
+``cluster_centers_`` (the streamed centroids are written back there, so the model file stays a
+plain ``MiniBatchKMeans``, which fairseq's ``dump_km_label.py`` reads).
 Peak memory is ``O((pool_size + batch_size) * D)`` whatever the number of frames.
 
 This module is the algorithm only: fitting on a manifest and the model files are
@@ -26,8 +30,7 @@ This module is the algorithm only: fitting on a manifest and the model files are
 """
 
 import logging
-import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,13 +39,6 @@ from sklearn.cluster import MiniBatchKMeans
 from ..errors import InputError
 
 logger = logging.getLogger(__name__)
-
-#: The one private scikit-learn attribute used: ``MiniBatchKMeans._counts``, the per-centre sample
-#: weights that ``partial_fit`` moves each centre by (``n_batch / (count + n_batch)``). setup.py
-#: bounds scikit-learn to the versions where it means that, and
-#: ``tests/test_labels_kmeans.py::test_sklearn_private_counts_still_mean_what_we_rescale`` fails
-#: if a version changes it.
-SKLEARN_COUNTS = "_counts"
 
 #: Clusters kept per frame in soft labels, unless told otherwise (``dump --top-k``, and the
 #: entropies ``fit`` reports).
@@ -88,7 +84,7 @@ class StreamingKMeans:
 
     Attributes:
         frames_seen: frames passed to :meth:`add`.
-        steps: ``partial_fit`` steps taken after the initial fit.
+        steps: mini-batch steps taken after the initial fit.
         init_objective: mean squared distance on the initial pool after its fit.
         stream_objective: mean squared distance of streamed mini-batches, measured before each
             update (a held-out estimate; ``nan`` if the stream fit in the pool).
@@ -107,7 +103,8 @@ class StreamingKMeans:
         self._rng = np.random.default_rng(self.seed)
         self._pool = np.empty((self.pool_size, self.dim), dtype=np.float32)
         self._n = 0
-        self._fitted = False
+        self._centers: Optional[torch.Tensor] = None  # (K, D) float64 running means, after the initial fit
+        self._counts: Optional[torch.Tensor] = None  # (K,) float64 frames assigned to each centre so far
         self.frames_seen = 0
         self.steps = 0
         self.init_objective = float("nan")
@@ -132,7 +129,7 @@ class StreamingKMeans:
             self._n += take
             pos += take
             if self._n == self.pool_size:
-                if not self._fitted:
+                if self._centers is None:
                     self.fit_initial(self._pool[: self._n])
                     self._n = 0  # the pool becomes a shuffle buffer for the rest of the stream
                 else:
@@ -141,27 +138,38 @@ class StreamingKMeans:
     def fit_initial(self, X: np.ndarray) -> None:
         """Step 1 on given frames ``(N, D)`` (e.g. a uniform reservoir of the whole stream); every
         frame :meth:`add`-ed afterwards is streamed (step 2)."""
-        if self._fitted:
+        if self._centers is not None:
             raise RuntimeError("the initial fit was already done")
         X = np.ascontiguousarray(X, dtype=np.float32)
         logger.info(f"k-means: fitting K={self.n_clusters} on the first {len(X)} frames "
                     f"(n_init={self.km.n_init}, batch {self.batch_size})")
         self.km.fit(X)
-        # fit() counted every frame once per epoch (~max_iter times): rescale the per-centre counts to
-        # the frames actually seen, so each centre stays the running mean of every frame assigned to it
-        # and the rest of the stream weighs as much as its size (else it could barely move the centres)
-        counts = getattr(self.km, SKLEARN_COUNTS)  # private: see SKLEARN_COUNTS
-        if counts.sum() > 0:
-            counts *= len(X) / counts.sum()
         self.init_objective = objective_of(self.km.cluster_centers_, X)
         self.init_frames = len(X)
         logger.info(f"k-means: objective on those frames {self.init_objective:.5f}")
-        self._fitted = True
+        # every centre starts as the mean of the pool frames nearest to it (their number weighs it)
+        self._centers = torch.from_numpy(np.asarray(self.km.cluster_centers_, dtype=np.float64))
+        self._counts = torch.zeros(self.n_clusters, dtype=torch.float64)
+        for s in range(0, len(X), 65536):
+            _, nearest = self._nearest(X[s : s + 65536])
+            self._counts += torch.bincount(nearest, minlength=self.n_clusters)
 
-    def _partial_fit(self, X: np.ndarray) -> None:
-        self._stream_sse += objective_of(self.km.cluster_centers_, X, np.float32) * len(X)
+    def _nearest(self, X: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(N,)`` squared distance of each frame to its nearest centre and that centre's index (float32, as dump)."""
+        c = self._centers.float()
+        d = sq_distances(torch.from_numpy(X), c).clamp_min_(0)
+        return d.min(1)
+
+    def _step(self, X: np.ndarray) -> None:
+        """One mini-batch ``(n, D)``: each centre becomes the mean of every frame assigned to it so far."""
+        dist, nearest = self._nearest(X)
+        self._stream_sse += float(dist.double().sum())
         self._stream_frames += len(X)
-        self.km.partial_fit(X)
+        m = torch.bincount(nearest, minlength=self.n_clusters).double()
+        sums = torch.zeros_like(self._centers).index_add_(0, nearest, torch.from_numpy(X).double())
+        self._counts += m
+        moved = m > 0
+        self._centers[moved] += (sums[moved] - m[moved, None] * self._centers[moved]) / self._counts[moved, None]
         self.steps += 1
 
     def _step_from_pool(self) -> None:
@@ -172,15 +180,16 @@ class StreamingKMeans:
         rest = self._pool[: self._n][keep]
         self._pool[: len(rest)] = rest
         self._n = len(rest)
-        self._partial_fit(batch)
+        self._step(batch)
 
     def finish(self):
-        """Fit on what is left; returns the fitted ``MiniBatchKMeans``.
+        """Fit on what is left; returns the fitted ``MiniBatchKMeans`` (its ``cluster_centers_`` the
+        streamed centroids when frames were streamed).
 
         Raises:
             InputError: fewer frames than clusters.
         """
-        if not self._fitted:
+        if self._centers is None:
             if self._n < self.n_clusters:
                 raise InputError([f"K={self.n_clusters} clusters but only {self._n} frames to fit them on "
                                   f"(use fewer clusters or a larger --percent)"])
@@ -189,10 +198,12 @@ class StreamingKMeans:
         else:
             order = self._rng.permutation(self._n)
             for s in range(0, self._n, self.batch_size):
-                self._partial_fit(self._pool[order[s : s + self.batch_size]])
+                self._step(self._pool[order[s : s + self.batch_size]])
             self._n = 0
             logger.info(f"k-means: {self.steps} streamed mini-batches after the initial fit, "
                         f"held-out objective {self.stream_objective:.5f}")
+        if self.steps:
+            self.km.cluster_centers_ = self._centers.numpy().astype(self.km.cluster_centers_.dtype)
         self._pool = np.empty((0, self.dim), dtype=np.float32)
         return self.km
 
@@ -297,7 +308,8 @@ class Assigner:
         self.c_sq = self.centers.pow(2).sum(1)
         self.n_clusters, self.dim = self.centers.shape
 
-    def _dist(self, x: torch.Tensor) -> torch.Tensor:
+    def distances(self, x: torch.Tensor) -> torch.Tensor:
+        """``(T, K)`` squared distances of ``(T, D)`` frames (L2-normalised first in ``normalize`` mode) to the centroids."""
         x = x.to(self.centers.device, torch.float32)
         if self.normalize:
             x = l2_normalize(x)
@@ -312,7 +324,7 @@ class Assigner:
         Returns:
             ``(T,)`` int64 cluster ids (on CPU).
         """
-        return self._dist(x).argmin(1).cpu()
+        return self.distances(x).argmin(1).cpu()
 
     def soft(self, x: torch.Tensor, temperature: float, top_k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``softmax(-d^2 / T)`` over the centroids, kept to the ``top_k`` most likely.
@@ -326,69 +338,9 @@ class Assigner:
             ``(T, k)`` int64 ids (most likely first), ``(T, k)`` float32 probabilities (rows sum
             to 1), ``(T,)`` float32 probability mass the kept ids had before renormalising.
         """
-        logits = -self._dist(x).clamp_min(0) / float(temperature)
+        logits = -self.distances(x).clamp_min(0) / float(temperature)
         k = min(int(top_k), self.n_clusters)
         top, ids = torch.topk(logits, k, dim=1, largest=True, sorted=True)
         probs = torch.softmax(top, dim=1)
         kept = torch.exp(torch.logsumexp(top, 1) - torch.logsumexp(logits, 1))
         return ids.cpu(), probs.float().cpu(), kept.float().cpu()
-
-
-def distance_report(centers: np.ndarray, X: np.ndarray, normalize: bool = False,
-                    temperatures: Sequence[float] = (), top_k: int = SOFT_TOP_K,
-                    gap_multiples: Sequence[float] = (0.5, 1.0, 2.0)) -> Dict[str, object]:
-    """Typical squared distances of frames to their centroids, and the soft labels' entropy per temperature.
-
-    What a user needs to choose the soft labels' temperature ``T`` of ``softmax(-d^2 / T)``: on a
-    frame whose nearest and second-nearest centroids lie ``d1 < d2`` away (squared), the
-    runner-up gets ``exp(-(d2 - d1) / T)`` times the winner's probability, so ``T`` equal to the
-    median gap gives it ``1/e`` (0.37) on the median frame; ``T`` well below the gaps gives
-    one-hot targets, well above them uniform ones over the kept clusters.
-
-    Args:
-        centers: ``(K, D)`` centroids (``K >= 2``).
-        X: ``(N, D)`` frames (raw: normalised here when ``normalize``).
-        normalize: the model's mode (see :class:`Assigner`).
-        temperatures: ``T`` values whose soft labels' entropy to measure.
-        top_k: clusters kept per frame, as ``dump --soft --top-k``.
-        gap_multiples: also measure at ``T = m x`` the median gap (``dump --temperature-gap m``).
-
-    Returns:
-        dict: ``frames``; ``nearest`` and ``gap``: the 10th, 50th and 90th percentiles of ``d1``
-        and of ``d2 - d1`` (keys ``p10``, ``p50``, ``p90``); ``entropy_bits``: per ``T`` (str),
-        the mean entropy in bits of the top-k renormalised soft label (0: one-hot,
-        ``log2(top_k)``: uniform); ``top1``: per ``T``, the mean probability of the nearest
-        centroid; ``entropy_bits_gap`` and ``top1_gap``: the same per gap multiple ``m`` (str);
-        ``top_k``; ``max_entropy_bits`` (``log2(top_k)``).
-    """
-    a = Assigner(centers, normalize=normalize)
-    k = min(int(top_k), a.n_clusters)
-    x = torch.from_numpy(np.asarray(X, dtype=np.float32))
-    chunks = [x[s : s + 8192] for s in range(0, len(x), 8192)]
-    nearest, gaps = [], []
-    for c in chunks:
-        two = torch.topk(a._dist(c).clamp_min(0), min(2, a.n_clusters), dim=1, largest=False).values
-        nearest.append(two[:, 0])
-        gaps.append(two[:, -1] - two[:, 0])
-
-    def pct(v):
-        q = torch.quantile(torch.cat(v).double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
-        return {"p10": float(q[0]), "p50": float(q[1]), "p90": float(q[2])}
-
-    gap = pct(gaps)
-
-    def soft_stats(t: float):
-        h = top1 = 0.0
-        for c in chunks:
-            _, probs, _ = a.soft(c, t, k)
-            p = probs.double()
-            h += float(-(p * torch.log2(p.clamp_min(1e-300))).sum())
-            top1 += float(p[:, 0].sum())
-        n = max(len(x), 1)
-        return h / n, top1 / n
-
-    by_t = {f"{float(t):g}": soft_stats(float(t)) for t in temperatures}
-    by_gap = {f"{float(m):g}": soft_stats(float(m) * gap["p50"]) for m in gap_multiples if gap["p50"] > 0}
-    return {"frames": len(x), "nearest": pct(nearest), "gap": gap, "top_k": k, "max_entropy_bits": math.log2(k),
-            "entropy_bits": {t: v[0] for t, v in by_t.items()}, "top1": {t: v[1] for t, v in by_t.items()},
-            "entropy_bits_gap": {m: v[0] for m, v in by_gap.items()}, "top1_gap": {m: v[1] for m, v in by_gap.items()}}

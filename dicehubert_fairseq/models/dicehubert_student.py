@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
@@ -39,7 +39,7 @@ from fairseq.models import register_model
 from fairseq.models.hubert.hubert import HubertConfig, HubertModel
 from fairseq.models.wav2vec.wav2vec2 import LAYER_TYPE_CHOICES
 
-from ..checkpoint import load_state, require_hubert_family
+from ..checkpoint import FEAT_HEADS, PRETRAINING_HEADS, load_state, require_hubert_family
 from ..errors import InputError
 from ..frames import conv_layers, frame_stride
 from ..hidden_states import hidden_states
@@ -57,8 +57,9 @@ MASK_REDRAWS = 50
 #: ``null``), so a forgotten path would silently mean a random initialisation.
 INIT_FROM_TEACHER_REQUIRED = "REQUIRED_TEACHER_CHECKPOINT"
 
-#: Parameters that belong to a teacher's own label set, never copied into a student.
-PRETRAINING_HEADS = ("label_embs_concat", "final_proj.", "target_glu.", "feat_heads.")
+#: Parameters of a teacher never copied into a student: its own label set's heads and any
+#: feature-distillation heads.
+NOT_COPIED = PRETRAINING_HEADS + FEAT_HEADS
 
 
 #: fairseq's encoder layer types, and ``conv``: convolution blocks without attention.
@@ -127,7 +128,7 @@ def init_from_state_dict(model: torch.nn.Module, teacher_state: Dict[str, torch.
     with torch.no_grad():
         for name, tensor in own.items():
             src = teacher_state.get(name)
-            if name.startswith(PRETRAINING_HEADS) or src is None or src.shape != tensor.shape:
+            if name.startswith(NOT_COPIED) or src is None or src.shape != tensor.shape:
                 skipped.append(name)
                 continue
             tensor.copy_(src.to(tensor.dtype))
@@ -201,11 +202,14 @@ def _without_encoder_layers(cfg):
 
 def _task_seed(task_cfg) -> int:
     """``task.seed`` (linked to ``common.seed``) of the ``dicehubert`` task; 1 (fairseq's default
-    ``common.seed``) for a task without one, such as fairseq's ``hubert_pretraining``."""
-    try:
-        return int(task_cfg.seed)
-    except (AttributeError, KeyError, TypeError, ValueError, OmegaConfBaseException):
-        return 1
+    ``common.seed``) for a task config without the field, such as fairseq's ``hubert_pretraining``.
+
+    A config whose ``seed`` link cannot be resolved (a task config apart from its run's) is an
+    error, not a silent 1.
+    """
+    if isinstance(task_cfg, DictConfig):
+        return int(OmegaConf.select(task_cfg, "seed", default=1))
+    return int(getattr(task_cfg, "seed", 1))
 
 
 @register_model("dicehubert_student", dataclass=DiceHubertStudentConfig)

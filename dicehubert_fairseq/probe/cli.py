@@ -20,7 +20,8 @@ from typing import List, Optional
 import torch
 from omegaconf import MISSING
 
-from ..cli_args import add_arguments, from_args, non_negative_int
+from ..cli_args import add_arguments, from_args
+from ..option_types import non_negative_int
 from ..cli_errors import run_reporting_errors
 from ..data.files import atomic_write
 from ..errors import InputError

@@ -10,14 +10,13 @@ counterpart :func:`~dicehubert_fairseq.export.hf_model.hf_hidden_states`), and c
 * hidden states 1..L: the output of every transformer layer.
 
 Each hidden state is layer-normalised (no affine; s3prl's ``Featurizer(normalize=True)``) when
-cached.
+cached, in the project's :class:`~dicehubert_fairseq.feature_cache.FeatureCache` (one row per
+utterance, ``L + 1`` states per frame).
 """
 
 import os
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from ..data.audio import read_audio
 from ..data.files import Manifest
 from ..errors import InputError, where
+from ..feature_cache import FeatureCache
 from ..export.hf_model import hf_hidden_states, hidden_dim, is_hf_model
 from ..frames import conv_layers, conv_output_length
 from ..hidden_states import hidden_states
@@ -34,39 +34,6 @@ from ..hidden_states import hidden_states
 def num_hidden_states(model: nn.Module) -> int:
     """Hidden states the probe weighs: the transformer input plus one per transformer layer."""
     return len(model.encoder.layers) + 1
-
-
-@dataclass
-class FeatureCache:
-    """Hidden states of a split, flattened over frames.
-
-    Attributes:
-        feats: ``(L + 1, N, D)`` float32 layer-normalised hidden states of all ``N`` frames.
-        offsets: ``(U + 1,)`` int64 frame offsets of the ``U`` utterances.
-    """
-
-    feats: torch.Tensor
-    offsets: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.offsets[1:] - self.offsets[:-1]
-
-    def frame_index(self, utts: Sequence[int]) -> torch.Tensor:
-        """``(n,)`` frame indices of the utterances ``utts``, concatenated in order."""
-        return torch.cat([torch.arange(int(self.offsets[u]), int(self.offsets[u + 1])) for u in utts])
-
-    def select(self, utts: Sequence[int]) -> "FeatureCache":
-        """A new cache holding the utterances ``utts`` in that order (a copy)."""
-        lengths = self.lengths[list(utts)]
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
-        return FeatureCache(self.feats[:, self.frame_index(utts)], offsets)
-
-    def to(self, device) -> "FeatureCache":
-        return FeatureCache(self.feats.to(device), self.offsets)
 
 
 def cache_bytes(model: nn.Module, manifests: Sequence[Manifest], num_states: Optional[int] = None) -> int:
@@ -108,9 +75,8 @@ def extract_split(
     n = len(manifest) if limit is None else min(limit, len(manifest))
     conv = conv_layers(model)
     lengths = [conv_output_length(size, conv) for size in manifest.sizes[:n]]
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     keep = list(range(num_hidden_states(model))) if layers is None else list(layers)
-    feats = torch.empty(len(keep), int(offsets[-1]), hidden_dim(model))
+    cache = FeatureCache(sum(lengths), hidden_dim(model), len(keep))
     states = hf_hidden_states if is_hf_model(model) else hidden_states
     for i in tqdm(range(n), desc=f"features {desc}".strip(), unit="utt", leave=False, disable=None):
         wav = torch.from_numpy(read_audio(manifest, i, sample_rate)).to(device)[None]
@@ -123,8 +89,8 @@ def extract_split(
         if h.shape[1] != lengths[i]:
             raise InputError([f"{where(manifest.path, i + 2)}: {manifest.audio_path(i)} gave {h.shape[1]} frames, "
                               f"expected {lengths[i]} for the {manifest.sizes[i]} samples the manifest lists"])
-        feats[:, offsets[i] : offsets[i + 1]] = F.layer_norm(h.float(), h.shape[-1:]).cpu()
-    return FeatureCache(feats, torch.from_numpy(offsets))
+        cache.add(i, F.layer_norm(h.float(), h.shape[-1:]).cpu())
+    return cache
 
 
 def physical_memory_bytes() -> Optional[int]:

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .features import FeatureCache
+from ..feature_cache import FeatureCache
 
 logger = logging.getLogger(__name__)
 

@@ -12,12 +12,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..cli_args import int_list, non_negative_int, positive_float, positive_int
 from ..data.preflight import check_audio
 from ..errors import InputError, where
 from ..export.hf_model import load_upstream
+from ..feature_cache import FeatureCache
 from ..frames import conv_layers, conv_output_length
-from .features import FeatureCache, cache_bytes, extract_split, num_hidden_states, physical_memory_bytes
+from ..option_types import int_list, non_negative_int, positive_float, positive_int
+from .features import cache_bytes, extract_split, num_hidden_states, physical_memory_bytes
 from .head import ctc_feasible, decode, phone_error_rate, train_probe
 from .transcripts import UNK, UNSEEN_CHOICES, encode_transcripts, load_splits, phone_inventory
 

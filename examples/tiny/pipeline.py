@@ -34,16 +34,49 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 BIN = os.path.dirname(sys.executable)
 
-#: the students of the paper's table, in the order of the report; name -> config row + overlays
+TEACHER_DIR = os.path.join(HERE, "teachers")
+#: the seed of teacher replica t is TEACHER_SEED + t (TINY_TEACHER=train); students use 1, 2, ...
+TEACHER_SEED = 1000
+
+#: the student rows: name -> (config row + overlays, targets). Targets: ``it2`` the k-means of
+#: teacher_n2's chosen layer (hard and soft), ``it2_l1`` of its first layer, ``it1`` of
+#: teacher_n1's chosen layer (a student of the N=1 teacher), ``mfcc`` MFCC k-means (no
+#: teacher), ``teacher`` the teacher_n2 checkpoint itself (feature distillation).
 STUDENTS = {
-    "dicehubert_narrow": ["--config-name", "dicehubert_narrow", "model=tiny_narrow"],
-    "dicehubert_narrow_soft": ["--config-name", "dicehubert_narrow_soft", "model=tiny_narrow"],
-    "dicehubert_shallow": ["--config-name", "dicehubert_shallow_l6", "model=tiny_shallow"],
-    "feat_narrow": ["--config-name", "feat_narrow", "model=tiny_narrow", "feat=tiny_layer_to_layer"],
-    "scratch_narrow": ["--config-name", "scratch_narrow", "model=tiny_narrow"],
+    "dicehubert_narrow": (["--config-name", "dicehubert_narrow", "model=tiny_narrow"], "it2"),
+    "dicehubert_shallow": (["--config-name", "dicehubert_shallow_l6", "model=tiny_shallow"], "it2"),
+    "feat_narrow": (["--config-name", "feat_narrow", "model=tiny_narrow", "feat=tiny_layer_to_layer"], "teacher"),
+    "scratch_narrow": (["--config-name", "scratch_narrow", "model=tiny_narrow"], "mfcc"),
+    "dicehubert_narrow_soft": (["--config-name", "dicehubert_narrow_soft", "model=tiny_narrow"], "it2"),
+    "dicehubert_narrow_n1": (["--config-name", "dicehubert_narrow", "model=tiny_narrow"], "it1"),
+    "dicehubert_shallow_l4": (["--config-name", "dicehubert_shallow_l4", "model=tiny_shallow_l4"], "it2"),
+    "dicehubert_narrow_l1": (["--config-name", "dicehubert_narrow", "model=tiny_narrow"], "it2_l1"),
+    "dicehubert_narrow_1layer": (["--config-name", "dicehubert_narrow", "model=tiny_narrow",
+                                  "model.encoder_layers=1"], "it2"),
+    "dicehubert_narrow_10x": (["--config-name", "dicehubert_narrow", "model=tiny_narrow_10x"], "it2"),
+    "feat_narrow_10x": (["--config-name", "feat_narrow", "model=tiny_narrow_10x", "feat=tiny_layer_to_layer"],
+                        "teacher"),
+}
+#: what each row is (the report's "what it learned from")
+WHAT = {
+    "teacher_n1": "HuBERT iteration 1 (masked prediction), MFCC k-means labels",
+    "teacher_n2": "HuBERT iteration 2 (masked prediction), k-means of a teacher_n1 layer",
+    "dicehubert_narrow": "DiceHuBERT L_SSL, hard labels of teacher_n2's chosen layer",
+    "dicehubert_shallow": "DiceHuBERT L_SSL, hard labels (teacher width, 1/6 depth)",
+    "feat_narrow": "L_feat from teacher_n2, layer to layer (FitHuBERT style)",
+    "scratch_narrow": "no teacher: MFCC k-means labels (HuBERT iteration 1)",
+    "dicehubert_narrow_soft": "DiceHuBERT L_SSL, soft labels of the same layer",
+    "dicehubert_narrow_n1": "DiceHuBERT L_SSL, hard labels of teacher_n1's chosen layer (an N=1 teacher)",
+    "dicehubert_shallow_l4": "DiceHuBERT L_SSL, hard labels (teacher width, 1/4 depth)",
+    "dicehubert_narrow_l1": "DiceHuBERT L_SSL, hard labels of teacher_n2's first layer",
+    "dicehubert_narrow_1layer": "DiceHuBERT L_SSL, hard labels (one layer of the narrow width)",
+    "dicehubert_narrow_10x": "DiceHuBERT L_SSL, hard labels (12 x 48: over 10x smaller than the teacher)",
+    "feat_narrow_10x": "L_feat from teacher_n2, layer to layer (12 x 48)",
 }
 TEACHERS = ("teacher_n1", "teacher_n2")
 MODELS = TEACHERS + tuple(STUDENTS)
+#: the rows of the presets (run.sh): the paper's main comparisons
+DEFAULT_ROWS = ("dicehubert_narrow", "dicehubert_shallow", "feat_narrow", "scratch_narrow")
 
 
 @dataclass
@@ -79,18 +112,39 @@ def resolve(cmd: List[str]) -> List[str]:
     return out
 
 
+def replica(name: str, r: int, tag: str) -> str:
+    """Run name of replica ``r`` (0-based) of ``name``: ``name``, ``name.{tag}2``, ..."""
+    return name if r == 0 else f"{name}.{tag}{r + 1}"
+
+
+def teacher_recipe(updates: int) -> List[str]:
+    """HuBERT's recipe for the tiny teachers (as examples/tiny/train_teachers.sh): masked frames
+    only, peak learning rate 5e-4, 10% warm-up."""
+    return ["optimization.lr=[0.0005]", f"lr_scheduler.warmup_updates={max(1, updates // 10)}",
+            "criterion.pred_nomask_weight=0"]
+
+
 def build_jobs(a: argparse.Namespace) -> List[Job]:
+    """The job graph of one run, and ``WORKDIR/rows.json`` (which runs make each row)."""
     w = a.workdir
     lab = lambda *p: os.path.join(w, "labels", *p)  # noqa: E731
     km = lambda name: os.path.join(w, "km", f"{name}.joblib")  # noqa: E731
-    ckpt = lambda name: os.path.join(w, "models", name, "checkpoints", "checkpoint_last.pt")  # noqa: E731
+    run_ckpt = lambda name: os.path.join(w, "models", name, "checkpoints", "checkpoint_last.pt")  # noqa: E731
     labels_cli = [os.path.join(BIN, "dicehubert-labels")]
     common_lab = ["--manifest-dir", w, "--split", "train", "--no-progress"]
     fit_opts = ["--seed", str(a.seed), "--n-init", str(a.n_init)]
     train_cli = [os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", "config/"]
     extra = shlex.split(a.extra_overrides)
     jobs: List[Job] = []
+    rows: Dict[str, Dict] = {}
     layer_json = lambda name: os.path.join(w, "probe", f"{name}.layers.json")  # noqa: E731
+    probe_opts = [] if not a.probe_train_utterances else ["--max-train-utterances", str(a.probe_train_utterances)]
+    n_teachers = 1 if a.teachers == "shipped" else a.teacher_replicas
+
+    def add_run(row, run, seed, teacher, ckpt, trained, kind):
+        rows.setdefault(row, {"kind": kind, "what": WHAT[row], "runs": []})["runs"].append(
+            {"run": run, "seed": seed, "teacher": teacher, "checkpoint": ckpt,
+             "probe": os.path.join(w, "probe", f"{run}.json"), "trained": trained})
 
     def layer_of(name, setting):
         """``setting`` (a layer) or, for ``auto``, the best layer of ``name`` on valid, and the jobs that needs."""
@@ -98,13 +152,12 @@ def build_jobs(a: argparse.Namespace) -> List[Job]:
             return BEST_LAYER_PREFIX + layer_json(name), [f"probe_{name}.layers"]
         return str(setting), []
 
-    probe_opts = [] if not a.probe_train_utterances else ["--max-train-utterances", str(a.probe_train_utterances)]
-
-    def layer_probe(name):
+    def layer_probe(name, ckpt, deps):
+        which = ["--layers", a.layer_probe_layers] if a.layer_probe_layers else []
         jobs.append(Job(f"probe_{name}.layers", [sys.executable, os.path.join(HERE, "probe_layers.py"),
-                                                 "--checkpoint", ckpt(name), "--data", w, "--out", layer_json(name),
-                                                 "--seed", str(a.seed), "--epochs", str(a.probe_epochs)] + probe_opts,
-                        [name], kind="probe"))
+                                                 "--checkpoint", ckpt, "--data", w, "--out", layer_json(name),
+                                                 "--seed", str(a.seed), "--epochs", str(a.probe_epochs)]
+                        + which + probe_opts, deps, kind="probe"))
 
     def train(name, row, deps, updates, seed, label_dir=None, more=()):
         run_dir = os.path.join(w, "models", name)
@@ -115,65 +168,90 @@ def build_jobs(a: argparse.Namespace) -> List[Job]:
             cmd.append(f"task.label_dir={label_dir}")
         jobs.append(Job(name, cmd + list(more) + extra, deps, outdir=run_dir, kind="train", updates=updates))
 
-    # MFCC k-means labels (HuBERT iteration 1 targets; also the scratch student's)
-    jobs.append(Job("km_mfcc", labels_cli + ["fit"] + common_lab + [
-        "--mfcc", "--n-clusters", str(a.k_mfcc), "--out", km("mfcc")] + fit_opts))
-    jobs.append(Job("labels_mfcc", labels_cli + ["dump"] + common_lab + [
-        "--mfcc", "--km", km("mfcc"), "--label-dir", lab("mfcc"), "--name", "mfcc"], ["km_mfcc"]))
-    # teacher iteration 1 on MFCC labels, fairseq's HuBERT objective (config/tiny_teacher.yaml)
-    train("teacher_n1", ["--config-name", "tiny_teacher", "+data=mfcc"], ["labels_mfcc"], a.teacher_updates,
-          a.seed, lab("mfcc"))
-    # iteration-1 layer k-means -> teacher iteration 2 (layer "auto": the best on valid, probed alone)
-    if "teacher_n1" in a.layer_probes:
-        layer_probe("teacher_n1")
-    layer1, need1 = layer_of("teacher_n1", a.layer_it1)
-    jobs.append(Job("km_it1", labels_cli + ["fit"] + common_lab + [
-        "--checkpoint", ckpt("teacher_n1"), "--layer", layer1, "--n-clusters", str(a.k),
-        "--out", km("it1")] + fit_opts, ["teacher_n1"] + need1))
-    jobs.append(Job("labels_it1", labels_cli + ["dump"] + common_lab + [
-        "--checkpoint", ckpt("teacher_n1"), "--layer", layer1, "--km", km("it1"),
-        "--label-dir", lab("it1"), "--name", "it1"], ["km_it1"]))
-    train("teacher_n2", ["--config-name", "tiny_teacher", "task.labels=[it1]", "task.label_rate=50"],
-          ["labels_it1"], a.teacher_updates2, a.seed, lab("it1"))
-    # the students' targets: k-means of one teacher-N2 layer, hard + soft (stream name "km")
-    if "teacher_n2" in a.layer_probes:
-        layer_probe("teacher_n2")
-    layer2, need2 = layer_of("teacher_n2", a.layer_it2)
-    jobs.append(Job("km_it2", labels_cli + ["fit"] + common_lab + [
-        "--checkpoint", ckpt("teacher_n2"), "--layer", layer2, "--n-clusters", str(a.k),
-        "--out", km("it2")] + fit_opts, ["teacher_n2"] + need2))
-    jobs.append(Job("labels_it2", labels_cli + ["dump"] + common_lab + [
-        "--checkpoint", ckpt("teacher_n2"), "--layer", layer2, "--km", km("it2"),
-        "--label-dir", lab("it2"), "--name", "km", "--soft", "--temperature", str(a.temperature),
-        "--top-k", str(min(a.k, 10))],
-        ["km_it2"]))
-    # students, same update budget each
-    # list order is start priority: the longest (feat_narrow) first, then the seeds of the
-    # from-scratch student, which only need MFCC labels and fill the second core while the
-    # teachers train
-    order = ["feat_narrow", "scratch_narrow", "dicehubert_narrow", "dicehubert_narrow_soft", "dicehubert_shallow"]
+    def labels(name, ckpt, layer, deps, soft=False):
+        """k-means of one teacher layer on the corpus's train split, then its labels (stream ``km``)."""
+        jobs.append(Job(f"km_{name}", labels_cli + ["fit"] + common_lab + [
+            "--checkpoint", ckpt, "--layer", layer, "--n-clusters", str(a.k), "--out", km(name)] + fit_opts, deps))
+        dump = ["--soft", "--temperature", str(a.temperature), "--top-k", str(min(a.k, 10))] if soft else []
+        jobs.append(Job(f"labels_{name}", labels_cli + ["dump"] + common_lab + [
+            "--checkpoint", ckpt, "--layer", layer, "--km", km(name), "--label-dir", lab(name), "--name", "km"]
+            + dump, [f"km_{name}"]))
+
+    # MFCC k-means labels (HuBERT iteration 1 targets; the scratch student's), where needed
+    shipped = a.teachers == "shipped"
+    if not shipped or any(STUDENTS[r][1] == "mfcc" for r in a.rows):
+        jobs.append(Job("km_mfcc", labels_cli + ["fit"] + common_lab + [
+            "--mfcc", "--n-clusters", str(a.k_mfcc), "--out", km("mfcc")] + fit_opts))
+        jobs.append(Job("labels_mfcc", labels_cli + ["dump"] + common_lab + [
+            "--mfcc", "--km", km("mfcc"), "--label-dir", lab("mfcc"), "--name", "mfcc"], ["km_mfcc"]))
+
+    # the teachers: the shipped, pretrained ones (verified first), or trained here, n_teachers of each
+    teacher_ckpt, teacher_deps = {}, {}
+    if shipped:
+        jobs.append(Job("verify_teachers", [sys.executable, os.path.join(HERE, "teachers.py"), "verify",
+                                            "--dir", a.teacher_dir]))
+    for t in range(n_teachers):
+        n1, n2 = replica("teacher_n1", t, "t"), replica("teacher_n2", t, "t")
+        if shipped:
+            ckpt1, ckpt2 = (os.path.join(a.teacher_dir, f"{n}.pt") for n in TEACHERS)
+            deps1 = deps2 = ["verify_teachers"]
+        else:
+            ckpt1, ckpt2, deps1, deps2 = run_ckpt(n1), run_ckpt(n2), [n1], [n2]
+            train(n1, ["--config-name", "tiny_teacher", "+data=mfcc"], ["labels_mfcc"], a.teacher_updates,
+                  TEACHER_SEED + t, lab("mfcc"), teacher_recipe(a.teacher_updates))
+        # layer-by-layer probes: the first pair's (the report's table), every pair's where 'auto' needs them
+        if "teacher_n1" in a.layer_probes and (t == 0 or a.layer_it1 == "auto"):
+            layer_probe(n1, ckpt1, deps1)
+        layer1, need1 = layer_of(n1, a.layer_it1)
+        if not shipped:  # iteration 2 on the k-means of teacher_n1's chosen layer
+            labels(replica("it1", t, "t"), ckpt1, layer1, deps1 + need1)
+            train(n2, ["--config-name", "tiny_teacher", "task.labels=[km]", "task.label_rate=50"],
+                  [f"labels_{replica('it1', t, 't')}"], a.teacher_updates2, TEACHER_SEED + t,
+                  lab(replica("it1", t, "t")), teacher_recipe(a.teacher_updates2))
+        if "teacher_n2" in a.layer_probes and (t == 0 or a.layer_it2 == "auto"):
+            layer_probe(n2, ckpt2, deps2)
+        layer2, need2 = layer_of(n2, a.layer_it2)
+        # the students' targets, K=a.k: teacher_n2's chosen layer (hard + soft), its first layer, and
+        # teacher_n1's chosen layer; each made only if a row needs it
+        targets = {STUDENTS[r][1] for r in a.rows}
+        if "it2" in targets:
+            labels(replica("it2", t, "t"), ckpt2, layer2, deps2 + need2, soft=True)
+        if "it2_l1" in targets:
+            labels(replica("it2_l1", t, "t"), ckpt2, "1", deps2)
+        if "it1" in targets:
+            labels(replica("n1", t, "t"), ckpt1, layer1, deps1 + need1)
+        teacher_ckpt[t], teacher_deps[t] = {"it1": ckpt1, "it2": ckpt2}, {"it1": deps1, "it2": deps2}
+        for name, ckpt, trained in ((n1, ckpt1, not shipped), (n2, ckpt2, not shipped)):
+            add_run(name.split(".")[0], name, TEACHER_SEED + t, t, ckpt, trained, "teacher")
+
+    # students: every row a.replicas times, seed r + 1 for replica r, on teacher (r mod n_teachers);
+    # start order: the longest kind (feature distillation) first
+    order = sorted(a.rows, key=lambda n: STUDENTS[n][1] != "teacher")
     for r in range(a.replicas):
-        suffix = "" if r == 0 else f".s{r + 1}"
-        seed = a.seed + r
-        for name in sorted(order, key=lambda n: n != "scratch_narrow") if r else order:
-            row = STUDENTS[name]
-            if r and name not in a.replicate:
-                continue
-            if name == "scratch_narrow":
-                train(name + suffix, row, ["labels_mfcc"], a.student_updates, seed, lab("mfcc"))
-            elif name == "feat_narrow":
-                train(name + suffix, row, ["teacher_n2"], a.student_updates, seed,
-                      more=[f"criterion.teacher_checkpoint={ckpt('teacher_n2')}"])
+        seed, t = a.seed + r, r % n_teachers
+        for name in order:
+            row, target = STUDENTS[name]
+            run = replica(name, r, "s")
+            if target == "mfcc":
+                train(run, row, ["labels_mfcc"], a.student_updates, seed, lab("mfcc"))
+            elif target == "teacher":
+                train(run, row, teacher_deps[t]["it2"], a.student_updates, seed,
+                      more=[f"criterion.teacher_checkpoint={teacher_ckpt[t]['it2']}"])
             else:
-                train(name + suffix, row, ["labels_it2"], a.student_updates, seed, lab("it2"))
-    # probes of every trained model (the teachers' hidden states are also probed one at a time,
-    # above: which layer carries the phones)
-    for job in [j for j in jobs if j.kind == "train"]:
-        jobs.append(Job(f"probe_{job.name}", [os.path.join(BIN, "dicehubert-probe"), "--checkpoint", ckpt(job.name),
-                                             "--data", w, "--json", os.path.join(w, "probe", f"{job.name}.json"),
-                                             "--seed", str(a.seed), "--threads", "1", "--epochs",
-                                             str(a.probe_epochs), "-q"] + probe_opts,
-                        [job.name], kind="probe"))
+                label = replica({"it2": "it2", "it2_l1": "it2_l1", "it1": "n1"}[target], t, "t")
+                train(run, row, [f"labels_{label}"], a.student_updates, seed, lab(label))
+            add_run(name, run, seed, t if target != "mfcc" else None, run_ckpt(run), True, "student")
+    # probes of every model on this corpus
+    for row in rows.values():
+        for entry in row["runs"]:
+            deps = [entry["run"]] if entry["trained"] else (["verify_teachers"] if shipped else [])
+            jobs.append(Job(f"probe_{entry['run']}", [os.path.join(BIN, "dicehubert-probe"), "--checkpoint",
+                                                      entry["checkpoint"], "--data", w, "--json", entry["probe"],
+                                                      "--seed", str(a.seed), "--threads", "1", "--epochs",
+                                                      str(a.probe_epochs), "-q"] + probe_opts,
+                            deps, kind="probe"))
+    a.rows_manifest = {"teachers": a.teachers, "teacher_dir": a.teacher_dir if shipped else None,
+                       "teacher_replicas": n_teachers, "rows": rows}
     return jobs
 
 
@@ -190,7 +268,7 @@ def job_group(job: str) -> str:
     base = job.split(".")[0]
     if job.startswith("probe_"):
         return "probes"
-    return "teachers" if base in TEACHERS else "students" if base in STUDENTS else "labels"
+    return "teachers" if base in TEACHERS or base == "verify_teachers" else "students" if base in STUDENTS else "labels"
 
 
 def timing(workdir: str) -> Dict[str, Dict]:
@@ -377,35 +455,59 @@ def layer_setting(text: str):
     return value
 
 
+def shipped_layer(teacher_dir: str, name: str) -> Optional[int]:
+    """The layer of a shipped teacher chosen on the tuning corpus's valid split (teachers.json), if any."""
+    try:
+        with open(os.path.join(teacher_dir, "teachers.json")) as f:
+            return int(json.load(f)["teachers"][name]["best_transformer_layer"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def main(argv=None) -> int:
     env = os.environ.get
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("workdir")
-    p.add_argument("--teacher-updates", type=int, default=int(env("TINY_TEACHER_UPDATES", 600)),
-                   help="updates of teacher iteration 1")
+    p.add_argument("--teachers", choices=("shipped", "train"), default=env("TINY_TEACHER", "shipped"),
+                   help="'shipped': the pretrained teachers of --teacher-dir (checksums verified first); "
+                        "'train': train --teacher-replicas pairs of teachers on this corpus (default %(default)s)")
+    p.add_argument("--teacher-dir", default=env("TINY_TEACHER_DIR", TEACHER_DIR),
+                   help="the shipped teachers (teacher_n1.pt, teacher_n2.pt, their .sha256, teachers.json)")
+    p.add_argument("--teacher-replicas", type=int, default=int(env("TINY_TEACHERS", 2)),
+                   help="with --teachers train: teacher pairs trained (seeds 1000, 1001, ...); student seed s "
+                        "learns from pair (s - 1) mod N, so that the students' spread includes the teachers'")
+    p.add_argument("--teacher-updates", type=int, default=int(env("TINY_TEACHER_UPDATES", 1000)),
+                   help="with --teachers train: updates of teacher iteration 1")
     p.add_argument("--teacher-updates2", type=int, default=None,
                    help="updates of teacher iteration 2 (default: --teacher-updates)")
     p.add_argument("--student-updates", type=int, default=int(env("TINY_STUDENT_UPDATES", 400)))
+    p.add_argument("--rows", default=env("TINY_ROWS", ",".join(DEFAULT_ROWS)),
+                   help="comma-separated student rows (default %(default)s; all: " + ", ".join(STUDENTS) + ")")
     p.add_argument("--k-mfcc", type=int, default=int(env("TINY_K_MFCC", 100)), help="K of the MFCC k-means")
-    p.add_argument("--k", type=int, default=int(env("TINY_K", 50)), help="K of the teacher-layer k-means")
-    p.add_argument("--layer-it1", type=layer_setting, default=layer_setting(env("TINY_LAYER_IT1", "2")),
-                   help="teacher_n1 layer clustered for teacher_n2's targets; 'auto': its best layer on valid, "
-                        "each layer probed alone (needs teacher_n1 in --layer-probes)")
-    p.add_argument("--layer-it2", type=layer_setting, default=layer_setting(env("TINY_LAYER_IT2", "1")),
-                   help="teacher_n2 layer clustered for the students' targets; 'auto' as --layer-it1")
+    p.add_argument("--k", type=int, default=int(env("TINY_K", 100)),
+                   help="K of the teacher-layer k-means (the paper's: 100)")
+    p.add_argument("--layer-it1", type=layer_setting, default=None,
+                   help="teacher_n1 layer clustered (teacher_n2's targets with --teachers train; the N=1 "
+                        "student's targets); default: the shipped teacher_n1's layer chosen on the tuning "
+                        "corpus (teachers.json); 'auto': its best layer on this corpus's valid split, each "
+                        "layer probed alone (needs teacher_n1 in --layer-probes)")
+    p.add_argument("--layer-it2", type=layer_setting, default=None,
+                   help="teacher_n2 layer clustered for the students' targets; default and 'auto' as "
+                        "--layer-it1")
     p.add_argument("--n-init", type=int, default=int(env("TINY_N_INIT", 3)),
                    help="k-means++ trials of every fit (fairseq's learn_kmeans: 20; 3 is within 1%% of its "
                         "objective here, 8 s faster per fit)")
     p.add_argument("--temperature", type=float, default=float(env("TINY_TEMPERATURE", 10)),
                    help="tau of the soft labels")
-    p.add_argument("--seed", type=int, default=int(env("TINY_SEED", 1)))
-    p.add_argument("--replicas", type=int, default=int(env("TINY_REPLICAS", 3)),
-                   help="seeds of the --replicate students (seed, seed+1, ...)")
-    p.add_argument("--replicate", default=env("TINY_REPLICATE", ",".join(STUDENTS)),
-                   help="comma-separated students trained with several seeds (default: all five)")
-    p.add_argument("--layer-probes", default=env("TINY_LAYER_PROBES", "teacher_n2"),
-                   help="comma-separated teachers whose hidden states are also probed one at a time "
-                        "(examples/tiny/probe_layers.py); empty: none")
+    p.add_argument("--seed", type=int, default=int(env("TINY_SEED", 1)),
+                   help="the first student seed (replica r: seed + r); the teachers' seeds are 1000 + t")
+    p.add_argument("--replicas", type=int, default=int(env("TINY_REPLICAS", 5)),
+                   help="seeds of every student row (seed, seed+1, ...)")
+    p.add_argument("--layer-probes", default=env("TINY_LAYER_PROBES", ""),
+                   help="comma-separated teachers whose hidden states are also probed one at a time on this "
+                        "corpus (examples/tiny/probe_layers.py); empty: none")
+    p.add_argument("--layer-probe-layers", default=env("TINY_LAYER_PROBE_LAYERS", ""),
+                   help="comma-separated hidden states the --layer-probes probe (default: all, 0..L)")
     p.add_argument("--probe-epochs", type=int, default=int(env("TINY_PROBE_EPOCHS", 60)))
     p.add_argument("--probe-train-utterances", type=int, default=int(env("TINY_PROBE_TRAIN_UTTERANCES", 0)),
                    help="train every probe on the first N training utterances only (0: all of them)")
@@ -417,16 +519,29 @@ def main(argv=None) -> int:
     a.workdir = os.path.abspath(a.workdir)
     if a.teacher_updates2 is None:
         a.teacher_updates2 = int(env("TINY_TEACHER_UPDATES2", a.teacher_updates))
-    a.replicate = [s for s in a.replicate.split(",") if s]
+    a.rows = [s for s in a.rows.split(",") if s]
     a.layer_probes = [s for s in a.layer_probes.split(",") if s]
-    for names, known in ((a.replicate, STUDENTS), (a.layer_probes, TEACHERS)):
+    for names, known in ((a.rows, STUDENTS), (a.layer_probes, TEACHERS)):
         for name in names:
             if name not in known:
                 p.error(f"unknown model {name!r} (expected one of {', '.join(known)})")
-    for option, setting, teacher in (("--layer-it1", a.layer_it1, "teacher_n1"), ("--layer-it2", a.layer_it2, "teacher_n2")):
+    if a.teacher_replicas < 1 or a.replicas < 1:
+        p.error("--teacher-replicas and --replicas must be >= 1")
+    for option, attr, teacher in (("--layer-it1", "layer_it1", "teacher_n1"), ("--layer-it2", "layer_it2", "teacher_n2")):
+        setting = getattr(a, attr)
+        if setting is None:
+            setting = env("TINY_" + attr.upper())
+            setting = layer_setting(setting) if setting else shipped_layer(a.teacher_dir, teacher)
+            if setting is None:
+                p.error(f"{option}: no layer given and none recorded in {a.teacher_dir}/teachers.json")
+            setattr(a, attr, setting)
         if setting == "auto" and teacher not in a.layer_probes:
             p.error(f"{option} auto needs {teacher}'s layers probed: add it to --layer-probes (TINY_LAYER_PROBES)")
     jobs = build_jobs(a)
+    os.makedirs(a.workdir, exist_ok=True)
+    with open(os.path.join(a.workdir, "rows.json.tmp"), "w") as f:
+        json.dump(a.rows_manifest, f, indent=1)
+    os.replace(os.path.join(a.workdir, "rows.json.tmp"), os.path.join(a.workdir, "rows.json"))
     if a.only:
         by = {j.name: j for j in jobs}
         want, stack = set(), a.only.split(",")

@@ -14,6 +14,13 @@ Writes ``--out`` (JSON)::
 
 (``best_transformer_layer``: the best of layers 1..L, the layers a k-means can be fitted on.)
 
+With ``--pnmi-k K``, every transformer layer's K-means labels are also measured against the
+frame-level phone alignments of the valid split (``{data}/valid.align``, synth_corpus.py
+``--align``): a k-means with K clusters is fitted on the layer's features of the train split
+(``dicehubert-labels fit``), the valid split is labelled with it (``dump``), and
+``dicehubert-labels quality`` gives each row ``pnmi`` and ``phone_purity`` (HuBERT's measures
+of label quality).
+
 and prints one line per layer.  Example::
 
     python examples/tiny/probe_layers.py --checkpoint work/models/teacher_n2/checkpoints/checkpoint_last.pt \\
@@ -36,6 +43,24 @@ def num_layers(checkpoint: str) -> int:
     return int(load_state(checkpoint)["cfg"]["model"]["encoder_layers"])
 
 
+def label_quality(checkpoint: str, data: str, layer: int, k: int, seed: int, tmp: str) -> dict:
+    """PNMI and phone purity on valid of a K-means (fitted on train) of one layer's features."""
+    labels = os.path.join(os.path.dirname(sys.executable), "dicehubert-labels")
+    km, out = os.path.join(tmp, f"km{layer}.joblib"), os.path.join(tmp, f"quality{layer}.json")
+    common = ["--manifest-dir", data, "--checkpoint", checkpoint, "--layer", str(layer), "--no-progress"]
+    for cmd in ([labels, "fit", "--split", "train", "--n-clusters", str(k), "--seed", str(seed), "--out", km] + common,
+                [labels, "dump", "--split", "valid", "--km", km, "--label-dir", tmp, "--name", f"l{layer}"] + common,
+                [labels, "quality", "--label-dir", tmp, "--labels", f"l{layer}", "--split", "valid",
+                 "--align", os.path.join(data, "valid.align"), "--json", out, "--no-progress"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"probe_layers: error: {' '.join(cmd[:2])} failed on layer {layer} "
+                             f"(exit status {proc.returncode}):\n{proc.stderr[-3000:]}")
+    with open(out) as f:
+        row = json.load(f)["results"][0]
+    return {"pnmi": row["pnmi"], "phone_purity": row["phone_purity"], "pnmi_k": k}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -46,7 +71,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--max-train-utterances", type=int, default=None,
                    help="train each probe on the first N training utterances only (default: all)")
+    p.add_argument("--pnmi-k", type=int, default=0,
+                   help="also the PNMI of each transformer layer's K-means labels on valid (needs "
+                        "{data}/valid.align; 0: off, the default)")
     args = p.parse_args(argv)
+    if args.pnmi_k and not os.path.isfile(os.path.join(args.data, "valid.align")):
+        p.error(f"--pnmi-k needs frame-level phone alignments: {os.path.join(args.data, 'valid.align')} not found "
+                f"(synth_corpus.py --align writes them)")
     import logging
 
     logging.basicConfig(level=logging.WARNING, force=True)  # fairseq's import sets the root to DEBUG
@@ -71,8 +102,12 @@ def main(argv=None) -> int:
             with open(out) as f:
                 r = json.load(f)
             rows.append({"layer": k, "valid_per": r["valid_per"], "per": r["per"], "seconds": time.time() - t0})
-            print(f"layer {k}: valid PER {r['valid_per']:.4f}  test PER {r['per']:.4f}  ({rows[-1]['seconds']:.0f} s)",
-                  flush=True)
+            pnmi = ""
+            if args.pnmi_k and k >= 1:
+                rows[-1].update(label_quality(args.checkpoint, args.data, k, args.pnmi_k, args.seed, tmp))
+                pnmi = f"  PNMI {rows[-1]['pnmi']:.4f}"
+            print(f"layer {k}: valid PER {r['valid_per']:.4f}  test PER {r['per']:.4f}{pnmi}  "
+                  f"({rows[-1]['seconds']:.0f} s)", flush=True)
     best = min(rows, key=lambda r: r["valid_per"])["layer"]
     # the best transformer layer (k >= 1): what a k-means of teacher features can be fitted on
     best_transformer = min((r for r in rows if r["layer"] >= 1), key=lambda r: r["valid_per"], default=None)

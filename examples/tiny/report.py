@@ -6,25 +6,25 @@
     {"models": [...], "claims": [...], "verdict_rule": "...", "teacher_layers": {...},
      "timing": {...}, "setup": {...}}
 
-``models``: one entry per row of the paper's table (``teacher_n1``, ``teacher_n2`` and the
-students), in that order: ``params`` (without the pretraining heads: label embeddings, final
-projection, L_feat heads, as the presets are quoted), ``layers``, ``dim``, ``updates``;
-``seeds`` and, per seed, ``per_seeds`` (test PER of the probe), ``valid_per_seeds`` and
-``seconds_seeds`` (training wall time); ``per`` / ``valid_per`` / ``seconds`` their means,
-``per_std`` the standard deviation over seeds (None with one seed); ``layer_weights`` the
-probe's layer weights averaged over seeds.
+``models``: one entry per row that ``WORKDIR/rows.json`` (pipeline.py) lists, teachers first:
+``kind`` (teacher or student), ``params`` (without the pretraining heads: label embeddings,
+final projection, L_feat heads, as the presets are quoted), ``layers``, ``dim``, ``updates``;
+per run, ``seeds``, ``teachers`` (the teacher pair a student learned from), ``per_seeds`` (test
+PER of the probe), ``valid_per_seeds`` and ``seconds_seeds`` (training wall time; None for a
+shipped teacher); ``per`` / ``valid_per`` / ``seconds`` their means, ``per_std`` the standard
+deviation (None with one run); ``layer_weights`` the probe's layer weights averaged over runs.
 
-``claims``: the paper's comparisons (:data:`CLAIMS`), each with the two rows compared
-(``better``: the row the paper says is better, ``worse``), their means and standard deviations,
-the paired per-seed differences ``diffs`` (PER of ``worse`` minus PER of ``better``, seed by
-seed; a row trained once, a teacher, is compared with every seed of the other), their mean
-``mean_diff``, standard error ``se``, the 95% t interval ``ci95``, the relative difference
-``rel_diff`` (``mean_diff`` over the mean PER of ``worse``) and the ``verdict`` by
-:data:`VERDICT_RULE`.
+``claims``: the comparisons of :data:`CLAIMS` whose two rows were run, each with the rows
+(``better``: expected better, ``worse``), their means and deviations, the paired differences
+``diffs`` (PER of ``worse`` minus PER of ``better``, by seed: :func:`pairs`), their mean
+``mean_diff``, ``se``, paired 95% interval ``ci95`` and p-value ``p``, Holm-adjusted ``p_holm``,
+the ``welch`` comparison, ``rel_diff`` and ``rel_ci95`` (over the worse row's mean PER), the
+paper's ``paper_size`` and ``paper_size_verdict``, the ``verdict`` (Holm) and
+``verdict_uncorrected``, and ``valid``: the same on the valid split.  The rule: :data:`VERDICT_RULE`.
 
-``teacher_layers``: per teacher probed layer by layer, the valid and test PER of each hidden
-state alone and the best one on valid.  ``timing``: wall and CPU seconds per kind of job
-(corpus synthesis, labels, teachers, students, probes).
+``teacher_layers``: per teacher probed layer by layer on this corpus, the valid and test PER of
+each hidden state alone and the best one on valid.  ``timing``: wall and CPU seconds per kind of
+job (corpus synthesis, labels, teachers, students, probes).
 ``results.png`` (needs matplotlib; skipped with a message otherwise): PER by model (bar: mean,
 line: one standard deviation, dots: seeds), the probe's layer weights, and the teachers' PER
 layer by layer.
@@ -43,40 +43,49 @@ import statistics
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from pipeline import MODELS, TEACHERS, timing  # beside this script (python puts its directory first on the path)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-WHAT = {
-    "teacher_n1": "HuBERT iteration 1 (HuBERT's objective), MFCC k-means labels",
-    "teacher_n2": "HuBERT iteration 2 (HuBERT's objective), k-means of a teacher_n1 layer",
-    "dicehubert_narrow": "DiceHuBERT L_SSL, hard labels of a teacher_n2 layer",
-    "dicehubert_narrow_soft": "DiceHuBERT L_SSL, soft labels of the same layer",
-    "dicehubert_shallow": "DiceHuBERT L_SSL, hard labels (teacher width, 1/6 depth)",
-    "feat_narrow": "L_feat from teacher_n2, layer to layer (FitHuBERT style)",
-    "scratch_narrow": "no teacher: MFCC k-means labels (HuBERT iteration 1)",
-}
+import stats  # noqa: E402  beside this script (python puts its directory first on the path)
+from pipeline import MODELS, TEACHERS, timing  # noqa: E402
+
 HEADS = ("label_embs_concat", "final_proj.", "target_glu.", "feat_heads.")
 
-#: (id, the paper's claim, the row the paper says is better, the other row)
+#: (id, what is compared, the row expected better, the other row, the paper's relative size of
+#: effect or None, kind). Kinds: 'claim' (a claim of the paper, or a check of one the issue tracker
+#: asked for: the family Holm's correction counts), 'reference' (not a claim: what compression costs)
 CLAIMS = [
     ("distillation", "distilling helps: the distilled narrow student beats the same student trained from scratch",
-     "dicehubert_narrow", "scratch_narrow"),
+     "dicehubert_narrow", "scratch_narrow", None, "claim"),
     ("ssl_vs_feat", "L_SSL beats L_feat on the same narrow student (the paper: over 21% relative on phone "
-     "recognition)", "dicehubert_narrow", "feat_narrow"),
-    ("narrow_vs_shallow", "at about the same size, the narrow student (teacher depth, half width) beats the shallow "
-     "one (teacher width, 1/6 depth)", "dicehubert_narrow", "dicehubert_shallow"),
-    ("hard_vs_soft", "hard labels (the paper's default objective) beat soft labels of the same layer",
-     "dicehubert_narrow", "dicehubert_narrow_soft"),
-    ("teacher_vs_student", "the teacher beats its distilled narrow student (compression costs accuracy)",
-     "teacher_n2", "dicehubert_narrow"),
+     "recognition)", "dicehubert_narrow", "feat_narrow", 0.21, "claim"),
+    ("narrow_vs_shallow", "the narrow student (teacher depth, half width) beats the shallow one (teacher width, "
+     "1/6 depth)", "dicehubert_narrow", "dicehubert_shallow", None, "claim"),
+    ("narrow_vs_shallow_l4", "the narrow student beats the shallow one of 1/4 depth", "dicehubert_narrow",
+     "dicehubert_shallow_l4", None, "claim"),
+    ("hard_vs_soft", "hard labels (the paper's default objective) are at least as good as soft labels of the same "
+     "layer", "dicehubert_narrow", "dicehubert_narrow_soft", None, "claim"),
+    ("student_vs_n1_teacher", "a student can beat its weaker N=1 teacher (narrow student on teacher_n1's labels vs "
+     "teacher_n1)", "dicehubert_narrow_n1", "teacher_n1", None, "claim"),
+    ("upper_vs_first_layer", "labels of the teacher's chosen layer beat labels of its first layer",
+     "dicehubert_narrow", "dicehubert_narrow_l1", None, "claim"),
+    ("depth_at_narrow_width", "at the narrow width, the teacher's depth beats one layer", "dicehubert_narrow",
+     "dicehubert_narrow_1layer", None, "claim"),
+    ("ssl_vs_feat_10x", "L_SSL beats L_feat on a student over 10x smaller than its teacher",
+     "dicehubert_narrow_10x", "feat_narrow_10x", 0.21, "claim"),
+    ("teacher_vs_student", "reference, not a claim: the teacher vs its distilled narrow student (what compression "
+     "costs)", "teacher_n2", "dicehubert_narrow", None, "reference"),
 ]
-CONFIDENCE = 0.95
+CONFIDENCE = stats.CONFIDENCE
 VERDICT_RULE = (
-    "Paired over seeds: d_s = test PER of the row the paper says is worse minus test PER of the row it says is "
-    "better, for every seed s both rows were trained with (a row trained once, a teacher, is compared with every "
-    "seed of the other). With n such differences, mean d and standard error SE = sd(d) / sqrt(n), the two-sided "
-    f"{CONFIDENCE:.0%} t interval d +- t(n-1) * SE decides: 'holds' if it lies above 0 (the paper's row is better), "
-    "'reversed' if it lies below 0, 'within noise' if it contains 0; 'too few seeds' with n < 2. With 3 seeds, "
-    "t(2) = 4.30: a difference must exceed 4.3 standard errors."
+    "Per claim, d = PER of the row expected worse minus PER of the row expected better (positive: the paper's "
+    "direction), paired by student seed (a student and a teacher: the student's own teacher; students of different "
+    "seeds learn from different teachers when a preset trains several, so the pairs span the teachers' spread). "
+    "Paired: mean d with its two-sided 95% t interval and p-value (H0: mean d = 0). Welch: the two rows' means "
+    "compared as independent samples, 95% interval. Verdict: Holm's correction over the claims of this table "
+    "(kind 'claim'; the reference row is not counted) of the paired p-values, at a family-wise 5%: 'holds' (the "
+    "paper's direction), 'reversed', 'within noise'; 'too few seeds' under 2 pairs. The same on the valid split "
+    "beside it. Paper's size (where the paper gives one): the paired 95% interval of d over the worse row's mean "
+    "PER, against it: 'rules out the paper's size' if entirely below, 'consistent with' if it contains it."
 )
 
 
@@ -104,100 +113,119 @@ def _std(xs: Sequence[float]) -> Optional[float]:
 
 
 def collect(workdir: str) -> List[Dict]:
-    """One entry per model of :data:`MODELS`, with every seed's numbers (see the module doc)."""
+    """One entry per row of ``WORKDIR/rows.json`` (written by pipeline.py), in :data:`MODELS` order,
+    with every run's numbers (see the module doc)."""
+    manifest = _read(os.path.join(workdir, "rows.json"))
     models = []
-    for name in MODELS:
-        runs = sorted((n for n in os.listdir(os.path.join(workdir, "models"))
-                       if n == name or re.fullmatch(re.escape(name) + r"\.s\d+", n)),
-                      key=lambda n: (n != name, int(n.rsplit(".s", 1)[1]) if n != name else 0))
-        if not runs:
-            raise SystemExit(f"report: error: {workdir}/models/{name}: missing (did the pipeline finish?)")
+    for name in [m for m in MODELS if m in manifest["rows"]]:
+        row = manifest["rows"][name]
         entries = []
-        for run in runs:
-            probe = _read(os.path.join(workdir, "probe", f"{run}.json"))
-            done = _read(os.path.join(workdir, ".done", f"{run}.done.json"))
-            ckpt = os.path.join(workdir, "models", run, "checkpoints", "checkpoint_last.pt")
-            if not os.path.isfile(ckpt):
-                raise SystemExit(f"report: error: {ckpt}: missing (did the pipeline finish?)")
-            seed = re.search(r"common\.seed=(\d+)", done["command"])
-            entries.append({**model_facts(ckpt), "per": probe["per"], "valid_per": probe["valid_per"],
-                            "layer_weights": probe["layer_weights"], "seconds": done["seconds"],
-                            "cpu_seconds": done["cpu_seconds"], "seed": int(seed.group(1)) if seed else None})
+        for run in row["runs"]:
+            probe = _read(run["probe"])
+            done = os.path.join(workdir, ".done", f"{run['run']}.done.json")
+            timing_ = _read(done) if run["trained"] else {"seconds": None, "cpu_seconds": None}
+            if not os.path.isfile(run["checkpoint"]):
+                raise SystemExit(f"report: error: {run['checkpoint']}: missing (did the pipeline finish?)")
+            entries.append({**model_facts(run["checkpoint"]), "per": probe["per"], "valid_per": probe["valid_per"],
+                            "layer_weights": probe["layer_weights"], "seconds": timing_["seconds"],
+                            "cpu_seconds": timing_["cpu_seconds"], "seed": run["seed"], "teacher": run["teacher"]})
         first = entries[0]
         pers = [e["per"] for e in entries]
         valid = [e["valid_per"] for e in entries]
         weights = [statistics.fmean(ws) for ws in zip(*(e["layer_weights"] for e in entries))]
+        secs = [e["seconds"] for e in entries if e["seconds"] is not None]
+        cpus = [e["cpu_seconds"] for e in entries if e["cpu_seconds"] is not None]
         models.append({
-            "name": name, "what": WHAT[name], "params": first["params"], "layers": first["layers"],
-            "dim": first["dim"], "updates": first["updates"],
-            "seeds": [e["seed"] for e in entries], "per_seeds": pers, "valid_per_seeds": valid,
-            "seconds_seeds": [round(e["seconds"], 1) for e in entries],
+            "name": name, "kind": row["kind"], "what": row["what"], "trained_here": bool(secs),
+            "params": first["params"], "layers": first["layers"], "dim": first["dim"], "updates": first["updates"],
+            "seeds": [e["seed"] for e in entries], "teachers": [e["teacher"] for e in entries],
+            "per_seeds": pers, "valid_per_seeds": valid,
+            "seconds_seeds": [None if e["seconds"] is None else round(e["seconds"], 1) for e in entries],
             "per": statistics.fmean(pers), "per_std": _std(pers), "valid_per": statistics.fmean(valid),
             "valid_per_std": _std(valid),
-            "seconds": round(statistics.fmean(e["seconds"] for e in entries), 1),
-            "cpu_seconds": round(statistics.fmean(e["cpu_seconds"] for e in entries), 1),
+            "seconds": round(statistics.fmean(secs), 1) if secs else None,
+            "cpu_seconds": round(statistics.fmean(cpus), 1) if cpus else None,
             "layer_weights": weights,
         })
     return models
 
 
-def t_quantile(p: float, dof: int) -> float:
-    """Quantile ``p`` of Student's t distribution with ``dof`` degrees of freedom."""
-    from scipy.stats import t
+def pairs(better: Dict, worse: Dict, key: str = "per_seeds"):
+    """Aligned values of two rows: ``(labels, better values, worse values)``.
 
-    return float(t.ppf(p, dof))
+    Two student rows pair by seed.  A teacher row (one run per teacher) pairs with each seed of
+    the student row, through the teacher that seed learned from (``teachers``).
+    """
+    def by_seed(row):
+        return dict(zip(row["seeds"], row[key]))
+
+    def by_teacher(row):
+        return dict(zip(row["teachers"], row[key]))
+
+    kb, kw = better.get("kind", "student"), worse.get("kind", "student")
+    if kb == "teacher" and kw != "teacher":
+        tv = by_teacher(better)
+        seeds = [s for s, t in zip(worse["seeds"], worse["teachers"]) if t in tv or len(tv) == 1]
+        teach = dict(zip(worse["seeds"], worse["teachers"]))
+        w = by_seed(worse)
+        return seeds, [tv.get(teach[s], next(iter(tv.values()))) for s in seeds], [w[s] for s in seeds]
+    if kw == "teacher" and kb != "teacher":
+        seeds, wv, bv = pairs(worse, better, key)
+        return seeds, bv, wv
+    b, w = by_seed(better), by_seed(worse)
+    seeds = sorted(set(b) & set(w))
+    return seeds, [b[s] for s in seeds], [w[s] for s in seeds]
 
 
-def compare(better: Dict, worse: Dict, confidence: float = CONFIDENCE) -> Dict:
-    """Paired comparison of two rows of :func:`collect` by :data:`VERDICT_RULE`.
-
-    Args:
-        better: the row the paper says has the lower PER.
-        worse: the other row.
-        confidence: of the two-sided t interval.
+def compare(better: Dict, worse: Dict, key: str = "per_seeds", paper_size: Optional[float] = None) -> Dict:
+    """Paired and Welch comparison of two rows of :func:`collect` (``key``: test or valid PERs).
 
     Returns:
-        ``{"seeds", "diffs", "n", "mean_diff", "se", "ci95", "rel_diff", "verdict"}``; ``diffs``
-        per seed: PER of ``worse`` minus PER of ``better`` (positive: the paper's direction).
+        ``{"seeds", "diffs", "n", "mean_diff", "se", "ci95", "p", "welch", "rel_diff", "rel_ci95",
+        "paper_size", "paper_size_verdict", "verdict_uncorrected"}``; ``diffs`` per pair: PER of ``worse``
+        minus PER of ``better`` (positive: the paper's direction).  ``verdict`` is set by :func:`claims`
+        (Holm's correction needs the whole table).
     """
-    b = dict(zip(better["seeds"], better["per_seeds"]))
-    w = dict(zip(worse["seeds"], worse["per_seeds"]))
-    if len(b) == 1 and len(w) > 1:  # a row trained once (a teacher) against every seed of the other
-        (only,) = b.values()
-        seeds = sorted(w)
-        diffs = [w[s] - only for s in seeds]
-    elif len(w) == 1 and len(b) > 1:
-        (only,) = w.values()
-        seeds = sorted(b)
-        diffs = [only - b[s] for s in seeds]
-    else:
-        seeds = sorted(set(b) & set(w))
-        diffs = [w[s] - b[s] for s in seeds]
-    n = len(diffs)
-    mean = statistics.fmean(diffs) if diffs else math.nan
-    out = {"seeds": seeds, "diffs": diffs, "n": n, "mean_diff": mean, "se": None, "ci95": None,
-           "rel_diff": mean / worse["per"] if worse["per"] else math.nan}
-    if n < 2:
-        out["verdict"] = "too few seeds"
-        return out
-    se = statistics.stdev(diffs) / math.sqrt(n)
-    half = t_quantile(0.5 + confidence / 2, n - 1) * se
-    out.update(se=se, ci95=[mean - half, mean + half])
-    out["verdict"] = "holds" if mean - half > 0 else "reversed" if mean + half < 0 else "within noise"
+    seeds, bv, wv = pairs(better, worse, key)
+    diffs = [y - x for x, y in zip(bv, wv)]
+    pt = stats.paired(diffs)
+    worse_vals, better_vals = worse[key], better[key]
+    worse_mean = statistics.fmean(worse_vals)
+    wl = stats.welch(better_vals, worse_vals)
+    out = {"seeds": seeds, "diffs": diffs, "n": pt["n"], "mean_diff": pt["mean"], "se": pt["se"], "ci95": pt["ci"],
+           "p": pt["p"], "welch": {"mean_diff": wl["mean"], "se": wl["se"], "df": wl["df"], "ci95": wl["ci"],
+                                   "p": wl["p"]},
+           "rel_diff": pt["mean"] / worse_mean if worse_mean else math.nan,
+           "rel_ci95": None if pt["ci"] is None else [c / worse_mean for c in pt["ci"]],
+           "paper_size": paper_size,
+           "paper_size_verdict": stats.against_paper_size(pt["ci"], worse_mean, paper_size)}
+    out["verdict_uncorrected"] = ("too few seeds" if pt["ci"] is None else "holds" if pt["ci"][0] > 0 else
+                                  "reversed" if pt["ci"][1] < 0 else "within noise")
     return out
 
 
 def claims(models: List[Dict]) -> List[Dict]:
-    """One entry per claim of :data:`CLAIMS` (rows absent from ``models`` are skipped)."""
+    """One entry per claim of :data:`CLAIMS` whose rows were run, test and valid, Holm-corrected."""
     by = {m["name"]: m for m in models}
     out = []
-    for cid, text, better, worse in CLAIMS:
+    for cid, text, better, worse, size, kind in CLAIMS:
         if better not in by or worse not in by:
             continue
         b, w = by[better], by[worse]
-        out.append({"id": cid, "claim": text, "better": better, "worse": worse,
-                    "better_mean": b["per"], "better_sd": b["per_std"], "worse_mean": w["per"],
-                    "worse_sd": w["per_std"], **compare(b, w)})
+        entry = {"id": cid, "claim": text, "kind": kind, "better": better, "worse": worse,
+                 "better_mean": b["per"], "better_sd": b["per_std"], "worse_mean": w["per"],
+                 "worse_sd": w["per_std"], **compare(b, w, "per_seeds", size)}
+        entry["valid"] = compare(b, w, "valid_per_seeds", size)
+        out.append(entry)
+    for get in (lambda c: c, lambda c: c["valid"]):
+        family = [c for c in out if c["kind"] == "claim"]
+        for c, adj in zip(family, stats.holm([get(c)["p"] for c in family])):
+            get(c)["p_holm"] = adj
+            get(c)["verdict"] = stats.verdict(get(c)["mean_diff"], adj)
+        for c in out:
+            if c["kind"] != "claim":
+                get(c)["p_holm"] = None
+                get(c)["verdict"] = get(c)["verdict_uncorrected"]
     return out
 
 
@@ -243,6 +271,14 @@ def _pm(mean: float, sd: Optional[float]) -> str:
     return f"{mean:.3f}" if sd is None else f"{mean:.3f} ± {sd:.3f}"
 
 
+def _ci(ci: Optional[Sequence[float]]) -> str:
+    return "" if ci is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _secs(m: Dict) -> str:
+    return "shipped" if m["seconds"] is None else f"{m['seconds']:.0f} s"
+
+
 def markdown(results: Dict) -> str:
     models, setup = results["models"], results["setup"]
     lines = ["| model | what it learned from | layers x dim | params | updates | train time | test PER "
@@ -251,16 +287,21 @@ def markdown(results: Dict) -> str:
     for m in models:
         seeds = ", ".join(f"{p:.3f}" for p in m["per_seeds"])
         lines.append(f"| {m['name']} | {m['what']} | {m['layers']} x {m['dim']} | {m['params'] / 1e6:.2f}M | "
-                     f"{m['updates']} | {m['seconds']:.0f} s | {_pm(m['per'], m['per_std'])} | {seeds} | "
+                     f"{m['updates']} | {_secs(m)} | {_pm(m['per'], m['per_std'])} | {seeds} | "
                      f"{_pm(m['valid_per'], m['valid_per_std'])} |")
-    lines += ["", "Claims (test PER; computed by report.py):", "",
-              "| claim | paper's better row | other row | difference (other - better), 95% CI | relative | "
-              "seeds | verdict |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "Claims (test PER; valid beside it; computed by report.py):", "",
+              "| claim | expected better | other | difference (other - better), paired 95% CI | Welch 95% CI | "
+              "relative [CI] | pairs | verdict, test (Holm) | verdict, valid (Holm) | paper's size |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in results["claims"]:
-        ci = "" if c["ci95"] is None else f" [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
+        rel = f"{100 * c['rel_diff']:+.1f}%"
+        if c["rel_ci95"] is not None:
+            rel += f" [{100 * c['rel_ci95'][0]:+.0f}%, {100 * c['rel_ci95'][1]:+.0f}%]"
+        size = "" if c["paper_size"] is None else f"{100 * c['paper_size']:.0f}%: {c['paper_size_verdict']}"
         lines.append(f"| {c['claim']} | {c['better']} {_pm(c['better_mean'], c['better_sd'])} | {c['worse']} "
-                     f"{_pm(c['worse_mean'], c['worse_sd'])} | {c['mean_diff']:+.3f}{ci} | "
-                     f"{100 * c['rel_diff']:+.1f}% | {c['n']} | **{c['verdict']}** |")
+                     f"{_pm(c['worse_mean'], c['worse_sd'])} | {c['mean_diff']:+.3f}{_ci(c['ci95'])} | "
+                     f"{_ci(c['welch']['ci95']).strip()} | {rel} | {c['n']} | **{c['verdict']}** | "
+                     f"{c['valid']['verdict']} | {size} |")
     lines += ["", "Verdict rule: " + results["verdict_rule"]]
     for name, t in results["teacher_layers"].items():
         lines += ["", f"{name}, each hidden state probed alone (0 = transformer input): best on valid: "
@@ -291,7 +332,9 @@ def plot(results: Dict, path: str) -> None:
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8))
     ax1, ax2 = axes[0], axes[1]
     names = [m["name"] for m in models]
-    colors = ["#7f7f7f", "#4d4d4d"] + ["#1f77b4", "#5fa2d4", "#2ca02c", "#ff7f0e", "#d62728"]
+    palette = plt.get_cmap("tab20").colors
+    colors = ["#7f7f7f", "#4d4d4d"][: sum(m["kind"] == "teacher" for m in models)]
+    colors += [palette[i % len(palette)] for i in range(len(models) - len(colors))]
     ax1.bar(range(len(models)), [m["per"] for m in models], color=colors[: len(models)],
             yerr=[m["per_std"] or 0.0 for m in models], capsize=4, ecolor="#333333")
     for i, m in enumerate(models):
@@ -314,7 +357,7 @@ def plot(results: Dict, path: str) -> None:
     if layers:
         ax3 = axes[2]
         for name, t in layers.items():
-            c = colors[TEACHERS.index(name)]
+            c = ["#7f7f7f", "#4d4d4d"][TEACHERS.index(name)]
             ks = [r["layer"] for r in t["layers"]]
             ax3.plot(ks, [r["valid_per"] for r in t["layers"]], "o-", color=c, label=f"{name} valid", ms=4)
             ax3.plot(ks, [r["per"] for r in t["layers"]], "s--", color=c, label=f"{name} test", ms=3, alpha=0.7)
@@ -362,10 +405,15 @@ def main(argv=None) -> int:
         if info.get("synthesis_seconds") is not None:
             times["corpus"] = {"jobs": 1, "wall_seconds": info["synthesis_seconds"], "cpu_seconds": None,
                                "span_seconds": info["synthesis_seconds"]}
-    for job, teacher in (("km_it1", "teacher_n1"), ("km_it2", "teacher_n2")):
+    manifest = _read(os.path.join(w, "rows.json"))
+    setup["teachers"] = (f"shipped ({os.path.relpath(manifest['teacher_dir'], REPO)})" if manifest["teachers"] == "shipped"
+                         else f"trained here, {manifest['teacher_replicas']} of each")
+    for job, what in (("km_it1", "teacher_n1 layer clustered for teacher_n2"),
+                      ("km_it2", "teacher_n2 layer clustered for the students"),
+                      ("km_n1", "teacher_n1 layer clustered for the N=1 student")):
         layer = target_layer(w, job)
         if layer is not None:
-            setup[f"{teacher} layer clustered"] = layer
+            setup[what] = layer
     times.update(timing(w))
     results = {"models": models, "claims": claims(models), "verdict_rule": VERDICT_RULE,
                "teacher_layers": teacher_layers(w), "timing": times, "setup": setup}

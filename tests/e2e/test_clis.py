@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dicehubert_fairseq.labels.cli import main
-from dicehubert_fairseq.labels.features import MfccFeatureReader
+from dicehubert_fairseq.labels.mfcc import MfccFeatureReader
 from tests.helpers.tones import copy_data
 from tests.test_labels_dump import SIMPLE_KMEANS, _features, _lines
 from tests.test_probe_cli import FAST, _short_phn
@@ -48,11 +48,11 @@ def test_python_m_one_line_no_traceback(tmp_path, tiny_corpus, mfcc_km):
 SLOW_DUMP = """
 import sys, time
 from dicehubert_fairseq.labels import dump
-write = dump._write_block
+write = dump.write_block
 def slow_write(*args, **kwargs):
     write(*args, **kwargs)
     time.sleep(0.7)
-dump._write_block = slow_write
+dump.write_block = slow_write
 from dicehubert_fairseq.labels.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -22,7 +22,7 @@ import torch
 
 from dicehubert_fairseq.export.check import batch_padding_mask, frames_of
 from dicehubert_fairseq.export.cli import build_parser, main
-from dicehubert_fairseq.export.source import load_source
+from dicehubert_fairseq.checkpoint import load_source
 from dicehubert_fairseq.frames import conv_layers, frame_stride
 from dicehubert_fairseq.hidden_states import hidden_states
 

@@ -62,13 +62,13 @@ def _same_bytes(whole, merged):
 
 SLOW_DUMP = """
 import sys, time
-from dicehubert_fairseq.labels import cli, dump
-iter_features = dump.iter_features
+from dicehubert_fairseq.labels import cli, features
+read = features.FeatureSource.read
 def slow(*args, **kwargs):  # a slow machine: every utterance takes a second
-    for item in iter_features(*args, **kwargs):
+    for item in read(*args, **kwargs):
         yield item
         time.sleep(1.0)
-dump.iter_features = slow
+features.FeatureSource.read = slow
 sys.exit(cli.main(sys.argv[1:]))
 """
 

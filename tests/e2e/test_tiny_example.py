@@ -37,10 +37,11 @@ LIBRI = os.path.join(REPO, "examples", "librispeech")
 BIN = os.path.dirname(sys.executable)
 
 pytestmark = pytest.mark.e2e
-MODELS = ["teacher_n1", "teacher_n2", "dicehubert_narrow", "dicehubert_narrow_soft", "dicehubert_shallow",
-          "feat_narrow", "scratch_narrow"]
+#: the ci preset's rows, in the report's order
+MODELS = ["teacher_n1", "teacher_n2", "dicehubert_narrow", "dicehubert_shallow", "feat_narrow", "scratch_narrow",
+          "dicehubert_narrow_soft"]
 TEACHERS = MODELS[:2]
-#: the paper's comparisons: id -> (the row the paper says is better, the other row)
+#: the comparisons of those rows: id -> (the row the paper says is better, the other row)
 CLAIMS = {"distillation": ("dicehubert_narrow", "scratch_narrow"),
           "ssl_vs_feat": ("dicehubert_narrow", "feat_narrow"),
           "narrow_vs_shallow": ("dicehubert_narrow", "dicehubert_shallow"),
@@ -117,8 +118,8 @@ def test_reduced_tiny_run(tmp_path):
         results = json.load(f)
     assert [m["name"] for m in results["models"]] == MODELS
     for m in results["models"]:
-        # every seed's numbers, their mean and sd
-        n = 1 if m["name"] in TEACHERS else 2
+        # every seed's numbers, their mean and sd (teachers: the two pairs the ci preset trains)
+        n = 2
         assert len(m["seeds"]) == len(set(m["seeds"])) == len(m["per_seeds"]) == len(m["valid_per_seeds"]) == n, m
         assert all(math.isfinite(p) and p >= 0 for p in m["per_seeds"] + m["valid_per_seeds"]), m
         assert m["per"] == pytest.approx(statistics.fmean(m["per_seeds"]))
@@ -128,9 +129,13 @@ def test_reduced_tiny_run(tmp_path):
         assert len(m["layer_weights"]) == m["layers"] + 1 and abs(sum(m["layer_weights"]) - 1) < 1e-4, m
     by = {m["name"]: m for m in results["models"]}
     check_claims(results, by)
-    # each seed is a separately trained student (seed, seed + 1)
+    # each seed is a separately trained student (seed, seed + 1), on its own teacher pair (seeds 1000, 1001)
     assert by["feat_narrow"]["seeds"] == [1, 2] and (work / "models" / "feat_narrow.s2").is_dir()
-    # the students' shapes relative to the teacher: narrow = same depth, half width; shallow = 1/6 depth
+    assert by["teacher_n2"]["seeds"] == [1000, 1001] and by["teacher_n2"]["teachers"] == [0, 1]
+    assert by["dicehubert_narrow"]["teachers"] == [0, 1] and by["scratch_narrow"]["teachers"] == [None, None]
+    assert "criterion.teacher_checkpoint=" + str(work / "models" / "teacher_n2.t2") in \
+        (work / ".done" / "feat_narrow.s2.done.json").read_text()
+    # the students' shapes relative to the teacher (12 x 192): narrow = same depth, half width; shallow = 1/6 depth
     t = by["teacher_n2"]
     assert by["dicehubert_narrow"]["layers"] == t["layers"] and by["dicehubert_narrow"]["dim"] * 2 == t["dim"]
     assert by["dicehubert_shallow"]["layers"] * 6 == t["layers"] and by["dicehubert_shallow"]["dim"] == t["dim"]
@@ -147,7 +152,7 @@ def test_reduced_tiny_run(tmp_path):
         assert f"| {c['claim']} | {c['better']} " in md and f"**{c['verdict']}**" in md, c
     # teacher_n2's hidden states probed one at a time, the best chosen on valid
     layers = results["teacher_layers"]["teacher_n2"]
-    assert [r["layer"] for r in layers["layers"]] == list(range(by["teacher_n2"]["layers"] + 1))
+    assert [r["layer"] for r in layers["layers"]] == [0, 1, 6, 12]  # the ci preset's TINY_LAYER_PROBE_LAYERS
     assert layers["best_layer"] == min(layers["layers"], key=lambda r: r["valid_per"])["layer"]
     # the time of every stage is measured and printed
     assert set(results["timing"]) == {"corpus", "labels", "teachers", "students", "probes"}
@@ -155,14 +160,15 @@ def test_reduced_tiny_run(tmp_path):
     for stage in ("corpus", "training", "report", "total"):
         assert f"  {stage} " in proc.stdout, stage
     # the stages say what they do
-    for stage in ("1/5 corpus", "2/5", "3/5 report", "start  teacher_n1", "done   probe_scratch_narrow"):
+    for stage in ("1/4 corpus", "2/4", "3/4 report", "start  teacher_n1", "done   probe_scratch_narrow"):
         assert stage in proc.stdout, stage
     # the last stage exports the distilled narrow student to transformers and says its size
     hf = work / "export" / "dicehubert_narrow_hf"
     assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
-    assert "4/5 export" in proc.stdout and "parameters:" in proc.stdout and "on disk:" in proc.stdout
+    assert "4/4 export" in proc.stdout and "parameters:" in proc.stdout and "on disk:" in proc.stdout
     # soft labels were dumped and used
     assert glob.glob(str(work / "labels" / "it2" / "train.km.soft*"))
+    assert glob.glob(str(work / "labels" / "it2.t2" / "train.km.soft*"))
 
     # a second run in the same WORKDIR skips every stage; without matplotlib (a stand-in
     # package that fails to import) it says so before any work, then writes everything but the plot
@@ -175,7 +181,7 @@ def test_reduced_tiny_run(tmp_path):
     assert "] start  " not in again.stdout and "skip   teacher_n1" in again.stdout  # no job started again
     assert "using the corpus already in" in again.stdout
     note = again.stdout.index("note: matplotlib is not installed")
-    assert note < again.stdout.index("1/5 corpus"), again.stdout[:2000]
+    assert note < again.stdout.index("1/4 corpus"), again.stdout[:2000]
     assert "results.png skipped: matplotlib is not installed" in again.stdout
     assert "pip install -e '.[plot]'" in again.stdout
     assert (work / "results.json").is_file() and (work / "results.md").is_file()
@@ -183,19 +189,20 @@ def test_reduced_tiny_run(tmp_path):
 
 
 def check_claims(results, by):
-    """The claims entries exist and follow from the per-seed numbers by the stated rule."""
+    """The claims entries exist and follow from the per-seed numbers by the stated rule: pairs by
+    seed (a teacher: the student's own teacher pair), t intervals, Holm over the claims."""
     from scipy.stats import t
 
     assert {c["id"]: (c["better"], c["worse"]) for c in results["claims"]} == CLAIMS
-    assert "95% t interval" in results["verdict_rule"]
+    assert "Holm" in results["verdict_rule"] and "Welch" in results["verdict_rule"]
     for c in results["claims"]:
         b, w = by[c["better"]], by[c["worse"]]
         assert c["better_mean"] == b["per"] and c["worse_mean"] == w["per"], c
-        assert c["better_sd"] == b["per_std"] and c["worse_sd"] == w["per_std"], c
-        bs, ws = dict(zip(b["seeds"], b["per_seeds"])), dict(zip(w["seeds"], w["per_seeds"]))
-        if len(bs) == 1:  # the teacher, trained once, against every seed of the student
-            diffs = [ws[s] - b["per"] for s in sorted(ws)]
+        if b["name"] in TEACHERS:  # each student seed against the teacher pair it learned from
+            tv = dict(zip(b["teachers"], b["per_seeds"]))
+            diffs = [p - tv[tt] for p, tt in zip(w["per_seeds"], w["teachers"])]
         else:
+            bs, ws = dict(zip(b["seeds"], b["per_seeds"])), dict(zip(w["seeds"], w["per_seeds"]))
             diffs = [ws[s] - bs[s] for s in sorted(set(bs) & set(ws))]
         assert c["n"] == len(diffs) == 2 and c["diffs"] == pytest.approx(diffs), c
         mean = statistics.fmean(diffs)
@@ -204,8 +211,19 @@ def check_claims(results, by):
         assert c["mean_diff"] == pytest.approx(mean) and c["se"] == pytest.approx(se)
         assert c["ci95"] == pytest.approx([mean - half, mean + half])
         assert c["rel_diff"] == pytest.approx(mean / w["per"])
-        expected = "holds" if mean - half > 0 else "reversed" if mean + half < 0 else "within noise"
-        assert c["verdict"] == expected, c
+        assert c["welch"]["mean_diff"] == pytest.approx(w["per"] - b["per"])
+        assert c["valid"]["n"] == 2 and "verdict" in c["valid"]
+    family = [c for c in results["claims"] if c["kind"] == "claim"]
+    assert {c["id"] for c in family} == set(CLAIMS) - {"teacher_vs_student"}
+    ranked = sorted(family, key=lambda c: c["p"])
+    for i, c in enumerate(ranked):  # Holm: the i-th smallest p times (m - i), running maximum, capped at 1
+        expected = max(min(1.0, (len(ranked) - j) * ranked[j]["p"]) for j in range(i + 1))
+        assert c["p_holm"] == pytest.approx(expected)
+        verdict = "within noise" if expected >= 0.05 else "holds" if c["mean_diff"] > 0 else "reversed"
+        assert c["verdict"] == verdict, c
+    ssl = next(c for c in results["claims"] if c["id"] == "ssl_vs_feat")
+    assert ssl["paper_size"] == 0.21 and ssl["paper_size_verdict"] in (
+        "rules out the paper's size", "consistent with the paper's size", "beyond the paper's size")
 
 
 def tiny_module(monkeypatch, name):
@@ -221,7 +239,8 @@ def test_layer_auto_waits_for_the_layer_probe_and_uses_its_best_transformer_laye
     command (hence the .done key) names the best transformer layer (>= 1) that the probe wrote."""
     pipeline = tiny_module(monkeypatch, "pipeline")
     w = tmp_path / "w"
-    argv = [str(w), "--layer-it1", "auto", "--layer-it2", "3", "--layer-probes", "teacher_n1,teacher_n2"]
+    argv = [str(w), "--teachers", "train", "--layer-it1", "auto", "--layer-it2", "3", "--layer-probes",
+            "teacher_n1,teacher_n2"]
     seen = {}
     monkeypatch.setattr(pipeline.Runner, "run", lambda self: seen.update(self.jobs))  # build the jobs, run none
     assert pipeline.main(argv) == 0
@@ -236,29 +255,63 @@ def test_layer_auto_waits_for_the_layer_probe_and_uses_its_best_transformer_laye
         pipeline.main([str(w), "--layer-it2", "auto", "--layer-probes", "teacher_n1"])  # n2 not probed
 
 
-def test_verdicts_follow_the_rule(monkeypatch):
-    """report.compare on hand-made rows: a clear gain holds, a clear loss is reversed, a noisy
-    difference is within noise, one seed is too few; a teacher trained once is paired with every
-    seed of the student."""
+def _row(pers, seeds=None, kind="student", teachers=None):
+    seeds = seeds or list(range(1, len(pers) + 1))
+    return {"seeds": seeds, "per_seeds": pers, "valid_per_seeds": pers, "per": statistics.fmean(pers),
+            "per_std": statistics.stdev(pers) if len(pers) > 1 else None, "kind": kind,
+            "teachers": teachers or [0] * len(pers)}
+
+
+def test_comparisons_follow_the_rule(monkeypatch):
+    """report.compare on hand-made rows: a clear gain's interval lies above 0, a clear loss's below,
+    a noisy one contains 0, one seed is too few; pairing removes what a seed shares; a teacher is
+    paired with each student seed through the teacher that seed learned from."""
     compare = tiny_module(monkeypatch, "report").compare
-
-    def row(pers, seeds=None):
-        seeds = seeds or list(range(1, len(pers) + 1))
-        return {"seeds": seeds, "per_seeds": pers, "per": statistics.fmean(pers)}
-
-    assert compare(row([0.40, 0.41, 0.42]), row([0.50, 0.52, 0.51]))["verdict"] == "holds"
-    assert compare(row([0.50, 0.52, 0.51]), row([0.40, 0.41, 0.42]))["verdict"] == "reversed"
+    row = _row
+    assert compare(row([0.40, 0.41, 0.42]), row([0.50, 0.52, 0.51]))["verdict_uncorrected"] == "holds"
+    assert compare(row([0.50, 0.52, 0.51]), row([0.40, 0.41, 0.42]))["verdict_uncorrected"] == "reversed"
     noisy = compare(row([0.40, 0.50, 0.45]), row([0.46, 0.44, 0.47]))
-    assert noisy["verdict"] == "within noise" and noisy["ci95"][0] < 0 < noisy["ci95"][1]
-    # paired: a constant gain of 0.01 with seed-to-seed spread of 0.1 is clear when paired
+    assert noisy["verdict_uncorrected"] == "within noise" and noisy["ci95"][0] < 0 < noisy["ci95"][1]
+    # paired: a constant gain of 0.01 with seed-to-seed spread of 0.1 is clear when paired, not unpaired
     paired = compare(row([0.30, 0.40, 0.50]), row([0.31, 0.41, 0.51]))
-    assert paired["verdict"] == "holds" and paired["diffs"] == pytest.approx([0.01] * 3)
-    assert compare(row([0.4]), row([0.5]))["verdict"] == "too few seeds"
-    teacher = compare(row([0.40], seeds=[1]), row([0.50, 0.52, 0.51]))
+    assert paired["verdict_uncorrected"] == "holds" and paired["diffs"] == pytest.approx([0.01] * 3)
+    assert paired["welch"]["ci95"][0] < 0 < paired["welch"]["ci95"][1]
+    assert compare(row([0.4]), row([0.5]))["verdict_uncorrected"] == "too few seeds"
+    teacher = compare(row([0.40], seeds=[1000], kind="teacher"), row([0.50, 0.52, 0.51]))
     assert teacher["n"] == 3 and teacher["diffs"] == pytest.approx([0.10, 0.12, 0.11])
-    assert teacher["verdict"] == "holds"
+    # two teachers: seeds 1 and 3 learned from teacher 0, seed 2 from teacher 1
+    two = compare(row([0.40, 0.30], seeds=[1000, 1001], kind="teacher", teachers=[0, 1]),
+                  row([0.50, 0.52, 0.51], teachers=[0, 1, 0]))
+    assert two["diffs"] == pytest.approx([0.10, 0.22, 0.11])
     # only the seeds both rows have are paired
     assert compare(row([0.4, 0.5, 0.6]), row([0.5, 0.6], seeds=[2, 3]))["seeds"] == [2, 3]
+    # the paper's size: 21% relative; an interval of the relative difference entirely below it rules it out
+    small = compare(row([0.40, 0.41, 0.42]), row([0.41, 0.42, 0.435]), paper_size=0.21)
+    assert small["paper_size_verdict"] == "rules out the paper's size"
+    big = compare(row([0.30, 0.31, 0.33]), row([0.40, 0.41, 0.42]), paper_size=0.21)
+    assert big["paper_size_verdict"] == "consistent with the paper's size"
+
+
+def test_claims_are_corrected_for_their_number_and_the_reference_row_is_not_counted(monkeypatch):
+    """Two claims with the same paired p between 0.025 and 0.05: uncorrected both hold; Holm (m = 2)
+    doubles both p-values past 0.05: within noise. The teacher-vs-student reference keeps its
+    uncorrected verdict and is not counted in the family."""
+    report = tiny_module(monkeypatch, "report")
+    base = [0.40, 0.42, 0.44, 0.41]
+    d = [0.012, 0.028, 0.006, 0.016]
+    p = tiny_module(monkeypatch, "stats").paired(d)["p"]
+    assert 0.025 < p < 0.05  # the case this test is about
+    worse = [b + x for b, x in zip(base, d)]
+    models = [dict(_row([0.30], seeds=[1000], kind="teacher"), name="teacher_n2"),
+              dict(_row(base), name="dicehubert_narrow"),
+              dict(_row(worse), name="scratch_narrow"), dict(_row(worse), name="feat_narrow")]
+    out = {c["id"]: c for c in report.claims(models)}
+    assert set(out) == {"distillation", "ssl_vs_feat", "teacher_vs_student"}
+    for cid in ("distillation", "ssl_vs_feat"):
+        assert out[cid]["p"] == pytest.approx(p) and out[cid]["verdict_uncorrected"] == "holds"
+        assert out[cid]["p_holm"] == pytest.approx(2 * p) and out[cid]["verdict"] == "within noise"
+    ref = out["teacher_vs_student"]
+    assert ref["kind"] == "reference" and ref["p_holm"] is None and ref["verdict"] == ref["verdict_uncorrected"]
 
 
 def test_ci_fails_instead_of_skipping_without_speech_tools(tmp_path):

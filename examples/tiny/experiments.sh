@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The experiments of examples/tiny/EXPERIMENTS.md, one command each:
+#
+#   examples/tiny/experiments.sh NAME [NAME ...]      (experiments.sh list: every name)
+#
+# Each runs pipeline.py on a copy of one corpus (the manifests and transcripts; the audio is
+# shared) in $EXP_ROOT/NAME (default examples/tiny/work_experiments, git-ignored), then report.py,
+# and copies the report's results.json to examples/tiny/results/experiments/NAME.json. With the
+# shipped teachers (examples/tiny/teachers/). Corpora: 'tune' (recipe values are chosen on its
+# valid split), 'A' (make tiny's corpus) and 'B' (TINY_CORPUS=other), synthesised once into
+# $EXP_ROOT/corpus_{tune,A,B} with the commands of run.sh. Finished jobs are skipped when a
+# command is run again (pipeline.py's .done markers).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(realpath -m "${EXP_ROOT:-$HERE/work_experiments}")"
+PYTHON="${PYTHON:-python}"
+OUT="$HERE/results/experiments"
+MASKED="criterion.pred_nomask_weight=0"
+
+corpus() {  # corpus NAME: the corpus directory (synthesised on first use)
+  local dir="$ROOT/corpus_$1" args=()
+  case "$1" in
+    # the tuning corpus: the same command as train_teachers.sh's (a large valid split: 99 utterances)
+    tune) args=(--minutes 14 --split-fractions 0.5,0.4,0.1 --seed 11 --text-seed 2011 --voices tune --align) ;;
+    A) args=(--minutes 12 --seed 1) ;;
+    A_long) args=(--minutes 36 --seed 1) ;;
+    B) args=(--minutes 12 --seed 1 --voices other --text-seed 1001) ;;
+    *) echo "experiments.sh: unknown corpus $1" >&2; exit 1 ;;
+  esac
+  if [[ ! -f "$dir/test.tsv" ]]; then
+    "$PYTHON" "$HERE/synth_corpus.py" --out "$dir" --jobs 2 "${args[@]}" >&2
+  fi
+  echo "$dir"
+}
+
+run() {  # run NAME CORPUS PIPELINE_ARGS...: pipeline + report in ROOT/NAME, results JSON kept
+  local name="$1" src; src="$(corpus "$2")"; shift 2
+  local w="$ROOT/$name"
+  mkdir -p "$w" "$OUT"
+  for f in "$src"/*.tsv "$src"/*.phn "$src"/corpus.json; do cp -p "$f" "$w/"; done
+  echo "== $name: pipeline.py $w $*"
+  "$PYTHON" "$HERE/pipeline.py" "$w" ${EXP_TEACHER_DIR:+--teacher-dir "$EXP_TEACHER_DIR"} "$@"
+  "$PYTHON" "$HERE/report.py" "$w" >/dev/null
+  cp "$w/results.json" "$OUT/$name.json"
+  cp "$w/results.md" "$OUT/$name.md"
+  echo "   $OUT/$name.json"
+}
+
+narrow() { echo --rows dicehubert_narrow --replicas 3; }
+n1() { echo --rows dicehubert_narrow_n1 --replicas 3; }  # students of teacher_n1's chosen layer
+
+case "${1:-list}" in list) sed -n '/^for exp in/,$p' "$0" | grep -oE '^    [a-z0-9_.-]+\)' | tr -d ' )'; exit 0 ;; esac
+for exp in "$@"; do
+  case "$exp" in
+    # T1: the students' loss and learning rate (tuning corpus, narrow students of teacher_n1's chosen
+    # layer, 3 seeds, 400 updates): run while teacher_n2 was training
+    t1_both_lr2e-3) run "$exp" tune $(n1) --student-updates 400 ;;
+    t1_masked_lr2e-3) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED" ;;
+    t1_masked_lr1e-3) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED optimization.lr=[0.001]" ;;
+    t1_masked_lr5e-4) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED optimization.lr=[0.0005]" ;;
+    t1_masked_lr2.5e-4) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED optimization.lr=[0.00025]" ;;
+    *) echo "experiments.sh: unknown experiment '$exp' (experiments.sh list)" >&2; exit 1 ;;
+  esac
+done
