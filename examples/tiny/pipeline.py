@@ -56,6 +56,13 @@ STUDENTS = {
     "dicehubert_narrow_10x": (["--config-name", "dicehubert_narrow", "model=tiny_narrow_10x"], "it2"),
     "feat_narrow_10x": (["--config-name", "feat_narrow", "model=tiny_narrow_10x", "feat=tiny_layer_to_layer"],
                         "teacher"),
+    # the paper's loss (HuBERT's: masked frames only) at the best of the masked-only learning rates
+    # measured on the tuning corpus (EXPERIMENTS.md, T1); every other row counts unmasked frames too
+    "dicehubert_narrow_masked": (["--config-name", "dicehubert_narrow", "model=tiny_narrow",
+                                  "criterion.pred_nomask_weight=0", "optimization.lr=[0.0005]"], "it2"),
+    "maskdistil_narrow": (["--config-name", "maskdistil_narrow", "model=tiny_narrow",
+                           "feat=tiny_mask_layer_to_layer"], "teacher"),
+    "dicehubert_conv": (["--config-name", "dicehubert_conv_narrow", "model=tiny_conv"], "it2"),
 }
 #: what each row is (the report's "what it learned from")
 WHAT = {
@@ -72,6 +79,9 @@ WHAT = {
     "dicehubert_narrow_1layer": "DiceHuBERT L_SSL, hard labels (one layer of the narrow width)",
     "dicehubert_narrow_10x": "DiceHuBERT L_SSL, hard labels (12 x 48: over 10x smaller than the teacher)",
     "feat_narrow_10x": "L_feat from teacher_n2, layer to layer (12 x 48)",
+    "dicehubert_narrow_masked": "DiceHuBERT L_SSL with the paper's loss (masked frames only), hard labels",
+    "maskdistil_narrow": "masking distillation (MaskHuBERT) from teacher_n2, layer to layer",
+    "dicehubert_conv": "DiceHuBERT L_SSL, hard labels (12 convolution blocks of the narrow width, no attention)",
 }
 TEACHERS = ("teacher_n1", "teacher_n2")
 MODELS = TEACHERS + tuple(STUDENTS)

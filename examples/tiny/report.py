@@ -72,6 +72,13 @@ CLAIMS = [
      "dicehubert_narrow_1layer", None, "claim"),
     ("ssl_vs_feat_10x", "L_SSL beats L_feat on a student over 10x smaller than its teacher",
      "dicehubert_narrow_10x", "feat_narrow_10x", 0.21, "claim"),
+    ("ssl_vs_maskdistil", "L_SSL beats masking distillation (MaskHuBERT) on the same narrow student",
+     "dicehubert_narrow", "maskdistil_narrow", None, "claim"),
+    ("attention_vs_conv", "reference, not a claim of the paper: the narrow transformer student vs a "
+     "convolution-only student on the same labels", "dicehubert_narrow", "dicehubert_conv", None, "reference"),
+    ("loss_departure", "reference, not a claim: the tiny recipe's loss (masked and unmasked frames) vs the "
+     "paper's (masked frames only) on the same student, labels and seeds", "dicehubert_narrow",
+     "dicehubert_narrow_masked", None, "reference"),
     ("teacher_vs_student", "reference, not a claim: the teacher vs its distilled narrow student (what compression "
      "costs)", "teacher_n2", "dicehubert_narrow", None, "reference"),
 ]
@@ -82,7 +89,7 @@ VERDICT_RULE = (
     "seeds learn from different teachers when a preset trains several, so the pairs span the teachers' spread). "
     "Paired: mean d with its two-sided 95% t interval and p-value (H0: mean d = 0). Welch: the two rows' means "
     "compared as independent samples, 95% interval. Verdict: Holm's correction over the claims of this table "
-    "(kind 'claim'; the reference row is not counted) of the paired p-values, at a family-wise 5%: 'holds' (the "
+    "(kind 'claim'; reference rows are not counted) of the paired p-values, at a family-wise 5%: 'holds' (the "
     "paper's direction), 'reversed', 'within noise'; 'too few seeds' under 2 pairs. The same on the valid split "
     "beside it. Paper's size (where the paper gives one): the paired 95% interval of d over the worse row's mean "
     "PER, against it: 'rules out the paper's size' if entirely below, 'consistent with' if it contains it."
