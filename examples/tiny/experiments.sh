@@ -47,10 +47,28 @@ run() {  # run NAME CORPUS PIPELINE_ARGS...: pipeline + report in ROOT/NAME, res
   echo "   $OUT/$name.json"
 }
 
+extend() {  # extend NAME WORKDIR PIPELINE_ARGS...: more rows in a finished run.sh WORKDIR (its jobs reused)
+  local name="$1" w; w="$(realpath -m "$2")"; shift 2
+  [[ -f "$w/rows.json" && -f "$w/results.json" ]] || { echo "experiments.sh: $w: no finished run.sh run" \
+    "there (run examples/tiny/run.sh $w first, with the same preset)" >&2; exit 1; }
+  mkdir -p "$OUT"
+  cp "$w/results.json" "$w/results.preset.json"   # the preset's own report, kept beside the extended one
+  echo "== $name: pipeline.py $w $*"
+  "$PYTHON" "$HERE/pipeline.py" "$w" "$@"
+  "$PYTHON" "$HERE/report.py" "$w" >/dev/null
+  cp "$w/results.json" "$OUT/$name.json"
+  cp "$w/results.md" "$OUT/$name.md"
+  echo "   $OUT/$name.json"
+}
+# the default preset's rows plus the experiments of issue 18 (5b-5d) and issue 20 (masking distillation,
+# the conv student), and the paper's loss: 3 seeds (the default preset's first 3 are reused), 200 updates
+MORE_ROWS=dicehubert_narrow,dicehubert_shallow,feat_narrow,scratch_narrow,dicehubert_narrow_10x,feat_narrow_10x
+MORE_ROWS+=,dicehubert_narrow_1layer,dicehubert_narrow_l1,maskdistil_narrow,dicehubert_conv,dicehubert_narrow_masked
+
 narrow() { echo --rows dicehubert_narrow --replicas 3; }
 n1() { echo --rows dicehubert_narrow_n1 --replicas 3; }  # students of teacher_n1's chosen layer
 
-case "${1:-list}" in list) sed -n '/^for exp in/,$p' "$0" | grep -oE '^    [a-z0-9_.-]+\)' | tr -d ' )'; exit 0 ;; esac
+case "${1:-list}" in list) sed -n '/^for exp in/,$p' "$0" | grep -oE '^    [A-Za-z0-9_.-]+\)' | tr -d ' )'; exit 0 ;; esac
 for exp in "$@"; do
   case "$exp" in
     # T1: the students' loss and learning rate (tuning corpus, narrow students of teacher_n1's chosen
@@ -60,6 +78,12 @@ for exp in "$@"; do
     t1_masked_lr1e-3) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED optimization.lr=[0.001]" ;;
     t1_masked_lr5e-4) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED optimization.lr=[0.0005]" ;;
     t1_masked_lr2.5e-4) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED optimization.lr=[0.00025]" ;;
+    # the rows beyond the default preset, in make tiny's finished work directory (corpus A) and in
+    # TINY_CORPUS=other's (corpus B): EXP_DEFAULT_A / EXP_DEFAULT_B name them
+    more_rows_A) extend "$exp" "${EXP_DEFAULT_A:?set EXP_DEFAULT_A to a finished make tiny WORKDIR}" \
+      --student-updates 200 --replicas 3 --rows "$MORE_ROWS" ;;
+    more_rows_B) extend "$exp" "${EXP_DEFAULT_B:?set EXP_DEFAULT_B to a finished TINY_CORPUS=other WORKDIR}" \
+      --student-updates 200 --replicas 3 --rows "$MORE_ROWS" ;;
     *) echo "experiments.sh: unknown experiment '$exp' (experiments.sh list)" >&2; exit 1 ;;
   esac
 done

@@ -26,8 +26,8 @@
 #   comma-separated: pipeline.py --help) TINY_REPLICAS (seeds per row) TINY_K_MFCC TINY_K
 #   TINY_LAYER_IT1 TINY_LAYER_IT2 TINY_TEMPERATURE TINY_LAYER_PROBES TINY_LAYER_PROBE_LAYERS TINY_PROBE_EPOCHS
 #   TINY_PROBE_TRAIN_UTTERANCES TINY_OVERRIDES (extra hydra overrides)
-#   TINY_PRESET=default (about 20 min on 2 cores), long (more speech, more rows, longer students,
-#   8 seeds; under 2 h on 2 cores), ci: a reduced run for the test suite (a small corpus, two
+#   TINY_PRESET=default (under 20 min on 2 cores), long (more speech, more rows, longer students,
+#   8 seeds; estimated under 2 h on 2 cores from per-update times, not yet run), ci: a reduced run for the test suite (a small corpus, two
 #   few-update teacher pairs trained here, a handful of updates per student).
 set -euo pipefail
 
@@ -37,10 +37,12 @@ WORKDIR="$(realpath -m "${1:-$HERE/work}")"
 PYTHON="${PYTHON:-python}"
 
 case "${TINY_PRESET:=default}" in
-  default) ;;
-  long)  # more speech, more rows, longer students, 8 seeds
-    : "${TINY_MINUTES:=36}" "${TINY_STUDENT_UPDATES:=800}" "${TINY_REPLICAS:=8}"
-    : "${TINY_ROWS:=dicehubert_narrow,dicehubert_shallow,feat_narrow,scratch_narrow,dicehubert_narrow_soft,dicehubert_narrow_n1}"
+  default)  # the paper's four main rows, 5 seeds each; 200 updates per student is what 20 min allow
+    : "${TINY_STUDENT_UPDATES:=200}" ;;
+  long)  # more speech, the issue tracker's extra rows (masking distillation, a conv student, the
+    # paper's loss), longer students, 8 seeds
+    : "${TINY_MINUTES:=24}" "${TINY_STUDENT_UPDATES:=500}" "${TINY_REPLICAS:=8}"
+    : "${TINY_ROWS:=dicehubert_narrow,dicehubert_shallow,feat_narrow,scratch_narrow,maskdistil_narrow,dicehubert_conv,dicehubert_narrow_masked}"
     : "${TINY_PROBE_TRAIN_UTTERANCES:=120}" ;;
   ci)
     : "${TINY_MINUTES:=3}" "${TINY_TEACHER:=train}" "${TINY_TEACHER_UPDATES:=8}" "${TINY_STUDENT_UPDATES:=6}"
