@@ -74,10 +74,15 @@ for exp in "$@"; do
     # T1: the students' loss and learning rate (tuning corpus, narrow students of teacher_n1's chosen
     # layer, 3 seeds, 400 updates): run while teacher_n2 was training
     t1_both_lr2e-3) run "$exp" tune $(n1) --student-updates 400 ;;
-    t1_masked_lr2e-3) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED" ;;
     t1_masked_lr1e-3) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED optimization.lr=[0.001]" ;;
     t1_masked_lr5e-4) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED optimization.lr=[0.0005]" ;;
-    t1_masked_lr2.5e-4) run "$exp" tune $(n1) --student-updates 400 --extra-overrides "$MASKED optimization.lr=[0.00025]" ;;
+    # T2: the students' learning rate and K at the default preset's budget (tuning corpus, narrow
+    # students of the shipped teacher_n2's chosen layer, 3 seeds, 200 updates, loss as T1 chose)
+    t2_lr1e-3) run "$exp" tune $(narrow) --student-updates 200 --extra-overrides "optimization.lr=[0.001]" ;;
+    t2_lr2e-3) run "$exp" tune $(narrow) --student-updates 200 ;;
+    t2_lr4e-3) run "$exp" tune $(narrow) --student-updates 200 --extra-overrides "optimization.lr=[0.004]" ;;
+    t2_k50) run "$exp" tune $(narrow) --student-updates 200 --k 50 ;;
+    t2_k200) run "$exp" tune $(narrow) --student-updates 200 --k 200 ;;
     # the rows beyond the default preset, in make tiny's finished work directory (corpus A) and in
     # TINY_CORPUS=other's (corpus B): EXP_DEFAULT_A / EXP_DEFAULT_B name them
     more_rows_A) extend "$exp" "${EXP_DEFAULT_A:?set EXP_DEFAULT_A to a finished make tiny WORKDIR}" \
