@@ -32,6 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 DEFAULT_DIR = os.path.join(HERE, "teachers")
 NAMES = ("teacher_n1", "teacher_n2")
+#: each teacher's targets in a train_teachers.sh WORKDIR: labels/NAME/dict.NAME.txt
+LABELS = {"teacher_n1": "mfcc", "teacher_n2": "it1"}
 CURVE = re.compile(r"\[train_inner\].* - epoch \d+:.*")
 
 
@@ -109,7 +111,7 @@ def pack(workdir: str, directory: str) -> Dict:
     """Pack the two teachers of a finished ``train_teachers.sh`` WORKDIR into ``directory``."""
     os.makedirs(directory, exist_ok=True)
     info = {"trained_by": "examples/tiny/train_teachers.sh WORKDIR", "packed_by": "examples/tiny/teachers.py pack WORKDIR",
-            "commit": subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
+            "packed_at_commit": subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
                                      text=True).stdout.strip(),
             "date": datetime.date.today().isoformat(), "teachers": {}}
     for name in NAMES:
@@ -122,6 +124,8 @@ def pack(workdir: str, directory: str) -> Dict:
         entry["best_layer"] = layers["best_layer"]
         entry["best_transformer_layer"] = layers["best_transformer_layer"]
         entry["curve"] = curves(os.path.join(workdir, "logs", f"{name}.log"))
+        with open(os.path.join(workdir, "labels", LABELS[name], f"dict.{LABELS[name]}.txt")) as f:
+            entry["target_clusters"] = sum(1 for line in f if line.strip())
         with open(os.path.join(workdir, ".done", name)) as f:
             entry["train_seconds"] = int(f.read().strip())
         info["teachers"][name] = entry
@@ -143,15 +147,17 @@ def markdown(info: Dict) -> str:
         "# The tiny example's pretrained teachers",
         "",
         "Written by `examples/tiny/teachers.py pack` from a finished `examples/tiny/train_teachers.sh` run "
-        f"(code at commit `{info['commit'][:10]}`, packed {info['date']}); every figure below is in "
+        f"(packed at commit `{info['packed_at_commit'][:10]}`, {info['date']}; the commits each stage ran at, and the runs "
+        "that failed on the way, are in [EXPERIMENTS.md](../EXPERIMENTS.md), T0); every figure below is in "
         "[teachers.json](teachers.json). Retrain them from scratch: `examples/tiny/train_teachers.sh WORKDIR` "
         "(then `python examples/tiny/teachers.py pack WORKDIR`), or let `run.sh` train its own: `TINY_TEACHER=train`.",
         "",
-        "| teacher | what | layers x dim | parameters | updates | CPU time to train | file (float16) | SHA-256 |",
+        "| teacher | what | layers x dim | parameters | updates | time to train | file (float16) | SHA-256 |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    what = {"teacher_n1": "HuBERT iteration 1: MFCC k-means (K=100, 100 Hz) targets",
-            "teacher_n2": f"HuBERT iteration 2: K=100 k-means of teacher_n1's layer {t1['best_transformer_layer']}"}
+    what = {"teacher_n1": f"HuBERT iteration 1: MFCC k-means (K={t1['target_clusters']}, 100 Hz) targets",
+            "teacher_n2": f"HuBERT iteration 2: K={t2['target_clusters']} k-means of teacher_n1's layer "
+                          f"{t1['best_transformer_layer']} (50 Hz)"}
     for name in NAMES:
         t = info["teachers"][name]
         lines.append(f"| {name} | {what[name]} | {t['layers']} x {t['dim']} | {t['params'] / 1e6:.2f}M | "
@@ -171,7 +177,7 @@ def markdown(info: Dict) -> str:
         cells = []
         for n in NAMES:
             p = curves_[n].get(u)
-            cells.append("| |" if p is None else f"{p['masked_acc']:.3f} | {p['unmasked_acc']:.3f}")
+            cells.append(" | " if p is None else f"{p['masked_acc']:.3f} | {p['unmasked_acc']:.3f}")
         lines.append(f"| {u} | " + " | ".join(cells) + " |")
     lines += ["", "## Layer by layer, on the tuning corpus's valid split", "",
               "Each hidden state probed alone (`probe_layers.py`: frozen model, linear CTC head over espeak-ng "
