@@ -61,7 +61,7 @@ extend() {  # extend NAME WORKDIR PIPELINE_ARGS...: more rows in a finished run.
   echo "   $OUT/$name.json"
 }
 # the default preset's rows plus the experiments of issue 18 (5b-5d) and issue 20 (masking distillation,
-# the conv student), and the paper's loss: 3 seeds (the default preset's first 3 are reused), 200 updates
+# the conv student), and the paper's loss: 3 seeds (the default preset's first 3 are reused), 160 updates
 MORE_ROWS=dicehubert_narrow,dicehubert_shallow,feat_narrow,scratch_narrow,dicehubert_narrow_10x,feat_narrow_10x
 MORE_ROWS+=,dicehubert_narrow_1layer,dicehubert_narrow_l1,maskdistil_narrow,dicehubert_conv,dicehubert_narrow_masked
 
@@ -86,9 +86,9 @@ for exp in "$@"; do
     # the rows beyond the default preset, in make tiny's finished work directory (corpus A) and in
     # TINY_CORPUS=other's (corpus B): EXP_DEFAULT_A / EXP_DEFAULT_B name them
     more_rows_A) extend "$exp" "${EXP_DEFAULT_A:?set EXP_DEFAULT_A to a finished make tiny WORKDIR}" \
-      --student-updates 200 --replicas 3 --rows "$MORE_ROWS" ;;
+      --student-updates 160 --replicas 3 --rows "$MORE_ROWS" ;;
     more_rows_B) extend "$exp" "${EXP_DEFAULT_B:?set EXP_DEFAULT_B to a finished TINY_CORPUS=other WORKDIR}" \
-      --student-updates 200 --replicas 3 --rows "$MORE_ROWS" ;;
+      --student-updates 160 --replicas 3 --rows "$MORE_ROWS" ;;
     *) echo "experiments.sh: unknown experiment '$exp' (experiments.sh list)" >&2; exit 1 ;;
   esac
 done
