@@ -60,10 +60,11 @@ extend() {  # extend NAME WORKDIR PIPELINE_ARGS...: more rows in a finished run.
   cp "$w/results.md" "$OUT/$name.md"
   echo "   $OUT/$name.json"
 }
-# the default preset's rows plus the experiments of issue 18 (5b-5d) and issue 20 (masking distillation,
+# the default preset's rows plus the experiments of issue 18 (5b-5d, a student of the N=1 teacher) and issue 20 (masking distillation,
 # the conv student), and the paper's loss: 3 seeds (the default preset's first 3 are reused), 160 updates
 MORE_ROWS=dicehubert_narrow,dicehubert_shallow,feat_narrow,scratch_narrow,dicehubert_narrow_10x,feat_narrow_10x
 MORE_ROWS+=,dicehubert_narrow_1layer,dicehubert_narrow_l1,maskdistil_narrow,dicehubert_conv,dicehubert_narrow_masked
+MORE_ROWS+=,dicehubert_narrow_n1
 
 narrow() { echo --rows dicehubert_narrow --replicas 3; }
 n1() { echo --rows dicehubert_narrow_n1 --replicas 3; }  # students of teacher_n1's chosen layer
