@@ -34,17 +34,22 @@ corpus() {  # corpus NAME: the corpus directory (synthesised on first use)
   echo "$dir"
 }
 
+pipeline_and_report() {  # pipeline_and_report NAME WORKDIR PIPELINE_ARGS...: results kept as OUT/NAME.{json,md}
+  local name="$1" w="$2"; shift 2
+  echo "== $name: pipeline.py $w $*"
+  "$PYTHON" "$HERE/pipeline.py" "$w" "$@"
+  "$PYTHON" "$HERE/report.py" "$w" >/dev/null
+  cp "$w/results.json" "$OUT/$name.json"
+  cp "$w/results.md" "$OUT/$name.md"
+  echo "   $OUT/$name.json"
+}
+
 run() {  # run NAME CORPUS PIPELINE_ARGS...: pipeline + report in ROOT/NAME, results JSON kept
   local name="$1" src; src="$(corpus "$2")"; shift 2
   local w="$ROOT/$name"
   mkdir -p "$w" "$OUT"
   for f in "$src"/*.tsv "$src"/*.phn "$src"/corpus.json; do cp -p "$f" "$w/"; done
-  echo "== $name: pipeline.py $w $*"
-  "$PYTHON" "$HERE/pipeline.py" "$w" ${EXP_TEACHER_DIR:+--teacher-dir "$EXP_TEACHER_DIR"} "$@"
-  "$PYTHON" "$HERE/report.py" "$w" >/dev/null
-  cp "$w/results.json" "$OUT/$name.json"
-  cp "$w/results.md" "$OUT/$name.md"
-  echo "   $OUT/$name.json"
+  pipeline_and_report "$name" "$w" ${EXP_TEACHER_DIR:+--teacher-dir "$EXP_TEACHER_DIR"} "$@"
 }
 
 extend() {  # extend NAME WORKDIR PIPELINE_ARGS...: more rows in a finished run.sh WORKDIR (its jobs reused)
@@ -53,12 +58,7 @@ extend() {  # extend NAME WORKDIR PIPELINE_ARGS...: more rows in a finished run.
     "there (run examples/tiny/run.sh $w first, with the same preset)" >&2; exit 1; }
   mkdir -p "$OUT"
   cp "$w/results.json" "$w/results.preset.json"   # the preset's own report, kept beside the extended one
-  echo "== $name: pipeline.py $w $*"
-  "$PYTHON" "$HERE/pipeline.py" "$w" "$@"
-  "$PYTHON" "$HERE/report.py" "$w" >/dev/null
-  cp "$w/results.json" "$OUT/$name.json"
-  cp "$w/results.md" "$OUT/$name.md"
-  echo "   $OUT/$name.json"
+  pipeline_and_report "$name" "$w" "$@"
 }
 # the default preset's rows plus the experiments of issue 18 (5b-5d, a student of the N=1 teacher) and issue 20 (masking distillation,
 # the conv student), and the paper's loss: 3 seeds (the default preset's first 3 are reused), 160 updates
