@@ -13,7 +13,7 @@ PYTHON312 ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/nu
 VENV312 ?= .venv312
 STAMP312 := $(VENV312)/.installed
 
-.PHONY: setup setup-py312 tiny test test-unit test-py312 test-all bench clean
+.PHONY: setup setup-py312 tiny test test-unit test-py312 test-tiny test-all bench clean
 setup: $(STAMP)
 setup-py312: $(STAMP312)
 
@@ -51,6 +51,10 @@ test-unit: $(STAMP)
 
 test-py312: $(STAMP312)
 	$(VENV312)/bin/python -m pytest -q tests
+
+# the tiny example's reduced end-to-end run (TINY_PRESET=ci, about 6 minutes; marked slow, CI runs it)
+test-tiny: $(STAMP)
+	$(BIN)/python -m pytest -q --runslow tests/e2e/test_tiny_example.py::test_reduced_tiny_run
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q --runslow tests

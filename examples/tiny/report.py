@@ -41,7 +41,7 @@ import os
 import re
 import statistics
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -390,10 +390,60 @@ PLOT_HINT = ("results.png skipped: matplotlib is not installed (install it with:
              "or pip install 'matplotlib>=3.7'; then run python examples/tiny/report.py WORKDIR again)")
 
 
+def _claim_cell(c: Dict) -> str:
+    """One claim of one run in a cell: relative difference [paired CI], pairs, verdicts, paper's size."""
+    cell = f"{100 * c['rel_diff']:+.1f}%"
+    if c["rel_ci95"] is not None:
+        cell += f" [{100 * c['rel_ci95'][0]:+.0f}%, {100 * c['rel_ci95'][1]:+.0f}%]"
+    cell += f", n={c['n']}: **{c['verdict']}** (valid: {c['valid']['verdict']})"
+    if c["paper_size_verdict"]:
+        cell += f"; {c['paper_size_verdict']}"
+    return cell
+
+
+def side_by_side(runs: Sequence[Tuple[str, Dict]]) -> str:
+    """The claims of several runs' results.json in one table: a row per claim, a column per run."""
+    order: List[str] = []
+    text: Dict[str, str] = {}
+    for _, results in runs:
+        for c in results["claims"]:
+            if c["id"] not in text:
+                order.append(c["id"])
+                ref = " (reference)" if c["kind"] != "claim" else ""
+                text[c["id"]] = f"{c['better']} vs {c['worse']}{ref}"
+    lines = ["| claim (better row vs other row) | " + " | ".join(label for label, _ in runs) + " |",
+             "|---|" + "---|" * len(runs)]
+    for cid in order:
+        cells = []
+        for _, results in runs:
+            found = [c for c in results["claims"] if c["id"] == cid]
+            cells.append(_claim_cell(found[0]) if found else "not run")
+        lines.append(f"| {text[cid]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _labelled_json(spec: str) -> Tuple[str, Dict]:
+    label, sep, path = spec.partition("=")
+    if not sep or not label or not path:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected LABEL=RESULTS_JSON (e.g. 'corpus A=work/results.json')")
+    try:
+        with open(path) as f:
+            return label, json.load(f)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{path}: cannot read a results.json: {e}") from e
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("workdir")
+    p.add_argument("workdir", nargs="?", help="a finished run.sh/pipeline.py work directory to report on")
+    p.add_argument("--side-by-side", nargs="+", type=_labelled_json, metavar="LABEL=RESULTS_JSON",
+                   help="instead: print the claims of these runs' results.json side by side (markdown)")
     args = p.parse_args(argv)
+    if args.side_by_side:
+        print(side_by_side(args.side_by_side), end="")
+        return 0
+    if args.workdir is None:
+        p.error("give a WORKDIR, or --side-by-side LABEL=RESULTS_JSON ...")
     import logging
 
     logging.basicConfig(level=logging.WARNING, force=True)  # fairseq's import sets the root to DEBUG

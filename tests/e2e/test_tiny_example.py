@@ -8,7 +8,8 @@
   teacher_n2 was probed layer by layer.  Run again in the same WORKDIR without matplotlib, every
   stage is skipped, results.md/json are rewritten and the plot is skipped with a message.  Under
   CI (``CI=true``, as ``.ci/run`` sets) missing espeak-ng or sox fail the test instead of skipping
-  it, so the end-to-end run cannot quietly drop out of CI.
+  it, so the end-to-end run cannot quietly drop out of CI.  It is marked ``slow`` (about 6 minutes):
+  ``make test`` leaves it out, ``make test-tiny`` runs it alone and ``.ci/run`` runs it after ``make test``.
 * bad corpora (missing ``.phn``, a ``.phn`` whose line count differs from its manifest, an empty
   split): a clear message, a non-zero exit, and nothing trained.
 * the LibriSpeech scripts parse (``bash -n``), and, run with stub ``dicehubert-labels``,
@@ -109,6 +110,7 @@ def test_chance_per_hand_computed(tmp_path):
     assert chance_per(str(path)) == pytest.approx(2 / 3)
 
 
+@pytest.mark.slow  # about 6 minutes: `make test-tiny` (CI runs it after `make test`) or `make test-all`
 def test_reduced_tiny_run(tmp_path):
     require_speech_tools()
     work = tmp_path / "work"
@@ -317,13 +319,44 @@ def test_claims_are_corrected_for_their_number_and_the_reference_row_is_not_coun
     assert ref["kind"] == "reference" and ref["p_holm"] is None and ref["verdict"] == ref["verdict_uncorrected"]
 
 
+def test_side_by_side_puts_each_runs_claims_in_its_column(monkeypatch, tmp_path, capsys):
+    """report.py --side-by-side: a row per claim (first seen order), a column per run, each cell the
+    run's relative difference, interval, pairs, verdicts and paper's size; a claim a run lacks is
+    'not run'; a bad LABEL=JSON is refused with the path."""
+    report = tiny_module(monkeypatch, "report")
+    base = [0.40, 0.41, 0.42]
+    models = [dict(_row([0.30], seeds=[1000], kind="teacher"), name="teacher_n2"),
+              dict(_row(base), name="dicehubert_narrow"), dict(_row([0.60, 0.62, 0.61]), name="feat_narrow"),
+              dict(_row([0.60, 0.62, 0.61]), name="scratch_narrow")]
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps({"claims": report.claims(models)}))
+    b = tmp_path / "b.json"  # a run without the scratch row: no distillation claim
+    b.write_text(json.dumps({"claims": report.claims([m for m in models if m["name"] != "scratch_narrow"])}))
+    assert report.main(["--side-by-side", f"run A={a}", f"run B={b}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| claim (better row vs other row) | run A | run B |"
+    rows = {cells[0]: cells[1:] for cells in (line.strip("| ").split(" | ") for line in lines[2:])}
+    ssl = rows["dicehubert_narrow vs feat_narrow"]
+    rel = 100 * (statistics.fmean([0.60, 0.62, 0.61]) - statistics.fmean(base)) / statistics.fmean([0.60, 0.62, 0.61])
+    assert ssl[0].startswith(f"{rel:+.1f}% [") and "n=3: **holds** (valid: holds)" in ssl[0]
+    assert ssl[0].endswith("paper's size") and ssl[0] == ssl[1]
+    assert rows["dicehubert_narrow vs scratch_narrow"][1] == "not run"
+    assert "teacher_n2 vs dicehubert_narrow (reference)" in rows
+    with pytest.raises(SystemExit):
+        report.main(["--side-by-side", f"{a}"])
+    assert "expected LABEL=RESULTS_JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        report.main(["--side-by-side", f"X={tmp_path / 'missing.json'}"])
+    assert "missing.json: cannot read a results.json" in capsys.readouterr().err
+
+
 def test_ci_fails_instead_of_skipping_without_speech_tools(tmp_path):
     """Without espeak-ng and sox on PATH: skipped on a workstation, a failure under CI=true."""
     outcomes = {}
     for ci in ("", "true"):
         env = _env(CI=ci, PATH=BIN)  # the project's environment only: no /usr/bin/espeak-ng, sox
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", REPO,
-                               f"{__file__}::test_reduced_tiny_run", "-rsf"], cwd=str(tmp_path), env=env,
+                               "--runslow", f"{__file__}::test_reduced_tiny_run", "-rsf"], cwd=str(tmp_path), env=env,
                               capture_output=True, text=True, timeout=300)
         outcomes[ci] = (proc.returncode, proc.stdout)
     code, out = outcomes[""]
