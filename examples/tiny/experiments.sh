@@ -8,14 +8,14 @@
 # and copies the report's results.json to examples/tiny/results/experiments/NAME.json. With the
 # shipped teachers (examples/tiny/teachers/). Corpora: 'tune' (recipe values are chosen on its
 # valid split), 'A' (make tiny's corpus) and 'B' (TINY_CORPUS=other), synthesised once into
-# $EXP_ROOT/corpus_{tune,A,B} with the commands of run.sh. Finished jobs are skipped when a
-# command is run again (pipeline.py's .done markers).
+# $EXP_ROOT/corpus_{tune,A,B} with the commands of run.sh (EXP_OUT puts the copies elsewhere than
+# results/experiments). Finished jobs are skipped when a command is run again (pipeline.py's .done markers).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(realpath -m "${EXP_ROOT:-$HERE/work_experiments}")"
 PYTHON="${PYTHON:-python}"
-OUT="$HERE/results/experiments"
+OUT="$(realpath -m "${EXP_OUT:-$HERE/results/experiments}")"
 MASKED="criterion.pred_nomask_weight=0"
 
 corpus() {  # corpus NAME: the corpus directory (synthesised on first use)
@@ -90,6 +90,11 @@ for exp in "$@"; do
       --student-updates 160 --replicas 3 --rows "$MORE_ROWS" ;;
     more_rows_B) extend "$exp" "${EXP_DEFAULT_B:?set EXP_DEFAULT_B to a finished TINY_CORPUS=other WORKDIR}" \
       --student-updates 160 --replicas 3 --rows "$MORE_ROWS" ;;
+    # narrow vs shallow at three budgets (issue 18, 5c): corpus A, 3 seeds, the students' updates only
+    # changing (the default preset is 160 updates, the long one 500)
+    budget_400_A) run "$exp" A --rows dicehubert_narrow,dicehubert_shallow --replicas 3 --student-updates 400 ;;
+    budget_1600_A) run "$exp" A --rows dicehubert_narrow,dicehubert_shallow --replicas 3 --student-updates 1600 ;;
+    budget_3200_A) run "$exp" A --rows dicehubert_narrow,dicehubert_shallow --replicas 3 --student-updates 3200 ;;
     *) echo "experiments.sh: unknown experiment '$exp' (experiments.sh list)" >&2; exit 1 ;;
   esac
 done

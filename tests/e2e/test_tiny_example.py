@@ -365,6 +365,49 @@ def test_ci_fails_instead_of_skipping_without_speech_tools(tmp_path):
     assert code == 1 and "1 failed" in out and "CI=true: espeak-ng and sox not found" in out, out[-2000:]
 
 
+_STUB_PYTHON = """#!/usr/bin/env bash
+# stands in for python: records each call; synth_corpus.py writes a corpus, report.py a results.json
+echo "$*" >> "$STUB_LOG"
+script="$(basename "$1")"; shift
+case "$script" in
+  synth_corpus.py) out="$2"; mkdir -p "$out"
+    for s in train valid test; do echo x > "$out/$s.tsv"; echo a > "$out/$s.phn"; done; echo {} > "$out/corpus.json" ;;
+  report.py) echo '{"claims": []}' > "$1/results.json"; echo table > "$1/results.md" ;;
+esac
+"""
+
+
+def test_experiments_sh_budget_series_runs_narrow_and_shallow_at_three_budgets(tmp_path):
+    """experiments.sh budget_{400,1600,3200}_A: each synthesises corpus A once (make tiny's command),
+    runs pipeline.py on a copy of it with the narrow and shallow rows, 3 seeds and its own budget,
+    then report.py, and copies the results to EXP_OUT/NAME.json; an unknown name is refused."""
+    stub = tmp_path / "python"
+    stub.write_text(_STUB_PYTHON)
+    stub.chmod(0o755)
+    log, out, root = tmp_path / "calls.log", tmp_path / "out", tmp_path / "root"
+    names = ["budget_400_A", "budget_1600_A", "budget_3200_A"]
+    listed = subprocess.run(["bash", os.path.join(TINY, "experiments.sh"), "list"], capture_output=True, text=True)
+    assert set(names) <= set(listed.stdout.split())
+    env = _env(PYTHON=str(stub), STUB_LOG=str(log), EXP_ROOT=str(root), EXP_OUT=str(out))
+    proc = subprocess.run(["bash", os.path.join(TINY, "experiments.sh"), *names], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    synth = [c for c in calls if "synth_corpus.py" in c]
+    assert len(synth) == 1 and "--minutes 12 --seed 1" in synth[0]  # corpus A, once
+    pipelines = [c.split() for c in calls if "pipeline.py" in c]
+    assert [p[1] for p in pipelines] == [str(root / n) for n in names]
+    for argv, updates in zip(pipelines, (400, 1600, 3200)):
+        opts = dict(zip(argv[2::2], argv[3::2]))
+        assert opts == {"--rows": "dicehubert_narrow,dicehubert_shallow", "--replicas": "3",
+                        "--student-updates": str(updates)}, argv
+        assert (root / argv[1].rsplit("/", 1)[1] / "train.phn").is_file()  # the corpus was copied in
+    for n in names:
+        assert json.loads((out / f"{n}.json").read_text()) == {"claims": []}
+    bad = subprocess.run(["bash", os.path.join(TINY, "experiments.sh"), "budget_9_A"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown experiment 'budget_9_A'" in bad.stderr
+
 # ------------------------------------------------------------------------- bad corpora
 
 
