@@ -38,10 +38,10 @@ def measure(workdir: str) -> Dict[str, Dict[str, float]]:
     fs = run["fairseq"]
     out = {}
     for key in PIPELINES:
-        p = run[key]
+        p, rss = run[key], _peak_rss(run[key])
         out[key] = {"utterances": run["utterances"], "wall_s": p["wall_s"], "cpu_s": p["cpu_s"],
-                    "peak_rss_mb": _peak_rss(p), "wall_vs_fairseq": p["wall_s"] / fs["wall_s"],
-                    "cpu_vs_fairseq": p["cpu_s"] / fs["cpu_s"], "rss_vs_fairseq": _peak_rss(p) / _peak_rss(fs),
+                    "peak_rss_mb": rss, "wall_vs_fairseq": p["wall_s"] / fs["wall_s"],
+                    "cpu_vs_fairseq": p["cpu_s"] / fs["cpu_s"], "rss_vs_fairseq": rss / _peak_rss(fs),
                     "fairseq_wall_s": fs["wall_s"], "objective": run["objective"][key],
                     "fairseq_objective": run["objective"]["fairseq"]}
     return out

@@ -68,6 +68,7 @@ MORE_ROWS+=,dicehubert_narrow_n1
 
 narrow() { echo --rows dicehubert_narrow --replicas 3; }
 n1() { echo --rows dicehubert_narrow_n1 --replicas 3; }  # students of teacher_n1's chosen layer
+both() { echo --rows dicehubert_narrow,dicehubert_shallow --replicas 3; }  # narrow and shallow students
 
 case "${1:-list}" in list) sed -n '/^for exp in/,$p' "$0" | grep -oE '^    [A-Za-z0-9_.-]+\)' | tr -d ' )'; exit 0 ;; esac
 for exp in "$@"; do
@@ -92,9 +93,9 @@ for exp in "$@"; do
       --student-updates 160 --replicas 3 --rows "$MORE_ROWS" ;;
     # narrow vs shallow at three budgets (issue 18, 5c): corpus A, 3 seeds, the students' updates only
     # changing (the default preset is 160 updates, the long one 500)
-    budget_400_A) run "$exp" A --rows dicehubert_narrow,dicehubert_shallow --replicas 3 --student-updates 400 ;;
-    budget_1600_A) run "$exp" A --rows dicehubert_narrow,dicehubert_shallow --replicas 3 --student-updates 1600 ;;
-    budget_3200_A) run "$exp" A --rows dicehubert_narrow,dicehubert_shallow --replicas 3 --student-updates 3200 ;;
+    budget_400_A) run "$exp" A $(both) --student-updates 400 ;;
+    budget_1600_A) run "$exp" A $(both) --student-updates 1600 ;;
+    budget_3200_A) run "$exp" A $(both) --student-updates 3200 ;;
     *) echo "experiments.sh: unknown experiment '$exp' (experiments.sh list)" >&2; exit 1 ;;
   esac
 done

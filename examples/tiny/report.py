@@ -286,6 +286,14 @@ def _secs(m: Dict) -> str:
     return "shipped" if m["seconds"] is None else f"{m['seconds']:.0f} s"
 
 
+def _rel(c: Dict) -> str:
+    """A claim's relative difference with its paired interval: '+9.5% [+6%, +13%]'."""
+    rel = f"{100 * c['rel_diff']:+.1f}%"
+    if c["rel_ci95"] is not None:
+        rel += f" [{100 * c['rel_ci95'][0]:+.0f}%, {100 * c['rel_ci95'][1]:+.0f}%]"
+    return rel
+
+
 def markdown(results: Dict) -> str:
     models, setup = results["models"], results["setup"]
     lines = ["| model | what it learned from | layers x dim | params | updates | train time | test PER "
@@ -301,13 +309,10 @@ def markdown(results: Dict) -> str:
               "relative [CI] | pairs | verdict, test (Holm) | verdict, valid (Holm) | paper's size |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for c in results["claims"]:
-        rel = f"{100 * c['rel_diff']:+.1f}%"
-        if c["rel_ci95"] is not None:
-            rel += f" [{100 * c['rel_ci95'][0]:+.0f}%, {100 * c['rel_ci95'][1]:+.0f}%]"
         size = "" if c["paper_size"] is None else f"{100 * c['paper_size']:.0f}%: {c['paper_size_verdict']}"
         lines.append(f"| {c['claim']} | {c['better']} {_pm(c['better_mean'], c['better_sd'])} | {c['worse']} "
                      f"{_pm(c['worse_mean'], c['worse_sd'])} | {c['mean_diff']:+.3f}{_ci(c['ci95'])} | "
-                     f"{_ci(c['welch']['ci95']).strip()} | {rel} | {c['n']} | **{c['verdict']}** | "
+                     f"{_ci(c['welch']['ci95']).strip()} | {_rel(c)} | {c['n']} | **{c['verdict']}** | "
                      f"{c['valid']['verdict']} | {size} |")
     lines += ["", "Verdict rule: " + results["verdict_rule"]]
     for name, t in results["teacher_layers"].items():
@@ -392,10 +397,7 @@ PLOT_HINT = ("results.png skipped: matplotlib is not installed (install it with:
 
 def _claim_cell(c: Dict) -> str:
     """One claim of one run in a cell: relative difference [paired CI], pairs, verdicts, paper's size."""
-    cell = f"{100 * c['rel_diff']:+.1f}%"
-    if c["rel_ci95"] is not None:
-        cell += f" [{100 * c['rel_ci95'][0]:+.0f}%, {100 * c['rel_ci95'][1]:+.0f}%]"
-    cell += f", n={c['n']}: **{c['verdict']}** (valid: {c['valid']['verdict']})"
+    cell = f"{_rel(c)}, n={c['n']}: **{c['verdict']}** (valid: {c['valid']['verdict']})"
     if c["paper_size_verdict"]:
         cell += f"; {c['paper_size_verdict']}"
     return cell
@@ -403,21 +405,16 @@ def _claim_cell(c: Dict) -> str:
 
 def side_by_side(runs: Sequence[Tuple[str, Dict]]) -> str:
     """The claims of several runs' results.json in one table: a row per claim, a column per run."""
-    order: List[str] = []
-    text: Dict[str, str] = {}
-    for _, results in runs:
-        for c in results["claims"]:
-            if c["id"] not in text:
-                order.append(c["id"])
-                ref = " (reference)" if c["kind"] != "claim" else ""
-                text[c["id"]] = f"{c['better']} vs {c['worse']}{ref}"
+    by_id = [{c["id"]: c for c in results["claims"]} for _, results in runs]
+    text: Dict[str, str] = {}  # claim id -> its row's name, in the order first seen
+    for claims_of_run in by_id:
+        for cid, c in claims_of_run.items():
+            ref = " (reference)" if c["kind"] != "claim" else ""
+            text.setdefault(cid, f"{c['better']} vs {c['worse']}{ref}")
     lines = ["| claim (better row vs other row) | " + " | ".join(label for label, _ in runs) + " |",
              "|---|" + "---|" * len(runs)]
-    for cid in order:
-        cells = []
-        for _, results in runs:
-            found = [c for c in results["claims"] if c["id"] == cid]
-            cells.append(_claim_cell(found[0]) if found else "not run")
+    for cid in text:
+        cells = [_claim_cell(run[cid]) if cid in run else "not run" for run in by_id]
         lines.append(f"| {text[cid]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
